@@ -1,0 +1,66 @@
+"""OpenAI-shaped errors: the one exception the pipeline raises, and how it goes on the wire."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from .types import Send
+
+
+class ProxyError(Exception):
+    """An answer the proxy gives itself, in OpenAI's error envelope.
+
+    Raised anywhere before the response has started; the middleware turns it into
+    `{"error": {"message", "type", "param", "code"}}` with `status` and `headers`.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = list(headers)
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ClientGone(Exception):
+    """The client disconnected; there is nobody left to answer."""
+
+
+def server_error(status: int, message: str, code: str, *, retry: bool = True) -> ProxyError:
+    """A 5xx in OpenAI's `server_error` type; `retry=False` tells the SDK not to retry it."""
+    headers = [] if retry else [("x-should-retry", "false")]
+    return ProxyError(status, message, type="server_error", code=code, headers=headers)
+
+
+async def send_error(send: Send, error: ProxyError) -> None:
+    body = json.dumps(error.envelope()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

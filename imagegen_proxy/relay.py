@@ -1,0 +1,143 @@
+"""Sending the upstream request and relaying its answer, byte for byte, as it arrives.
+
+Memory per request is bounded by one network chunk whatever the image size: nothing
+is collected. The client's disconnect is watched from the moment its body has been
+read, so a client that leaves (even while the upstream has not answered yet) cancels
+the upstream request and releases its connection at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import anyio
+import httpx
+
+from .errors import ProxyError
+from .sse import EventScanner
+from .types import Message, Receive, Send
+from .upstream import map_error
+
+logger = logging.getLogger("imagegen_proxy")
+
+# Hop-by-hop headers (RFC 9110 7.6.1), plus what uvicorn sets itself and what must not
+# cross from the upstream to clients.
+_DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"server",
+        b"date",
+        b"set-cookie",
+    }
+)
+_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_SSE_DROPPED = _DROPPED | {b"content-length", b"cache-control", b"x-accel-buffering"}
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def forward(
+    client: httpx.AsyncClient, request: httpx.Request, receive: Receive, send: Send, images: int
+) -> None:
+    """Send `request` upstream and relay the answer to the client.
+
+    Raises `ProxyError` only before the response has started (the caller answers it).
+    Once started, a failure is answered on the wire: an SSE `error` event at an event
+    boundary, otherwise an aborted connection, never a truncated body that looks whole.
+    """
+    error: ProxyError | None = None
+    client_gone = False
+
+    async def watch_disconnect(scope: anyio.CancelScope) -> None:
+        nonlocal client_gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        client_gone = True
+        scope.cancel()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+        try:
+            await _exchange(client, request, send, images)
+        except ProxyError as exc:
+            error = exc
+        except OSError:
+            client_gone = True  # some servers raise from send() once the client is gone
+        finally:
+            tasks.cancel_scope.cancel()
+    if client_gone:
+        logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
+    elif error is not None:
+        raise error
+
+
+async def _exchange(
+    client: httpx.AsyncClient, request: httpx.Request, send: Send, images: int
+) -> None:
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
+        raise map_error(exc) from None
+    try:
+        await _relay(response, send, images)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+
+
+async def _relay(response: httpx.Response, send: Send, images: int) -> None:
+    content_type = response.headers.get("content-type", "")
+    scanner = None
+    if response.is_success and content_type.startswith("text/event-stream"):
+        scanner = EventScanner(finals=images)
+    dropped = _DROPPED if scanner is None else _SSE_DROPPED
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in dropped]
+    if scanner is not None:
+        headers += _SSE_HEADERS
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    try:
+        async for chunk in response.aiter_raw():
+            end = None if scanner is None else scanner.feed(chunk)
+            if end is not None:
+                # The SDK's loop ends only when the connection does: end the response
+                # here even if the upstream keeps its connection open.
+                await send({"type": "http.response.body", "body": chunk[:end], "more_body": True})
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except httpx.HTTPError as exc:
+        logger.warning("upstream failed mid-response: %s", type(exc).__name__)
+        failure = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+        await _fail(send, scanner, f"The upstream {failure} before the answer was complete.")
+        return
+    except OSError:
+        raise
+    except Exception:
+        # Past the start nothing can be answered any more: log it and cut the connection.
+        logger.exception("relay failed mid-response")
+        return
+    if scanner is not None and not scanner.done:
+        await _fail(send, scanner, "The upstream ended the stream before the image was completed.")
+        return
+    await send(_END)
+
+
+async def _fail(send: Send, scanner: EventScanner | None, message: str) -> None:
+    """Answer a failure after the response started: an SSE error event, or abort."""
+    if scanner is None or not scanner.at_boundary:
+        # Returning without completing the response makes the server cut the
+        # connection: the client sees an incomplete body instead of a short one.
+        return
+    error = ProxyError(502, message, type="server_error", code="upstream_error")
+    data = json.dumps({"type": "error", **error.envelope()}).encode()
+    frame = b"event: error\ndata: " + data + b"\n\n"
+    await send({"type": "http.response.body", "body": frame, "more_body": True})
+    await send(_END)

@@ -1,0 +1,144 @@
+"""One normalized request, whichever path form it came in: reading, parsing, validating."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
+
+from .errors import ClientGone, ProxyError
+from .routing import Form, Route
+from .types import Receive, Scope
+
+
+class ImageGenerationBody(BaseModel):
+    """The JSON body of `images.generate`.
+
+    Structure and types are checked; values are not: new sizes, qualities, models and
+    fields appear every few months, so unknown values and unknown fields pass through.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(None, ge=1, le=10)
+    size: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    response_format: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    user: str | None = None
+
+    def to_json(self) -> bytes:
+        """The body as it goes upstream: exactly the fields the client set (explicit nulls too)."""
+        return self.model_dump_json(exclude_unset=True).encode()
+
+
+class ImageRequest(BaseModel):
+    """What the rest of the pipeline sees: the path form, the Azure parts, and the body."""
+
+    model_config = ConfigDict(frozen=True)
+
+    form: Form
+    deployment: str | None = None
+    api_version: str | None = None
+    body: ImageGenerationBody
+
+    @property
+    def stream(self) -> bool:
+        return self.body.stream is True
+
+    @property
+    def images(self) -> int:
+        """How many images the request asks for (`n`, default 1)."""
+        return self.body.n or 1
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def check_content_type(scope: Scope) -> None:
+    content_type = (header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+    if content_type != b"application/json" and not content_type.endswith(b"+json"):
+        raise ProxyError(
+            415,
+            "Content-Type must be application/json.",
+            code="unsupported_media_type",
+        )
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_request(route: Route, raw: bytes) -> ImageRequest:
+    try:
+        body = ImageGenerationBody.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid(exc.errors(include_url=False, include_input=False)[0]) from None
+    return ImageRequest(
+        form=route.form,
+        deployment=route.deployment,
+        api_version=route.api_version,
+        body=body,
+    )
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+_CODES = {
+    "missing": "missing_required_parameter",
+    "greater_than_equal": "integer_below_min_value",
+    "less_than_equal": "integer_above_max_value",
+    "string_too_short": "empty_string",
+}
+
+
+def _invalid(error: ErrorDetails) -> ProxyError:
+    kind, loc = error["type"], error["loc"]
+    if kind == "json_invalid":
+        return ProxyError(
+            400,
+            "We could not parse the JSON body of your request: expected a JSON object.",
+            code="invalid_json",
+        )
+    if not loc:
+        return ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
+    param = ".".join(str(part) for part in loc)
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        message = f"Invalid value for '{param}': {error['msg']}."
+    code = _CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return ProxyError(400, message, param=param, code=code)

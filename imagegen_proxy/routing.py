@@ -1,0 +1,89 @@
+"""Which requests are ours: path matching for the OpenAI and Azure forms."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, NamedTuple
+from urllib.parse import parse_qsl
+
+from .errors import ProxyError
+from .types import Scope
+
+Form = Literal["openai", "azure"]
+
+OPENAI_PATHS = (
+    "/v1/images/generations",
+    "/images/generations",
+    "/openai/v1/images/generations",
+    "/openai/images/generations",
+)
+# Deliberately loose: anything between the fixed parts is captured, so that a bad
+# deployment id (empty, "a/b" decoded from "a%2Fb", "..") is refused with a 400
+# instead of silently falling through to the host app.
+_AZURE_PATH = re.compile(r"/openai/deployments/(.*)/images/generations", re.DOTALL)
+
+# Azure deployment names: letters, digits, '-', '_', '.'; at most 64 characters.
+DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# e.g. "2025-04-01-preview", "preview", "v1".
+API_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+def is_valid_deployment(name: str) -> bool:
+    return DEPLOYMENT_ID.fullmatch(name) is not None and ".." not in name
+
+
+class Route(NamedTuple):
+    """A matched proxy path: its form, and for the Azure form the deployment and api-version."""
+
+    form: Form
+    deployment: str | None = None
+    api_version: str | None = None
+
+
+class Router:
+    """Matches scopes against the proxy paths, optionally under a mount prefix."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix.rstrip("/")
+        self._openai = {self.prefix + path for path in OPENAI_PATHS}
+        self._azure = re.compile(re.escape(self.prefix) + _AZURE_PATH.pattern, re.DOTALL)
+
+    def match(self, scope: Scope) -> Route | None:
+        """The route for an HTTP scope, or None when the path is not a proxy path."""
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        if path in self._openai:
+            return Route("openai")
+        found = self._azure.fullmatch(path)
+        if found is None:
+            return None
+        return Route("azure", found.group(1), _api_version(scope.get("query_string", b"")))
+
+
+def check_route(route: Route) -> None:
+    """Refuse deployment ids and api-versions that must never reach an upstream URL."""
+    if route.deployment is not None and not is_valid_deployment(route.deployment):
+        raise ProxyError(
+            400,
+            "Invalid deployment id in the path: use letters, digits, '-', '_' and '.' "
+            "(at most 64 characters).",
+            code="invalid_deployment",
+        )
+    if route.api_version is not None and API_VERSION.fullmatch(route.api_version) is None:
+        raise ProxyError(
+            400,
+            "Invalid api-version query parameter.",
+            param="api-version",
+            code="invalid_api_version",
+        )
+
+
+def _api_version(query_string: bytes) -> str | None:
+    if not query_string:
+        return None
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key == "api-version":
+            return value
+    return None

@@ -1,0 +1,96 @@
+"""Following a Server-Sent Events stream as it passes, without holding its data lines.
+
+Image events carry `data:` lines of several megabytes, split by the upstream at any
+byte. The relay only needs to know where events end and which ones are final, so the
+scanner keeps the first bytes of each line (enough for `event:` and the JSON `type`)
+and counts lengths for the rest.
+"""
+
+from __future__ import annotations
+
+import re
+
+_EOL = re.compile(rb"\r\n?|\n")
+_TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
+_HEAD = 128
+
+
+class EventScanner:
+    """Finds where the stream's final event ends.
+
+    An event is final when its name (the `event:` field, else the `type` in its data)
+    ends with `.completed`, after `finals` of them (one per image asked for), or when
+    it is an `error` event.
+    """
+
+    def __init__(self, finals: int = 1) -> None:
+        self.remaining = finals
+        self._head = bytearray()  # the first _HEAD bytes of the line being read
+        self._in_line = False  # some bytes of the current line have been seen
+        self._cr = False  # the last chunk ended with CR: a leading LF belongs to it
+        self._fields = False  # the current event has seen a field line
+        self._name = b""
+        self._type = b""
+
+    @property
+    def done(self) -> bool:
+        return self.remaining <= 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between events: a whole new event can be written here without mixing."""
+        return not self._in_line and not self._fields
+
+    def feed(self, chunk: bytes) -> int | None:
+        """Scan `chunk`; return the offset just past the final event if it ends in it."""
+        pos = 0
+        if self._cr:
+            self._cr = False
+            if chunk[:1] == b"\n":
+                pos = 1
+        for eol in _EOL.finditer(chunk, pos):
+            start, end = eol.span()
+            self._take(chunk, pos, start)
+            if end == len(chunk) and chunk[start:end] == b"\r":
+                self._cr = True
+            pos = end
+            if self._end_line():
+                return end
+        self._take(chunk, pos, len(chunk))
+        return None
+
+    def _take(self, chunk: bytes, start: int, end: int) -> None:
+        if start == end:
+            return
+        self._in_line = True
+        room = _HEAD - len(self._head)
+        if room > 0:
+            self._head += chunk[start : min(end, start + room)]
+
+    def _end_line(self) -> bool:
+        line, had_line = bytes(self._head), self._in_line
+        self._head.clear()
+        self._in_line = False
+        if not had_line:
+            return self._dispatch()
+        if line.startswith(b":"):
+            return False  # a comment, e.g. a keep-alive ping
+        self._fields = True
+        if line.startswith(b"event:"):
+            self._name = line[6:].strip()
+        elif line.startswith(b"data:") and not self._type:
+            found = _TYPE.search(line)
+            if found:
+                self._type = found.group(1)
+        return False
+
+    def _dispatch(self) -> bool:
+        if not self._fields:
+            return False
+        name = self._name or self._type
+        self._fields, self._name, self._type = False, b"", b""
+        if name == b"error":
+            self.remaining = 0
+        elif name.endswith(b".completed"):
+            self.remaining -= 1
+        return self.done

@@ -1,0 +1,166 @@
+"""Where a request goes: the upstream URL, its credentials, and the HTTP client.
+
+The upstream URL is built only from configuration and from values checked against
+conservative patterns (deployment ids, api-versions). Headers going upstream are an
+allow-list, so no client credential, cookie or forwarding header can leak through,
+whatever it is called.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from urllib.parse import quote
+
+import httpx
+
+from .config import AzureUpstream, ConfigError, OpenAIUpstream, ProxyConfig, ProxySettings
+from .errors import ProxyError, server_error
+from .request import ImageGenerationBody, ImageRequest
+from .routing import is_valid_deployment
+from .types import Scope
+
+Headers = list[tuple[bytes, bytes]]
+
+# What the client may tell the upstream about itself; everything else is dropped.
+_FORWARDED = frozenset({b"accept", b"user-agent"})
+_FORWARDED_PREFIX = b"x-stainless-"
+
+
+def create_client(settings: ProxySettings) -> httpx.AsyncClient:
+    """The default upstream client: a large pool, no redirects, and a cookie jar that stores
+    nothing (a shared jar would hand one user's upstream cookies to the next)."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_keepalive_connections,
+            keepalive_expiry=30.0,
+        ),
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        follow_redirects=False,
+    )
+
+
+class _Target:
+    """One configured upstream: its fixed headers and timeouts, computed once."""
+
+    def __init__(self, settings: OpenAIUpstream | AzureUpstream, credentials: Headers) -> None:
+        self.headers: Headers = [
+            (b"content-type", b"application/json"),
+            # The relay reads SSE event boundaries and must see the bytes as sent.
+            (b"accept-encoding", b"identity"),
+            *credentials,
+        ]
+        self.extensions = {
+            "timeout": httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=settings.read_timeout,
+                write=settings.write_timeout,
+                pool=settings.pool_timeout,
+            ).as_dict()
+        }
+
+    def request(self, url: str, body: ImageGenerationBody, scope: Scope) -> httpx.Request:
+        headers = [
+            (key, value)
+            for key, value in scope["headers"]
+            if key in _FORWARDED or key.startswith(_FORWARDED_PREFIX)
+        ]
+        headers += self.headers
+        return httpx.Request(
+            "POST", url, headers=headers, content=body.to_json(), extensions=self.extensions
+        )
+
+
+def _secret(settings: OpenAIUpstream | AzureUpstream) -> bytes | None:
+    return None if settings.api_key is None else settings.api_key.get_secret_value().encode()
+
+
+class Upstreams:
+    """Turns a normalized request into the upstream request, for either form to either upstream.
+
+    OpenAI-form requests go to `[openai]` when configured, else to `[azure]` with the
+    deployment `deployments[model]` (or the model name). Azure-form requests go to
+    `[azure]` when configured, else to `[openai]` with the deployment as the model.
+    """
+
+    def __init__(self, config: ProxyConfig) -> None:
+        if config.openai is None and config.azure is None:
+            raise ConfigError("no upstream configured: add an [openai] or [azure] section")
+        self._openai = self._azure = None
+        if config.openai is not None:
+            self._openai_url = config.openai.base_url + "/images/generations"
+            self._openai = _Target(config.openai, _openai_credentials(config.openai))
+        if config.azure is not None:
+            key = _secret(config.azure)
+            self._azure = _Target(config.azure, [] if key is None else [(b"api-key", key)])
+            self._azure_base = config.azure.endpoint + "/openai/deployments/"
+            self._azure_version = config.azure.api_version
+            self._deployments = config.azure.deployments
+
+    def build(self, request: ImageRequest, scope: Scope) -> httpx.Request:
+        body = request.body
+        if request.form == "azure":
+            assert request.deployment is not None
+            if self._azure is not None:
+                url = self._azure_url(request.deployment, request.api_version)
+                return self._azure.request(url, body, scope)
+            assert self._openai is not None
+            body = body.model_copy(update={"model": request.deployment})
+            return self._openai.request(self._openai_url, body, scope)
+        if self._openai is not None:
+            return self._openai.request(self._openai_url, body, scope)
+        assert self._azure is not None
+        url = self._azure_url(self._deployment_for(body.model), None)
+        return self._azure.request(url, body, scope)
+
+    def _deployment_for(self, model: str | None) -> str:
+        if model is None:
+            raise ProxyError(
+                400,
+                "Missing required parameter: 'model' (it names the Azure deployment).",
+                param="model",
+                code="missing_required_parameter",
+            )
+        deployment = self._deployments.get(model, model)
+        if not is_valid_deployment(deployment):
+            raise ProxyError(
+                400,
+                f"Invalid value for 'model': {model!r} is not a valid deployment name.",
+                param="model",
+                code="invalid_value",
+            )
+        return deployment
+
+    def _azure_url(self, deployment: str, api_version: str | None) -> str:
+        # Both parts were checked against conservative patterns; quote() is belt and braces.
+        deployment = quote(deployment, safe="")
+        version = quote(api_version or self._azure_version, safe="")
+        return f"{self._azure_base}{deployment}/images/generations?api-version={version}"
+
+
+def _openai_credentials(settings: OpenAIUpstream) -> Headers:
+    headers: Headers = []
+    key = _secret(settings)
+    if key is not None:
+        headers.append((b"authorization", b"Bearer " + key))
+    if settings.organization:
+        headers.append((b"openai-organization", settings.organization.encode()))
+    if settings.project:
+        headers.append((b"openai-project", settings.project.encode()))
+    return headers
+
+
+def map_error(exc: httpx.HTTPError) -> ProxyError:
+    """The answer for an upstream failure that happened before its response started."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return server_error(503, "The proxy has no free upstream connection.", "proxy_overloaded")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return server_error(504, "Timed out connecting to the upstream.", "upstream_timeout")
+    if isinstance(exc, httpx.TimeoutException):
+        # A retry would most likely wait just as long, and may be billed again.
+        return server_error(
+            504, "The upstream did not answer in time.", "upstream_timeout", retry=False
+        )
+    if isinstance(exc, httpx.ConnectError):
+        return server_error(502, "Could not connect to the upstream.", "upstream_unreachable")
+    return server_error(502, "The upstream connection failed.", "upstream_error")
