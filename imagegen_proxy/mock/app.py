@@ -1,0 +1,198 @@
+"""MockUpstream: a raw ASGI app that speaks the OpenAI image-generation API."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+
+from .cache import BytesLRU
+from .png import render_png
+from .wire import Generation, RequestError, error_body, images_json, parse_generation, sse_event
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+MAX_BODY = 1024 * 1024
+GENERATIONS_SUFFIX = "/images/generations"
+HEALTH_SUFFIX = "/healthz"
+
+_JSON = (b"content-type", b"application/json")
+
+
+class MockUpstream:
+    """An OpenAI-compatible image-generation service answering on any `.../images/generations`.
+
+    `delay` is how long a generation takes (spread over the events when streaming); `pad_to`
+    pads every PNG to at least that many bytes.
+    """
+
+    def __init__(self, *, delay: float = 0.0, pad_to: int = 0) -> None:
+        if delay < 0 or pad_to < 0:
+            raise ValueError("delay and pad_to must not be negative")
+        self.delay = delay
+        self.pad_to = pad_to
+        # Encoding a padded multi-megabyte PNG costs milliseconds per request; keep the results.
+        self._b64 = BytesLRU(max_bytes=128 * 1024 * 1024)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        elif kind == "websocket":
+            # Closing before accepting makes the server reject the handshake.
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = b"req_mock_" + os.urandom(12).hex().encode()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.endswith(GENERATIONS_SUFFIX):
+            if method != "POST":
+                await _method_not_allowed(send, request_id, method, path, b"POST")
+                return
+            try:
+                body = await _read_body(scope, receive)
+                if body is None:
+                    return
+                gen = parse_generation(body)
+            except RequestError as exc:
+                payload = error_body(exc.message, param=exc.param, code=exc.code)
+                await _respond(send, exc.status, payload, [_JSON, (b"x-request-id", request_id)])
+                return
+            work = self._stream if gen.stream else self._complete
+            if self.delay > 0:
+                await _until_disconnect(receive, work(gen, send, request_id, started))
+            else:
+                # No waiting means nothing to abandon early: skip the watcher and its overhead.
+                await work(gen, send, request_id, started)
+        elif path.endswith(HEALTH_SUFFIX):
+            if method not in ("GET", "HEAD"):
+                await _method_not_allowed(send, request_id, method, path, b"GET, HEAD")
+                return
+            await _respond(send, 200, b'{"status":"ok"}', [_JSON, (b"x-request-id", request_id)])
+        else:
+            payload = error_body(f"Invalid URL ({method} {path})", code="unknown_url")
+            await _respond(send, 404, payload, [_JSON, (b"x-request-id", request_id)])
+
+    def _image(self, gen: Generation, index: int, detail: float) -> bytes:
+        key = (gen.prompt, gen.width, gen.height, index, detail, self.pad_to)
+        b64 = self._b64.get(key)
+        if b64 is None:
+            png = render_png(
+                gen.prompt,
+                width=gen.width,
+                height=gen.height,
+                index=index,
+                detail=detail,
+                pad_to=self.pad_to,
+            )
+            b64 = base64.b64encode(png)
+            self._b64.put(key, b64)
+        return b64
+
+    async def _complete(
+        self, gen: Generation, send: Send, request_id: bytes, started: float
+    ) -> None:
+        if self.delay > 0:
+            await anyio.sleep(self.delay)
+        images = [self._image(gen, i, 1.0) for i in range(gen.n)]
+        body = images_json(gen, int(time.time()), images)
+        headers = [_JSON, (b"x-request-id", request_id), _processing_ms(started)]
+        await _respond(send, 200, body, headers)
+
+    async def _stream(self, gen: Generation, send: Send, request_id: bytes, started: float) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-request-id", request_id),
+            _processing_ms(started),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        steps = gen.partial_images + 1
+        pause = self.delay / (gen.n * steps)
+        for index in range(gen.n):
+            for step in range(steps):
+                if pause > 0:
+                    await anyio.sleep(pause)
+                b64 = self._image(gen, index, (step + 1) / steps)
+                partial = step if step < gen.partial_images else None
+                event = sse_event(gen, int(time.time()), b64, partial)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+    """Run `work`, abandoning it as soon as the client goes away."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await work
+        tg.cancel_scope.cancel()
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
+    """The request body, or None if the client disconnected; RequestError(413) past MAX_BODY."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY:
+            raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _too_large()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large() -> RequestError:
+    return RequestError(413, f"Request body too large: the limit is {MAX_BODY} bytes.")
+
+
+async def _method_not_allowed(
+    send: Send, request_id: bytes, method: str, path: str, allow: bytes
+) -> None:
+    payload = error_body(f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+    headers = [_JSON, (b"allow", allow), (b"x-request-id", request_id)]
+    await _respond(send, 405, payload, headers)
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    headers.append((b"content-length", b"%d" % len(body)))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _processing_ms(started: float) -> tuple[bytes, bytes]:
+    return (b"openai-processing-ms", b"%d" % round((time.perf_counter() - started) * 1000))
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
