@@ -60,7 +60,9 @@ class Exchange:
         self.double.gone.set()
 
     async def wait(self, event: threading.Event) -> None:
-        await anyio.to_thread.run_sync(event.wait, 10)
+        """Wait for the test to set `event`; the test fails if it never does."""
+        if not await anyio.to_thread.run_sync(event.wait, 10):
+            raise AssertionError("the test never released the upstream")
 
 
 Answer = Callable[[Exchange], Awaitable[None]]
@@ -72,6 +74,7 @@ class UpstreamDouble:
     requests: list[Recorded] = field(default_factory=list)
     arrived: threading.Event = field(default_factory=threading.Event)
     gone: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
     url: str = ""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -112,10 +115,9 @@ UPSTREAM_HEADERS = [
 ]
 
 
-def b64_image(size: int = 1024, seed: int = 0) -> str:
-    """Base64 text of `size` bytes (random, so nothing can compress or fake it)."""
-    raw = os.urandom((size * 3) // 4 + 3) if seed == 0 else bytes([seed % 256]) * (size * 3 // 4)
-    return base64.b64encode(raw).decode()[:size]
+def b64_image(size: int = 1024) -> str:
+    """Base64 text of about `size` characters (random, so nothing can compress or fake it)."""
+    return base64.b64encode(os.urandom(size * 3 // 4)).decode()
 
 
 def image_body(b64: str, n: int = 1) -> bytes:
@@ -194,6 +196,7 @@ def sse(
                 assert resume is not None
                 await x.wait(resume)
             await x.body(frame)
+        x.double.finished.set()
         if hold:
             await x.until_disconnect()
         elif not cut:
