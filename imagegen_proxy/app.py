@@ -1,0 +1,68 @@
+"""The bundled proxy: `ImageGenProxy` in front of a small app with `/healthz` (and the mock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from .config import AuthConfig, OpenAIUpstream, ProxyConfig
+from .middleware import ImageGenProxy
+from .mock import MockUpstream
+
+MOCK_PATH = "/_mock"
+
+
+def with_mock(config: ProxyConfig, self_url: str) -> ProxyConfig:
+    """`config` with the embedded mock (served by the same app under /_mock) as its upstream.
+
+    The mock needs no keys and the proxy stays open: this mode is for trying things out.
+    """
+    mock = OpenAIUpstream(base_url=f"{self_url}{MOCK_PATH}/v1")
+    return config.model_copy(update={"openai": mock, "auth": AuthConfig(open=True)})
+
+
+def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
+    """The app `imagegen-proxy` serves. `mock=True` also mounts the embedded mock upstream."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "upstreams": describe_upstreams(config, mock)})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        error = {
+            "message": f"No route for {request.url.path}.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "not_found" if status == 404 else None,
+        }
+        return JSONResponse({"error": error}, status_code=status)
+
+    routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
+    if mock:
+        routes.append(
+            Mount(MOCK_PATH, app=MockUpstream(delay=config.mock.delay, pad_to=config.mock.pad_to))
+        )
+    host = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    return ImageGenProxy(host, config)
+
+
+def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any]:
+    """What each upstream is and whether it has credentials (never the credentials)."""
+    upstreams: dict[str, Any] = {}
+    if config.openai is not None:
+        upstreams["openai"] = {
+            "base_url": "embedded mock" if mock else config.openai.base_url,
+            "api_key": config.openai.api_key is not None,
+        }
+    if config.azure is not None:
+        upstreams["azure"] = {
+            "endpoint": config.azure.endpoint,
+            "api_version": config.azure.api_version,
+            "api_key": config.azure.api_key is not None,
+        }
+    return upstreams

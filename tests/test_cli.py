@@ -1,0 +1,124 @@
+"""The `imagegen-proxy` command, run as users run it: a subprocess on a real port."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import CLIENT_KEY, UPSTREAM_KEY
+from double import UpstreamDouble
+
+COMMAND = str(Path(sys.executable).parent / "imagegen-proxy")
+
+
+@contextlib.contextmanager
+def running(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """Start the command on a free port; yield its URL and the banner it printed."""
+    process = subprocess.Popen(
+        [COMMAND, "--port", "0", "--log-level", "warning", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        assert "listening on http://" in banner, process.stderr.read() if process.stderr else ""
+        url = banner.split("listening on ", 1)[1].split()[0]
+        banner += "".join(process.stdout.readline() for _ in range(5))
+        yield url, banner
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(10)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COMMAND, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_without_config_it_serves_the_embedded_mock() -> None:
+    with running() as (url, banner):
+        assert url.startswith("http://127.0.0.1:")
+        assert "embedded mock" in banner
+        assert f"curl -s {url}/v1/images/generations" in banner
+        client = openai.OpenAI(base_url=url + "/v1", api_key="anything", max_retries=0)
+        image = client.images.generate(model="gpt-image-1", prompt="a lighthouse", size="64x64")
+        assert base64.b64decode(image.data[0].b64_json or "")[:8] == b"\x89PNG\r\n\x1a\n"
+        stream = client.images.generate(prompt="a lighthouse", stream=True, partial_images=2)
+        assert [event.type for event in stream] == [
+            "image_generation.partial_image",
+            "image_generation.partial_image",
+            "image_generation.completed",
+        ]
+        assert httpx.get(url + "/healthz").json()["status"] == "ok"
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegen_proxy", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert "--config" in result.stdout and "--port" in result.stdout
+
+
+def test_config_file_proxies_to_the_configured_upstream(
+    upstream: UpstreamDouble, tmp_path: Path
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[openai]\nbase_url = "{upstream.url}/v1"\napi_key_env = "TEST_UPSTREAM_KEY"\n'
+        "[auth]\nopen = true\n"
+    )
+    with running("--config", str(config), env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client.images.generate(model="gpt-image-1", prompt="p")
+    assert upstream.last.header("authorization") == f"Bearer {UPSTREAM_KEY}"
+    assert upstream.last.json == {"model": "gpt-image-1", "prompt": "p"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("[openai\nbase_url = 1", "invalid TOML"),
+        ('[openai]\nbase_urll = "https://x.example"', "unknown key 'openai.base_urll'"),
+        ('[openai]\nread_timeout = "slow"', "openai.read_timeout"),
+        ('[openai]\napi_key_env = "SURELY_UNSET_VAR"', "environment variable SURELY_UNSET_VAR"),
+        ('[openai]\nbase_url = "https://x.example"', "[auth] open = true"),
+    ],
+)
+def test_config_mistakes_are_one_line_errors(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    config = tmp_path / "proxy.toml"
+    if content is not None:
+        config.write_text(content)
+    result = run("--config", str(config), "--port", "0")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with running() as (url, _):
+        port = url.rsplit(":", 1)[1]
+        result = run("--port", port)
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

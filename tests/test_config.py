@@ -1,0 +1,99 @@
+"""ProxyConfig: TOML and keyword construction, and the mistakes it names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+
+from imagegen_proxy import ConfigError, ImageGenProxy, ProxyConfig
+
+FULL = """
+[server]
+host = "0.0.0.0"
+port = 9000
+
+[proxy]
+mount_prefix = "/ai/"
+max_body_bytes = 2048
+
+[openai]
+base_url = "https://api.openai.com/v1/"
+api_key = "sk-test"
+organization = "org-1"
+read_timeout = 900
+
+[azure]
+endpoint = "https://res.openai.azure.com"
+api_key_env = "TEST_AZURE_KEY"
+api_version = "2024-10-21"
+deployments = { "gpt-image-1" = "images-prod" }
+
+[auth]
+open = true
+"""
+
+
+def test_from_toml_reads_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_AZURE_KEY", "azure-secret")
+    path = tmp_path / "c.toml"
+    path.write_text(FULL)
+    config = ProxyConfig.from_toml(path)
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    assert config.proxy.mount_prefix == "/ai"
+    assert config.openai is not None and config.openai.base_url == "https://api.openai.com/v1"
+    assert config.openai.read_timeout == 900
+    assert config.azure is not None
+    assert config.azure.api_key is not None
+    assert config.azure.api_key.get_secret_value() == "azure-secret"
+    assert config.azure.deployments == {"gpt-image-1": "images-prod"}
+
+
+def test_secrets_do_not_show_in_repr(tmp_path: Path) -> None:
+    config = ProxyConfig(openai={"api_key": "sk-very-secret"})  # type: ignore[arg-type]
+    assert "sk-very-secret" not in repr(config)
+    assert "sk-very-secret" not in config.model_dump_json()
+
+
+def test_keyword_construction_names_the_bad_key() -> None:
+    with pytest.raises(ValidationError, match=r"openai\.read_timeout"):
+        ProxyConfig(openai={"read_timeout": -1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"opneai": {}}, "unknown key 'opneai'"),
+        ({"openai": {"base_url": "ftp://x"}}, "openai.base_url: must be an http"),
+        ({"openai": {"api_key": "a", "api_key_env": "B"}}, "not both"),
+        ({"azure": {"endpoint": "https://x.example", "api_version": "a b"}}, "azure.api_version"),
+        ({"azure": {"endpoint": "https://x.example", "deployments": {"m": "../x"}}}, "'../x'"),
+        ({"proxy": {"mount_prefix": "ai"}}, "proxy.mount_prefix: must start with '/'"),
+        ({"proxy": {"max_body_bytes": 0}}, "proxy.max_body_bytes"),
+        ({"server": {"port": 70000}}, "server.port"),
+    ],
+)
+def test_mistakes_name_the_key(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        ProxyConfig.from_mapping(data)
+    assert "\n" not in str(error.value)
+
+
+def test_proxy_refuses_to_start_without_an_upstream() -> None:
+    with pytest.raises(ConfigError, match=r"add an \[openai\] or \[azure\] section"):
+        ImageGenProxy(Starlette(), ProxyConfig(auth={"open": True}))  # type: ignore[arg-type]
+
+
+def test_proxy_refuses_to_start_open_unless_told() -> None:
+    with pytest.raises(ConfigError, match=r"\[auth\] open = true"):
+        ImageGenProxy(Starlette(), ProxyConfig(openai={}))  # type: ignore[arg-type]
+
+
+def test_add_middleware_form_works() -> None:
+    app = Starlette()
+    config = ProxyConfig(openai={}, auth={"open": True})  # type: ignore[arg-type]
+    app.add_middleware(ImageGenProxy, config=config)
+    app.build_middleware_stack()
