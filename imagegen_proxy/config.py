@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -59,15 +61,21 @@ class _Upstream(_Section):
     @model_validator(mode="before")
     @classmethod
     def _resolve_key(cls, data: Any) -> Any:
-        # The key is read once, at start-up, so a missing variable fails loudly there.
-        if not isinstance(data, dict) or not isinstance(data.get("api_key_env"), str):
-            return data
-        if data.get("api_key") is not None:
-            raise ValueError("set api_key or api_key_env, not both")
-        value = os.environ.get(data["api_key_env"])
-        if not value:
-            raise ValueError(f"environment variable {data['api_key_env']} is not set")
-        return {**data, "api_key": value}
+        return _from_env(data, "api_key_env", "api_key") if isinstance(data, dict) else data
+
+
+def _from_env(data: dict[str, Any], env_key: str, key: str) -> dict[str, Any]:
+    """Read `data[env_key]`'s variable into `data[key]`, once, at start-up: a missing
+    variable fails loudly there rather than on the first request."""
+    name = data.get(env_key)
+    if not isinstance(name, str):
+        return data
+    if data.get(key) is not None:
+        raise ValueError(f"set {key} or {env_key}, not both")
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"environment variable {name} is not set")
+    return {**data, key: value}
 
 
 def _http_url(value: str) -> str:
@@ -119,6 +127,72 @@ class AzureUpstream(_Upstream):
 
 class AuthConfig(_Section):
     open: bool = False
+    virtual_key_header: str = "x-virtual-key"
+
+    @field_validator("virtual_key_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", value):
+            raise ValueError("must be an HTTP header name")
+        return value.lower()
+
+
+class Policy(_Section):
+    """What a client may do; absent limits are unlimited."""
+
+    models: frozenset[str] | None = None
+    requests_per_minute: int | None = Field(None, gt=0)
+    images_per_minute: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)
+    images_per_day: int | None = Field(None, gt=0)
+    tokens_per_day: int | None = Field(None, gt=0)
+
+
+class KeyConfig(Policy):
+    """`[[keys]]`: one client key, its name, and its policy."""
+
+    name: str = Field(min_length=1)
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    key_env: str | None = None
+    username: str | None = None
+    upstream_api_key: SecretStr | None = None
+    upstream_api_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_env(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = _from_env(data, "key_env", "key")
+        return _from_env(data, "upstream_api_key_env", "upstream_api_key")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> KeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("set exactly one of key, key_sha256 or key_env")
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the key: all the proxy keeps to recognise it."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        assert self.key is not None
+        return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+
+
+class LimitsConfig(_Section):
+    storage: str = "memory"
+    on_storage_error: Literal["deny", "allow"] = "deny"
+    concurrency_lease_seconds: float = Field(3600.0, gt=0)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError('must be "memory" or a redis:// URL')
+        return value
 
 
 class MockConfig(_Section):
@@ -136,7 +210,20 @@ class ProxyConfig(_Section):
     openai: OpenAIUpstream | None = None
     azure: AzureUpstream | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    keys: list[KeyConfig] = Field(default_factory=list)
     mock: MockConfig = Field(default_factory=MockConfig)
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ProxyConfig:
+        names = [key.name for key in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("two [[keys]] entries have the same name")
+        if len({key.digest for key in self.keys}) != len(self.keys):
+            raise ValueError("two [[keys]] entries have the same key")
+        if self.auth.open and self.keys:
+            raise ValueError("[auth] open = true serves without keys: remove it or the [[keys]]")
+        return self
 
     @property
     def has_upstream(self) -> bool:
@@ -167,10 +254,10 @@ def describe(exc: ValidationError) -> str:
     """One line per problem, each naming the dotted key: `openai.read_timeout: ...`."""
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
         else:
-            message = error["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message}")
+            lines.append(f"{key}: {message}" if key else message)
     return "; ".join(lines)

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+import anyio
 import httpx
 
+from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, send_error
-from .relay import forward
-from .request import check_content_type, parse_request, read_body
+from .ratelimit import Decision, MemoryLimiter, RateLimiter
+from .relay import Outcome, forward
+from .request import ImageRequest, check_content_type, parse_request, read_body
 from .routing import Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstream import Upstreams, create_client
+from .usage import Usage, UsageObserver
 
 logger = logging.getLogger("imagegen_proxy")
 
 
 class ImageGenProxy:
     """Serves `POST .../images/generations` in front of `app`; everything else goes to `app`.
+
+    The hooks default to what `config` describes: `authenticator` to the `[[keys]]` table
+    (or open access), `rate_limiter` to the `[limits]` storage. The rate limiter, when it
+    has a `record` method, is told usage too, after `usage_observers`.
 
     `http_client` replaces the default upstream client (the proxy then never closes it).
     Without one, the client is created on first use (Django never sends lifespan) and
@@ -30,16 +39,23 @@ class ImageGenProxy:
         app: ASGIApp,
         config: ProxyConfig,
         *,
+        authenticator: Authenticator | None = None,
+        rate_limiter: RateLimiter | None = None,
+        usage_observers: Sequence[UsageObserver] = (),
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        if not config.auth.open:
-            raise ConfigError(
-                "client keys are not configured: set [auth] open = true to serve without them"
-            )
         self.app = app
         self.config = config
         self.router = Router(config.proxy.mount_prefix)
         self.upstreams = Upstreams(config)
+        self.authenticator = authenticator or _authenticator(config)
+        self.rate_limiter = rate_limiter or _rate_limiter(config)
+        self.usage_observers = list(usage_observers)
+        if hasattr(self.rate_limiter, "record"):
+            self.usage_observers.append(self.rate_limiter)  # type: ignore[arg-type]
+        self._key_headers = frozenset(
+            {b"x-api-key", b"api-key", config.auth.virtual_key_header.encode()}
+        )
         self._max_body = config.proxy.max_body_bytes
         self._client = http_client
         self._owns_client = http_client is None
@@ -75,8 +91,13 @@ class ImageGenProxy:
             check_content_type(scope)
             body = await read_body(scope, receive, self._max_body)
             request = parse_request(route, body)
-            upstream_request = self.upstreams.build(request, scope)
-            await forward(self.http_client, upstream_request, receive, send, request.images)
+            credentials = read_credentials(scope, self._key_headers)
+            principal = await self.authenticator.authenticate(credentials, request)
+            check_policy(principal, request)
+            decision = await self.rate_limiter.acquire(principal, request)
+            if not decision.allowed:
+                raise decision.refusal()
+            await self._generate(principal, request, decision, scope, receive, send)
         except ProxyError as error:
             await send_error(send, error)
         except ClientGone:
@@ -95,6 +116,43 @@ class ImageGenProxy:
                 ),
             )
 
+    async def _generate(
+        self,
+        principal: Principal,
+        request: ImageRequest,
+        decision: Decision,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        outcome = Outcome()
+        try:
+            upstream_request = self.upstreams.build(request, scope, principal.upstream_api_key)
+            headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
+            outcome = await forward(
+                self.http_client,
+                upstream_request,
+                receive,
+                send,
+                images=request.images,
+                headers=headers,
+            )
+        finally:
+            # Whatever happened (even a cancellation), the slot goes back and usage is told.
+            with anyio.CancelScope(shield=True):
+                if decision.release is not None:
+                    await decision.release(outcome.ok)
+                if outcome.ok:
+                    spent = Usage(requests=1, images=request.images) + (outcome.usage or Usage())
+                    await self._record(principal, request, spent)
+
+    async def _record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
+        for observer in self.usage_observers:
+            try:
+                await observer.record(principal, request, usage)
+            except Exception:
+                logger.exception("usage observer %r failed", observer)
+
     def _closing_on_shutdown(self, send: Send) -> Send:
         async def send_closing(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
@@ -102,3 +160,26 @@ class ImageGenProxy:
             await send(message)
 
         return send_closing
+
+
+def _authenticator(config: ProxyConfig) -> Authenticator:
+    if config.auth.open:
+        return OpenAccess()
+    if not config.keys:
+        raise ConfigError(
+            'no client keys: add [[keys]] entries (name = "team-a", key_env = "TEAM_A_KEY") '
+            "or set [auth] open = true to serve without keys"
+        )
+    return KeyTable(config.keys)
+
+
+def _rate_limiter(config: ProxyConfig) -> RateLimiter:
+    if config.limits.storage == "memory":
+        return MemoryLimiter()
+    from .redis_limiter import RedisLimiter
+
+    return RedisLimiter(
+        config.limits.storage,
+        on_storage_error=config.limits.on_storage_error,
+        lease_seconds=config.limits.concurrency_lease_seconds,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import anyio
 import httpx
@@ -17,7 +18,8 @@ import httpx
 from .errors import ProxyError
 from .sse import EventScanner
 from .types import Message, Receive, Send
-from .upstream import map_error
+from .upstream import Headers, map_error
+from .usage import Tail, Usage, tokens_in
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -44,68 +46,99 @@ _SSE_DROPPED = _DROPPED | {b"content-length", b"cache-control", b"x-accel-buffer
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
+@dataclass(slots=True)
+class Outcome:
+    """How an exchange ended, for limits and accounting."""
+
+    status: int | None = None  # the upstream's, once it answered
+    usage: Usage | None = None  # token counts, when the answer was complete and had them
+    client_gone: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
 async def forward(
-    client: httpx.AsyncClient, request: httpx.Request, receive: Receive, send: Send, images: int
-) -> None:
-    """Send `request` upstream and relay the answer to the client.
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    receive: Receive,
+    send: Send,
+    *,
+    images: int,
+    headers: Headers | None = None,
+) -> Outcome:
+    """Send `request` upstream and relay the answer to the client, adding `headers`.
 
     Raises `ProxyError` only before the response has started (the caller answers it).
     Once started, a failure is answered on the wire: an SSE `error` event at an event
     boundary, otherwise an aborted connection, never a truncated body that looks whole.
     """
+    outcome = Outcome()
     error: ProxyError | None = None
-    client_gone = False
 
     async def watch_disconnect(scope: anyio.CancelScope) -> None:
-        nonlocal client_gone
         while (await receive())["type"] != "http.disconnect":
             pass
-        client_gone = True
+        outcome.client_gone = True
         scope.cancel()
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(watch_disconnect, tasks.cancel_scope)
         try:
-            await _exchange(client, request, send, images)
+            await _exchange(client, request, send, images, headers or [], outcome)
         except ProxyError as exc:
             error = exc
         except OSError:
-            client_gone = True  # some servers raise from send() once the client is gone
+            outcome.client_gone = True  # some servers raise from send() once the client left
         finally:
             tasks.cancel_scope.cancel()
-    if client_gone:
+    if outcome.client_gone:
         logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
     elif error is not None:
         raise error
+    return outcome
 
 
 async def _exchange(
-    client: httpx.AsyncClient, request: httpx.Request, send: Send, images: int
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    send: Send,
+    images: int,
+    headers: Headers,
+    outcome: Outcome,
 ) -> None:
     try:
         response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
         raise map_error(exc) from None
+    outcome.status = response.status_code
     try:
-        await _relay(response, send, images)
+        outcome.usage = await _relay(response, send, images, headers)
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
 
 
-async def _relay(response: httpx.Response, send: Send, images: int) -> None:
+async def _relay(response: httpx.Response, send: Send, images: int, extra: Headers) -> Usage | None:
+    """Relay the answer; return its token usage when it was complete and had one."""
     content_type = response.headers.get("content-type", "")
     scanner = None
     if response.is_success and content_type.startswith("text/event-stream"):
         scanner = EventScanner(finals=images)
-    dropped = _DROPPED if scanner is None else _SSE_DROPPED
+    # The proxy's own headers (its rate limits) replace the upstream's of the same name.
+    dropped = (_DROPPED if scanner is None else _SSE_DROPPED) | {name for name, _ in extra}
     headers = [(k, v) for k, v in response.headers.raw if k.lower() not in dropped]
+    headers += extra
     if scanner is not None:
         headers += _SSE_HEADERS
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    tail = Tail() if scanner is None and response.is_success else None
     try:
         async for chunk in response.aiter_raw():
+            if tail is not None:
+                tail.feed(chunk)
             end = None if scanner is None else scanner.feed(chunk)
             if end is not None:
                 # The SDK's loop ends only when the connection does: end the response
@@ -117,17 +150,25 @@ async def _relay(response: httpx.Response, send: Send, images: int) -> None:
         logger.warning("upstream failed mid-response: %s", type(exc).__name__)
         failure = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
         await _fail(send, scanner, f"The upstream {failure} before the answer was complete.")
-        return
+        return _partial_usage(scanner)
     except OSError:
         raise
     except Exception:
         # Past the start nothing can be answered any more: log it and cut the connection.
         logger.exception("relay failed mid-response")
-        return
+        return _partial_usage(scanner)
     if scanner is not None and not scanner.done:
         await _fail(send, scanner, "The upstream ended the stream before the image was completed.")
-        return
+        return _partial_usage(scanner)
     await send(_END)
+    if scanner is not None:
+        return scanner.usage
+    return None if tail is None else tokens_in(tail.data)
+
+
+def _partial_usage(scanner: EventScanner | None) -> Usage | None:
+    """What the images completed before a stream broke off still cost."""
+    return scanner.usage if scanner is not None and scanner.completed else None
 
 
 async def _fail(send: Send, scanner: EventScanner | None, message: str) -> None:

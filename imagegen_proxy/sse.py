@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from .usage import Tail, Usage, tokens_in
+
 _EOL = re.compile(rb"\r\n?|\n")
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
 _HEAD = 128
@@ -31,6 +33,10 @@ class EventScanner:
         self._fields = False  # the current event has seen a field line
         self._name = b""
         self._type = b""
+        self._line_tail = Tail()  # the last bytes of the line being read
+        self._data_tail = b""  # ...of the current event's last data line
+        self.completed = 0
+        self.usage = Usage()  # added up over the completed events
 
     @property
     def done(self) -> bool:
@@ -66,9 +72,11 @@ class EventScanner:
         room = _HEAD - len(self._head)
         if room > 0:
             self._head += chunk[start : min(end, start + room)]
+        self._line_tail.feed(memoryview(chunk)[start:end])
 
     def _end_line(self) -> bool:
         line, had_line = bytes(self._head), self._in_line
+        tail, self._line_tail.data = self._line_tail.data, b""
         self._head.clear()
         self._in_line = False
         if not had_line:
@@ -78,8 +86,9 @@ class EventScanner:
         self._fields = True
         if line.startswith(b"event:"):
             self._name = line[6:].strip()
-        elif line.startswith(b"data:") and not self._type:
-            found = _TYPE.search(line)
+        elif line.startswith(b"data:"):
+            self._data_tail = tail
+            found = None if self._type else _TYPE.search(line)
             if found:
                 self._type = found.group(1)
         return False
@@ -88,9 +97,12 @@ class EventScanner:
         if not self._fields:
             return False
         name = self._name or self._type
+        data, self._data_tail = self._data_tail, b""
         self._fields, self._name, self._type = False, b"", b""
         if name == b"error":
             self.remaining = 0
         elif name.endswith(b".completed"):
             self.remaining -= 1
+            self.completed += 1
+            self.usage = self.usage + (tokens_in(data) or Usage())
         return self.done

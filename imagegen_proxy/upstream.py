@@ -40,16 +40,27 @@ def create_client(settings: ProxySettings) -> httpx.AsyncClient:
     )
 
 
+_BASE_HEADERS: Headers = [
+    (b"content-type", b"application/json"),
+    # The relay reads SSE event boundaries and usage: it must see the bytes as sent.
+    (b"accept-encoding", b"identity"),
+]
+
+
 class _Target:
     """One configured upstream: its fixed headers and timeouts, computed once."""
 
-    def __init__(self, settings: OpenAIUpstream | AzureUpstream, credentials: Headers) -> None:
-        self.headers: Headers = [
-            (b"content-type", b"application/json"),
-            # The relay reads SSE event boundaries and must see the bytes as sent.
-            (b"accept-encoding", b"identity"),
-            *credentials,
-        ]
+    def __init__(
+        self,
+        settings: OpenAIUpstream | AzureUpstream,
+        key_header: bytes,
+        prefix: bytes = b"",
+        extra: Headers | None = None,
+    ) -> None:
+        self._key_header, self._key_prefix = key_header, prefix
+        self._fixed = _BASE_HEADERS + (extra or [])
+        key = None if settings.api_key is None else settings.api_key.get_secret_value()
+        self.headers = self._fixed + self._credentials(key)
         self.extensions = {
             "timeout": httpx.Timeout(
                 connect=settings.connect_timeout,
@@ -59,20 +70,24 @@ class _Target:
             ).as_dict()
         }
 
-    def request(self, url: str, body: ImageGenerationBody, scope: Scope) -> httpx.Request:
+    def _credentials(self, key: str | None) -> Headers:
+        return [] if key is None else [(self._key_header, self._key_prefix + key.encode())]
+
+    def request(
+        self, url: str, body: ImageGenerationBody, scope: Scope, api_key: str | None
+    ) -> httpx.Request:
         headers = [
             (key, value)
             for key, value in scope["headers"]
             if key in _FORWARDED or key.startswith(_FORWARDED_PREFIX)
         ]
-        headers += self.headers
+        if api_key is None:
+            headers += self.headers
+        else:  # this client spends on its own upstream key
+            headers += self._fixed + self._credentials(api_key)
         return httpx.Request(
             "POST", url, headers=headers, content=body.to_json(), extensions=self.extensions
         )
-
-
-def _secret(settings: OpenAIUpstream | AzureUpstream) -> bytes | None:
-    return None if settings.api_key is None else settings.api_key.get_secret_value().encode()
 
 
 class Upstreams:
@@ -89,29 +104,34 @@ class Upstreams:
         self._openai = self._azure = None
         if config.openai is not None:
             self._openai_url = config.openai.base_url + "/images/generations"
-            self._openai = _Target(config.openai, _openai_credentials(config.openai))
+            org, project = config.openai.organization, config.openai.project
+            identity = [(b"openai-organization", org.encode())] if org else []
+            identity += [(b"openai-project", project.encode())] if project else []
+            self._openai = _Target(config.openai, b"authorization", b"Bearer ", identity)
         if config.azure is not None:
-            key = _secret(config.azure)
-            self._azure = _Target(config.azure, [] if key is None else [(b"api-key", key)])
+            self._azure = _Target(config.azure, b"api-key")
             self._azure_base = config.azure.endpoint + "/openai/deployments/"
             self._azure_version = config.azure.api_version
             self._deployments = config.azure.deployments
 
-    def build(self, request: ImageRequest, scope: Scope) -> httpx.Request:
+    def build(
+        self, request: ImageRequest, scope: Scope, api_key: str | None = None
+    ) -> httpx.Request:
+        """The upstream request; `api_key` replaces the configured upstream key."""
         body = request.body
         if request.form == "azure":
             assert request.deployment is not None
             if self._azure is not None:
                 url = self._azure_url(request.deployment, request.api_version)
-                return self._azure.request(url, body, scope)
+                return self._azure.request(url, body, scope, api_key)
             assert self._openai is not None
             body = body.model_copy(update={"model": request.deployment})
-            return self._openai.request(self._openai_url, body, scope)
+            return self._openai.request(self._openai_url, body, scope, api_key)
         if self._openai is not None:
-            return self._openai.request(self._openai_url, body, scope)
+            return self._openai.request(self._openai_url, body, scope, api_key)
         assert self._azure is not None
         url = self._azure_url(self._deployment_for(body.model), None)
-        return self._azure.request(url, body, scope)
+        return self._azure.request(url, body, scope, api_key)
 
     def _deployment_for(self, model: str | None) -> str:
         if model is None:
@@ -136,18 +156,6 @@ class Upstreams:
         deployment = quote(deployment, safe="")
         version = quote(api_version or self._azure_version, safe="")
         return f"{self._azure_base}{deployment}/images/generations?api-version={version}"
-
-
-def _openai_credentials(settings: OpenAIUpstream) -> Headers:
-    headers: Headers = []
-    key = _secret(settings)
-    if key is not None:
-        headers.append((b"authorization", b"Bearer " + key))
-    if settings.organization:
-        headers.append((b"openai-organization", settings.organization.encode()))
-    if settings.project:
-        headers.append((b"openai-project", settings.project.encode()))
-    return headers
 
 
 def map_error(exc: httpx.HTTPError) -> ProxyError:

@@ -86,8 +86,14 @@ def start_proxy(upstream: UpstreamDouble) -> Iterator[Callable[..., str]]:
     """Start a proxy in front of a HostApp, served on loopback; returns its base URL."""
     with contextlib.ExitStack() as stack:
 
-        def start(host: HostApp | None = None, lifespan: str = "off", **options: Any) -> str:
-            proxy = ImageGenProxy((host or HostApp()).app, proxy_config(upstream, **options))
+        def start(
+            host: HostApp | None = None,
+            lifespan: str = "off",
+            hooks: dict[str, Any] | None = None,
+            **options: Any,
+        ) -> str:
+            config = proxy_config(upstream, **options)
+            proxy = ImageGenProxy((host or HostApp()).app, config, **(hooks or {}))
             return stack.enter_context(serve(proxy, lifespan=lifespan))
 
         yield start

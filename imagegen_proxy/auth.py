@@ -1,0 +1,155 @@
+"""Who is calling: client credentials, the `Authenticator` hook, and the built-in key table."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .config import KeyConfig, Policy
+from .errors import ProxyError
+from .request import ImageRequest
+from .types import Scope
+
+_UNLIMITED = Policy()
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The keys a request presents, whatever the scheme (Bearer, Basic, key headers)."""
+
+    keys: frozenset[bytes] = frozenset()
+    username: bytes | None = None  # from Basic
+    malformed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: a name (for limits and logs, never the key) and its policy."""
+
+    name: str
+    policy: Policy = _UNLIMITED
+    upstream_api_key: str | None = None  # spend on this upstream key instead of the proxy's
+
+
+class Authenticator(Protocol):
+    """Turns credentials into a principal, or refuses with a `ProxyError` (401, 403)."""
+
+    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal: ...
+
+
+def read_credentials(scope: Scope, key_headers: frozenset[bytes]) -> Credentials:
+    keys: set[bytes] = set()
+    username = None
+    malformed = False
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            token = token.strip()
+            scheme = scheme.lower()
+            if scheme == b"bearer" and token:
+                keys.add(token)
+            elif scheme == b"basic" and (basic := _basic(token)) is not None:
+                username = basic[0]
+                keys.add(basic[1])
+            else:
+                malformed = True
+        elif name in key_headers:
+            if value.strip():
+                keys.add(value.strip())
+            else:
+                malformed = True
+    return Credentials(frozenset(keys), username, malformed)
+
+
+def _basic(token: bytes) -> tuple[bytes, bytes] | None:
+    try:
+        decoded = base64.b64decode(token, validate=True)
+        decoded.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon and password else None
+
+
+def unauthorized(message: str) -> ProxyError:
+    return ProxyError(
+        401,
+        message,
+        code="invalid_api_key",
+        headers=[("www-authenticate", 'Bearer realm="imagegen-proxy"')],
+    )
+
+
+class OpenAccess:
+    """`[auth] open = true`: everybody is the unlimited principal "anonymous"."""
+
+    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal:
+        return Principal("anonymous")
+
+
+class KeyTable:
+    """The built-in authenticator: the `[[keys]]` of the configuration.
+
+    Only SHA-256 digests of the keys are kept. A presented key is hashed, looked up by
+    digest, and the digest compared with `hmac.compare_digest`: what timing can reveal
+    is about digests of the caller's own guesses, which says nothing about any key.
+    """
+
+    def __init__(self, keys: Sequence[KeyConfig]) -> None:
+        self._by_digest = {
+            entry.digest: (
+                entry,
+                Principal(
+                    entry.name,
+                    Policy.model_validate(entry.model_dump(include=set(Policy.model_fields))),
+                    None
+                    if entry.upstream_api_key is None
+                    else entry.upstream_api_key.get_secret_value(),
+                ),
+            )
+            for entry in keys
+        }
+
+    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal:
+        if credentials.malformed:
+            raise unauthorized("Malformed credentials: use 'Authorization: Bearer KEY'.")
+        if not credentials.keys:
+            raise unauthorized(
+                "Missing API key: send it as 'Authorization: Bearer KEY' (or Basic, "
+                "x-api-key, api-key)."
+            )
+        if len(credentials.keys) > 1:
+            raise unauthorized("Several different API keys were sent: send one.")
+        (key,) = credentials.keys
+        digest = hashlib.sha256(key).digest()
+        found = self._by_digest.get(digest)
+        if found is None or not hmac.compare_digest(found[0].digest, digest):
+            raise unauthorized("Incorrect API key provided.")
+        entry, principal = found
+        if entry.username is not None and not hmac.compare_digest(
+            credentials.username or b"", entry.username.encode()
+        ):
+            raise unauthorized("Incorrect API key provided.")
+        return principal
+
+
+def check_policy(principal: Principal, request: ImageRequest) -> None:
+    """Refuse (403) a model or deployment outside the principal's allow-list."""
+    allowed = principal.policy.models
+    if allowed is None:
+        return
+    name = request.deployment if request.form == "azure" else request.body.model
+    if name is None or name not in allowed:
+        raise ProxyError(
+            403,
+            f"The key '{principal.name}' may not use model {name!r}; "
+            f"allowed: {', '.join(sorted(allowed))}.",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_allowed",
+        )

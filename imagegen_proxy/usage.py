@@ -1,0 +1,88 @@
+"""What a generation spent, read from the answer's tail, and the `UsageObserver` hook.
+
+`usage` sits after megabytes of base64 (last in the JSON answer, last in the `completed`
+event), so only a bounded tail of the bytes going past is kept and parsed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .auth import Principal
+    from .request import ImageRequest
+
+TAIL = 4096
+_USAGE_KEY = b'"usage"'
+_decoder = json.JSONDecoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Requests, images and tokens spent; added up per key."""
+
+    requests: int = 0
+    images: int = 0
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(a - b for a, b in zip(_values(self), _values(other), strict=True)))
+
+
+def _values(usage: Usage) -> tuple[int, ...]:
+    return (usage.requests, usage.images, usage.tokens, usage.input_tokens, usage.output_tokens)
+
+
+class UsageObserver(Protocol):
+    """Told what each generation spent, once it has ended successfully."""
+
+    async def record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None: ...
+
+
+class Tail:
+    """The last `TAIL` bytes of a stream, kept without holding the rest."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        if len(chunk) >= TAIL:
+            self.data = bytes(chunk[-TAIL:])
+        else:
+            drop = max(0, len(self.data) + len(chunk) - TAIL)
+            self.data = self.data[drop:] + bytes(chunk)
+
+
+def tokens_in(tail: bytes) -> Usage | None:
+    """The token counts of the last `"usage": {...}` object in `tail`, if it has a whole one."""
+    at = tail.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
+    text = tail[at + len(_USAGE_KEY) :].decode("utf-8", "replace").lstrip()
+    if not text.startswith(":"):
+        return None
+    try:
+        value, _ = _decoder.raw_decode(text[1:].lstrip())
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    return Usage(
+        tokens=_int(value, "total_tokens"),
+        input_tokens=_int(value, "input_tokens"),
+        output_tokens=_int(value, "output_tokens"),
+    )
+
+
+def _int(value: dict[str, Any], key: str) -> int:
+    number = value.get(key)
+    return number if isinstance(number, int) and not isinstance(number, bool) else 0

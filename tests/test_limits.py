@@ -1,0 +1,304 @@
+"""Rate limits, concurrency and quotas (in-memory limiter), and the usage hook."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from double import UpstreamDouble, completed, error_json, json_image, partial, sse, stall
+
+from imagegen_proxy.auth import Principal
+from imagegen_proxy.ratelimit import Decision, MemoryLimiter
+from imagegen_proxy.request import ImageRequest
+from imagegen_proxy.usage import Usage
+
+KEY = "sk-team-a-limits-0123456789"
+PATH = "/v1/images/generations"
+HEADERS = {"authorization": f"Bearer {KEY}"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limited(start_proxy: Callable[..., str], limiter: Any = None, **policy: Any) -> str:
+    hooks = {} if limiter is None else {"rate_limiter": limiter}
+    keys = [{"name": "team-a", "key": KEY, **policy}]
+    return start_proxy(auth={"open": False}, keys=keys, hooks=hooks)
+
+
+def post(proxy: str, **body: Any) -> httpx.Response:
+    return httpx.post(proxy + PATH, json={"prompt": "p", **body}, headers=HEADERS)
+
+
+def test_requests_per_minute_refuses_with_the_time_until_a_slot_frees(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    clock = Clock()
+    proxy = limited(start_proxy, MemoryLimiter(clock), requests_per_minute=2)
+    first = post(proxy)
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    clock.now += 30
+    assert post(proxy).headers["x-ratelimit-remaining-requests"] == "0"
+    clock.now += 15.2
+    refused = post(proxy)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["retry-after-ms"] == "14800"  # the first request leaves the window
+    assert refused.headers["retry-after"] == "15"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(upstream.requests) == 2
+    clock.now += 14.8
+    assert post(proxy).status_code == 200
+
+
+def test_window_is_exact_never_more_than_n_in_any_minute(
+    start_proxy: Callable[..., str],
+) -> None:
+    clock = Clock()
+    proxy = limited(start_proxy, MemoryLimiter(clock), requests_per_minute=3)
+    admitted = []
+    for _ in range(40):  # one attempt every 5 s for 200 s
+        if post(proxy).status_code == 200:
+            admitted.append(clock.now)
+        clock.now += 5
+    for at in admitted:
+        assert sum(at <= t < at + 60 for t in admitted) <= 3
+    assert len(admitted) == 12  # 3 per 60 s, over 200 s
+
+
+def test_the_sdk_raises_rate_limit_error(start_proxy: Callable[..., str]) -> None:
+    proxy = limited(start_proxy, MemoryLimiter(Clock()), requests_per_minute=1)
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key=KEY, max_retries=0)
+    client.images.generate(prompt="p")
+    with pytest.raises(openai.RateLimitError) as failure:
+        client.images.generate(prompt="p")
+    assert 0 < int(failure.value.response.headers["retry-after-ms"]) <= 60_000
+
+
+def test_images_per_minute_counts_n(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    clock = Clock()
+    proxy = limited(start_proxy, MemoryLimiter(clock), images_per_minute=5)
+    answer = post(proxy, n=3)
+    assert answer.headers["x-ratelimit-remaining-images"] == "2"
+    clock.now += 10
+    refused = post(proxy, n=3)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after-ms"] == "50000"
+    assert post(proxy, n=2).status_code == 200
+    never = post(proxy, n=6)
+    assert never.status_code == 429 and never.headers["x-should-retry"] == "false"
+    assert len(upstream.requests) == 2
+
+
+def test_daily_image_quota_is_insufficient_quota_not_retried(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = limited(start_proxy, images_per_day=2)
+    assert post(proxy, n=2).status_code == 200
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key=KEY, max_retries=2)
+    with pytest.raises(openai.RateLimitError) as failure:
+        client.images.generate(prompt="p")
+    assert failure.value.code == "insufficient_quota"
+    assert failure.value.response.headers["x-should-retry"] == "false"
+    assert len(upstream.requests) == 1  # the SDK did not retry
+
+
+def test_failed_generations_do_not_spend_the_daily_quota(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    limiter = MemoryLimiter()
+    proxy = limited(start_proxy, limiter, images_per_day=2)
+    upstream.answer = error_json(
+        500, {"message": "x", "type": "server_error", "param": None, "code": None}
+    )
+    assert post(proxy, n=2).status_code == 500
+    upstream.answer = json_image()
+    assert post(proxy, n=2).status_code == 200
+    assert asyncio.run(limiter.spent("team-a")).images == 2
+
+
+def test_tokens_per_day_counts_the_upstreams_usage(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    limiter = MemoryLimiter()
+    proxy = limited(start_proxy, limiter, tokens_per_day=15)
+    assert post(proxy).status_code == 200  # the double reports 10 tokens
+    upstream.answer = sse(partial(0), completed())
+    with httpx.stream(
+        "POST", proxy + PATH, json={"prompt": "p", "stream": True}, headers=HEADERS
+    ) as r:
+        r.read()
+    spent = asyncio.run(limiter.spent("team-a"))
+    assert (spent.requests, spent.images, spent.tokens) == (2, 2, 20)
+    refused = post(proxy)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_max_concurrent_refuses_at_once_and_frees_when_done(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    release = threading.Event()
+
+    async def slow(x):  # type: ignore[no-untyped-def]
+        await x.wait(release)
+        await json_image()(x)
+
+    upstream.answer = slow
+    limiter = MemoryLimiter()
+    proxy = limited(start_proxy, limiter, max_concurrent=2)
+    with httpx.Client() as client:
+        pending = [threading.Thread(target=post, args=(proxy,)) for _ in range(2)]
+        for thread in pending:
+            thread.start()
+        while len(upstream.requests) < 2:
+            upstream.arrived.wait(1)
+            upstream.arrived.clear()
+        started = time.monotonic()
+        refused = client.post(proxy + PATH, json={"prompt": "p"}, headers=HEADERS)
+        assert time.monotonic() - started < 1  # refused at once, not queued
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        release.set()
+        for thread in pending:
+            thread.join(10)
+        assert asyncio.run(limiter.in_flight("team-a")) == 0
+        assert client.post(proxy + PATH, json={"prompt": "p"}, headers=HEADERS).status_code == 200
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize(
+    "stage", ["before-body", "waiting-upstream", "mid-stream", "upstream-fails"]
+)
+def test_slots_are_released_whatever_ends_the_generation(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble, stage: str
+) -> None:
+    limiter = MemoryLimiter()
+    proxy = limited(start_proxy, limiter, max_concurrent=1)
+    upstream.answer = {
+        "before-body": stall(),
+        "waiting-upstream": stall(),
+        "mid-stream": sse(partial(0), hold=True),
+        "upstream-fails": error_json(
+            502, {"message": "bad", "type": "x", "param": None, "code": None}
+        ),
+    }[stage]
+    host, port = proxy.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "p", "stream": stage == "mid-stream"}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head if stage == "before-body" else head + body)
+        if stage in ("waiting-upstream", "mid-stream"):
+            assert upstream.arrived.wait(5)
+        if stage in ("mid-stream", "upstream-fails"):
+            assert sock.recv(65536)
+    assert wait_for(lambda: asyncio.run(limiter.in_flight("team-a")) == 0)
+    upstream.answer = json_image()
+    assert post(proxy).status_code == 200
+
+
+def test_a_storm_of_disconnects_leaves_no_slot_taken(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    upstream.answer = stall()
+    limiter = MemoryLimiter()
+    proxy = limited(start_proxy, limiter, max_concurrent=5000)
+    host, port = proxy.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "p"}).encode()
+    request = (
+        f"POST {PATH} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for batch in range(10):
+        sockets = [socket.create_connection((host, int(port))) for _ in range(100)]
+        for i, sock in enumerate(sockets):
+            sock.sendall(request if i % 4 else request[: len(request) // 2])
+        expected = 75 * (batch + 1)
+        assert wait_for(lambda: len(upstream.requests) >= expected)  # noqa: B023
+        for sock in sockets:
+            sock.close()
+    assert wait_for(lambda: asyncio.run(limiter.in_flight("team-a")) == 0)
+    assert asyncio.run(limiter.spent("team-a")).requests == 750
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Usage]] = []
+
+    async def record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
+        self.seen.append((principal.name, usage))
+
+
+def test_usage_observers_hear_json_and_stream_usage(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    recorder = Recorder()
+    keys = [{"name": "team-a", "key": KEY}]
+    proxy = start_proxy(auth={"open": False}, keys=keys, hooks={"usage_observers": [recorder]})
+    post(proxy, n=2)
+    upstream.answer = sse(partial(0), completed(), partial(0), completed())
+    with httpx.stream(
+        "POST", proxy + PATH, json={"prompt": "p", "stream": True, "n": 2}, headers=HEADERS
+    ) as r:
+        r.read()
+    assert [(name, u.requests, u.images, u.tokens) for name, u in recorder.seen] == [
+        ("team-a", 1, 2, 10),
+        ("team-a", 1, 2, 20),
+    ]
+
+
+def test_usage_behind_megabytes_of_base64_is_found(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    recorder = Recorder()
+    keys = [{"name": "team-a", "key": KEY}]
+    proxy = start_proxy(auth={"open": False}, keys=keys, hooks={"usage_observers": [recorder]})
+    from double import b64_image
+
+    upstream.answer = json_image(b64_image(5 * 1024 * 1024), chunk=1000)
+    assert post(proxy).status_code == 200
+    assert recorder.seen[0][1].tokens == 10
+
+
+class DenyAll:
+    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
+        return Decision(False, retry_after=2.5, message="Maintenance window.")
+
+
+def test_custom_rate_limiter_is_used(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = start_proxy(hooks={"rate_limiter": DenyAll()})
+    refused = httpx.post(proxy + PATH, json={"prompt": "p"})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["message"] == "Maintenance window."
+    assert (refused.headers["retry-after"], refused.headers["retry-after-ms"]) == ("3", "2500")
+    assert upstream.requests == []
