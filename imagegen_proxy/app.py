@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from .config import AuthConfig, OpenAIUpstream, ProxyConfig
+from .config import OpenAIUpstream, ProxyConfig
 from .middleware import ImageGenProxy
 from .mock import MockUpstream
 
@@ -20,10 +20,12 @@ MOCK_PATH = "/_mock"
 def with_mock(config: ProxyConfig, self_url: str) -> ProxyConfig:
     """`config` with the embedded mock (served by the same app under /_mock) as its upstream.
 
-    The mock needs no keys and the proxy stays open: this mode is for trying things out.
+    The mock needs no upstream key. Without `[[keys]]` the proxy is open: this mode is for
+    trying things out; with them, clients need their keys as usual.
     """
     mock = OpenAIUpstream(base_url=f"{self_url}{MOCK_PATH}/v1")
-    return config.model_copy(update={"openai": mock, "auth": AuthConfig(open=True)})
+    auth = config.auth if config.keys else config.auth.model_copy(update={"open": True})
+    return config.model_copy(update={"openai": mock, "auth": auth})
 
 
 def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:

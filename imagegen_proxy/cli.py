@@ -105,10 +105,11 @@ def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
         'open("image.png","wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))'
         "'"
     )
+    auth = "" if config.auth.open else " -H 'authorization: Bearer YOUR_KEY'"
     return (
         f"imagegen-proxy listening on {url} -> {upstream}\n"
         f"Try it (writes image.png):\n"
-        f"  curl -s {url}/v1/images/generations -H 'content-type: application/json' \\\n"
+        f"  curl -s {url}/v1/images/generations -H 'content-type: application/json'{auth} \\\n"
         f'    -d \'{{"model": "gpt-image-1", "prompt": "a lighthouse at dawn"}}\' \\\n'
         f"    | {save}\n"
         f'Or point the openai SDK at it: OpenAI(base_url="{url}/v1", api_key="...")'

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("imagegen_proxy")
 
-# KEYS: requests log, images log, leases in flight, today's spending (a hash).
+# KEYS: requests log, images log, leases in flight, today's spending (a hash), images sum.
 # ARGV: n, window ms, requests/min, images/min, max concurrent, images/day, tokens/day
 #       (-1: no limit), lease ms, request id, day ttl s.
 _ACQUIRE = """
@@ -66,10 +66,18 @@ end
 local images = 0
 if ipm >= 0 then
   if n > ipm then return {'too_many', ipm} end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-  local log = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  for i = 1, #log, 2 do images = images + tonumber(string.match(log[i], ':(%d+)$')) end
+  -- A running sum (KEYS[5]): each entry is subtracted once, when it leaves the window.
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  if #expired > 0 then
+    local gone = 0
+    for i = 1, #expired do gone = gone + tonumber(string.match(expired[i], ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+    images = redis.call('DECRBY', KEYS[5], gone)
+  else
+    images = tonumber(redis.call('GET', KEYS[5]) or '0')
+  end
   if images + n > ipm then
+    local log = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
     local freed = 0
     for i = 1, #log, 2 do
       freed = freed + tonumber(string.match(log[i], ':(%d+)$'))
@@ -85,7 +93,9 @@ if rpm >= 0 then
 end
 if ipm >= 0 then
   redis.call('ZADD', KEYS[2], now, id .. ':' .. n)
+  redis.call('INCRBY', KEYS[5], n)
   redis.call('PEXPIRE', KEYS[2], window)
+  redis.call('PEXPIRE', KEYS[5], window)
 end
 if conc >= 0 then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), id)
@@ -116,16 +126,28 @@ class RedisLimiter:
         on_storage_error: Literal["deny", "allow"] = "deny",
         lease_seconds: float = 3600.0,
         prefix: str = "imagegen_proxy",
+        max_connections: int = 64,
         client: Redis | None = None,
     ) -> None:
         try:
-            from redis.asyncio import Redis
+            from redis.asyncio import BlockingConnectionPool, Redis
         except ImportError:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "Redis limits need the redis package: pip install 'imagegen-proxy[redis]'"
             ) from None
-        # Short socket timeouts: a hung Redis must fail over to on_storage_error quickly.
-        self._redis = client or Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        if client is None:
+            # A blocking pool: thousands of concurrent requests queue for one of a few
+            # connections (the default pool fails at once when it runs out). Short
+            # timeouts: a hung Redis must fail over to on_storage_error quickly.
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=2.0,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+            )
+            client = Redis(connection_pool=pool)
+        self._redis = client
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._on_error = on_storage_error
@@ -135,7 +157,13 @@ class RedisLimiter:
     def _keys(self, name: str, day: str) -> list[str]:
         # One hash tag per principal: all of its keys live in the same cluster slot.
         base = f"{self._prefix}:{{{name}}}"
-        return [f"{base}:requests", f"{base}:images", f"{base}:leases", f"{base}:day:{day}"]
+        return [
+            f"{base}:requests",
+            f"{base}:images",
+            f"{base}:leases",
+            f"{base}:day:{day}",
+            f"{base}:images-sum",
+        ]
 
     async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
         policy, n = principal.policy, request.images
@@ -164,7 +192,7 @@ class RedisLimiter:
                     policy.images_per_minute,
                     int(reply[2]) + n,
                 ),
-                release=self._releaser(keys, request_id, n),
+                release=self._releaser(keys, request_id, n, policy.max_concurrent is not None),
             )
         limit = int(reply[1] if verdict != "quota" else reply[2])
         if verdict == "quota":
@@ -178,8 +206,10 @@ class RedisLimiter:
             verdict, limit, retry, [LimitStatus(verdict, limit, int(reply[3]), retry)]
         )
 
-    def _releaser(self, keys: list[str], request_id: str, n: int) -> Any:
+    def _releaser(self, keys: list[str], request_id: str, n: int, leased: bool) -> Any:
         async def release(ok: bool) -> None:
+            if ok and not leased:
+                return  # no slot to give back, nothing to refund: spare the round trip
             try:
                 await self._release([keys[2], keys[3]], [request_id, n, int(ok)])
             except Exception as exc:
