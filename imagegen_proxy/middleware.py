@@ -50,6 +50,7 @@ class ImageGenProxy:
         self.upstreams = Upstreams(config)
         self.authenticator = authenticator or _authenticator(config)
         self.rate_limiter = rate_limiter or _rate_limiter(config)
+        self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
         if hasattr(self.rate_limiter, "record"):
             self.usage_observers.append(self.rate_limiter)  # type: ignore[arg-type]
@@ -67,10 +68,14 @@ class ImageGenProxy:
         return self._client
 
     async def aclose(self) -> None:
-        """Close the upstream client this proxy created (a later request makes a new one)."""
+        """Close what this proxy created: the upstream client (a later request makes a new
+        one) and the Redis connections of its limiter."""
         client, self._client = self._client, None
         if client is not None and self._owns_client:
             await client.aclose()
+        close = getattr(self.rate_limiter, "aclose", None)
+        if self._owns_limiter and close is not None:
+            await close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.router.match(scope) if scope["type"] == "http" else None

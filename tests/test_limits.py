@@ -302,3 +302,28 @@ def test_custom_rate_limiter_is_used(
     assert refused.json()["error"]["message"] == "Maintenance window."
     assert (refused.headers["retry-after"], refused.headers["retry-after-ms"]) == ("3", "2500")
     assert upstream.requests == []
+
+
+class RefuseOnce:
+    """Refuses the first request for 0.3 s, as a limiter whose slot frees then would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
+        self.calls += 1
+        if self.calls == 1:
+            return Decision(False, retry_after=0.3, message="Slot frees in 300 ms.")
+        return Decision(True)
+
+
+def test_the_sdk_waits_retry_after_ms_then_retries(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    limiter = RefuseOnce()
+    proxy = start_proxy(hooks={"rate_limiter": limiter})
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key="k", max_retries=2)
+    started = time.monotonic()
+    assert client.images.generate(prompt="p").data
+    assert time.monotonic() - started >= 0.3
+    assert limiter.calls == 2 and len(upstream.requests) == 1
