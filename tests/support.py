@@ -47,3 +47,19 @@ def serve(app: Any, *, lifespan: str = "off", **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def raw_request(
+    url: str, headers: dict[str, str], body: bytes = b"", path: str = "/v1/images/generations"
+) -> socket.socket:
+    """Send a POST by hand on a new connection and return the socket: the test decides what
+    is sent (a lying content-length, half a body) and when the client vanishes."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(f"POST {path} HTTP/1.1\r\nhost: test\r\n{lines}\r\n".encode() + body)
+    return sock
+
+
+def json_request_headers(body: bytes, **extra: str) -> dict[str, str]:
+    return {"content-type": "application/json", "content-length": str(len(body)), **extra}

@@ -12,7 +12,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEY, HostApp, proxy_config
 from double import UpstreamDouble, error_json, partial, sse, stall
-from support import serve
+from support import json_request_headers, raw_request, serve
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.upstream import Upstreams
@@ -139,22 +139,12 @@ def test_unexpected_internal_error_is_a_500_envelope(
     assert CLIENT_KEY not in caplog.text
 
 
-def raw_request(proxy: str, body: bytes, *, stream: bool = False) -> socket.socket:
-    """Send a request on a raw socket, so the test decides when the client vanishes."""
-    host, port = proxy.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        b"POST /v1/images/generations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
-    return sock
-
-
 def test_client_leaving_while_upstream_works_cancels_the_upstream(
     proxy: str, upstream: UpstreamDouble
 ) -> None:
     upstream.answer = stall()
-    sock = raw_request(proxy, json.dumps({"prompt": "p"}).encode())
+    body = json.dumps({"prompt": "p"}).encode()
+    sock = raw_request(proxy, json_request_headers(body), body)
     assert upstream.arrived.wait(5)
     left = time.monotonic()
     sock.close()
@@ -166,7 +156,8 @@ def test_client_leaving_mid_stream_cancels_the_upstream(
     proxy: str, upstream: UpstreamDouble
 ) -> None:
     upstream.answer = sse(partial(0), hold=True)
-    sock = raw_request(proxy, json.dumps({"prompt": "p", "stream": True}).encode())
+    body = json.dumps({"prompt": "p", "stream": True}).encode()
+    sock = raw_request(proxy, json_request_headers(body), body)
     received = b""
     while b"partial_image_index" not in received:
         received += sock.recv(65536)
@@ -179,12 +170,8 @@ def test_client_leaving_mid_stream_cancels_the_upstream(
 def test_client_leaving_before_its_body_is_sent_reaches_nobody(
     proxy: str, upstream: UpstreamDouble
 ) -> None:
-    host, port = proxy.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            b"POST /v1/images/generations HTTP/1.1\r\nhost: x\r\n"
-            b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"prompt"'
-        )
+    headers = {"content-type": "application/json", "content-length": "100"}
+    raw_request(proxy, headers, b'{"prompt"').close()
     # The next request on a fresh connection is served normally: nothing is stuck.
     assert sdk(proxy).images.generate(prompt="p").data
     assert len(upstream.requests) == 1

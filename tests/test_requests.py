@@ -12,6 +12,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEY, UPSTREAM_KEY
 from double import UpstreamDouble
+from support import raw_request
 
 PATH = "/v1/images/generations"
 
@@ -122,12 +123,8 @@ def test_body_over_the_declared_limit_is_413_before_reading(
     start_proxy: Callable[..., str], upstream: UpstreamDouble
 ) -> None:
     proxy = start_proxy(proxy={"max_body_bytes": 1000})
-    host, port = proxy.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            f"POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            "content-length: 50000000\r\n\r\n".encode()
-        )
+    headers = {"content-type": "application/json", "content-length": "50000000"}
+    with raw_request(proxy, headers) as sock:
         status = sock.recv(65536).split(b"\r\n", 1)[0]
     assert status == b"HTTP/1.1 413 Request Entity Too Large"
     assert upstream.requests == []
@@ -137,12 +134,8 @@ def test_chunked_body_over_the_limit_is_413_without_reading_to_the_end(
     start_proxy: Callable[..., str], upstream: UpstreamDouble
 ) -> None:
     proxy = start_proxy(proxy={"max_body_bytes": 1000})
-    host, port = proxy.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(
-            f"POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            "transfer-encoding: chunked\r\n\r\n".encode()
-        )
+    headers = {"content-type": "application/json", "transfer-encoding": "chunked"}
+    with raw_request(proxy, headers) as sock:
         sock.sendall(b"7d0\r\n" + b"x" * 2000 + b"\r\n")  # the body never ends
         reply = read_response(sock)
     assert reply.status_code == 413

@@ -5,19 +5,17 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable
 
 import anyio
 
+from ..errors import ClientGone, ProxyError
+from ..request import read_body
+from ..types import Receive, Scope, Send
 from .cache import BytesLRU
 from .png import render_png
-from .wire import Generation, RequestError, error_body, images_json, parse_generation, sse_event
+from .wire import Generation, error_body, images_json, parse_generation, sse_event
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 MAX_BODY = 1024 * 1024
@@ -62,12 +60,11 @@ class MockUpstream:
                 await _method_not_allowed(send, request_id, method, path, b"POST")
                 return
             try:
-                body = await _read_body(scope, receive)
-                if body is None:
-                    return
-                gen = parse_generation(body)
-            except RequestError as exc:
-                payload = error_body(exc.message, param=exc.param, code=exc.code)
+                gen = parse_generation(await read_body(scope, receive, MAX_BODY))
+            except ClientGone:
+                return
+            except ProxyError as exc:
+                payload = error_body(exc)
                 await _respond(send, exc.status, payload, [_JSON, (b"x-request-id", request_id)])
                 return
             work = self._stream if gen.stream else self._complete
@@ -82,7 +79,9 @@ class MockUpstream:
                 return
             await _respond(send, 200, b'{"status":"ok"}', [_JSON, (b"x-request-id", request_id)])
         else:
-            payload = error_body(f"Invalid URL ({method} {path})", code="unknown_url")
+            payload = error_body(
+                ProxyError(404, f"Invalid URL ({method} {path})", code="unknown_url")
+            )
             await _respond(send, 404, payload, [_JSON, (b"x-request-id", request_id)])
 
     def _image(self, gen: Generation, index: int, detail: float) -> bytes:
@@ -146,34 +145,11 @@ async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
         tg.cancel_scope.cancel()
 
 
-async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
-    """The request body, or None if the client disconnected; RequestError(413) past MAX_BODY."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY:
-            raise _too_large()
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _too_large()
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _too_large() -> RequestError:
-    return RequestError(413, f"Request body too large: the limit is {MAX_BODY} bytes.")
-
-
 async def _method_not_allowed(
     send: Send, request_id: bytes, method: str, path: str, allow: bytes
 ) -> None:
-    payload = error_body(f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+    message = f"Method {method} is not allowed on {path}."
+    payload = error_body(ProxyError(405, message, code="method_not_allowed"))
     headers = [_JSON, (b"allow", allow), (b"x-request-id", request_id)]
     await _respond(send, 405, payload, headers)
 

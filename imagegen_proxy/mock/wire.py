@@ -6,25 +6,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ProxyError
 from .png import parse_size
 
 MAX_IMAGES = 10
 MAX_PARTIAL_IMAGES = 3
 # A rough but deterministic per-image figure; callers only need a stable, plausible number.
 OUTPUT_TOKENS_PER_IMAGE = 272
-
-
-class RequestError(Exception):
-    """A request the mock refuses, carrying the fields of the OpenAI error envelope."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,35 +37,34 @@ class Generation:
         return max(len(self.prompt.split()), 1)
 
 
-def error_body(message: str, *, param: str | None = None, code: str | None = None) -> bytes:
+def error_body(error: ProxyError) -> bytes:
     """The OpenAI error envelope, all four keys always present."""
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return json.dumps({"error": error}).encode()
+    return json.dumps(error.envelope()).encode()
 
 
 def parse_generation(body: bytes) -> Generation:
-    """Validate a generations request body; raise RequestError (400) when it is unusable."""
+    """Validate a generations request body; raise ProxyError (400) when it is unusable."""
     try:
         data: Any = json.loads(body)
     except (UnicodeDecodeError, ValueError):
-        raise RequestError(
+        raise ProxyError(
             400,
             "We could not parse the JSON body of your request. The request body must be valid"
             " JSON.",
             code="invalid_json",
         ) from None
     if not isinstance(data, dict):
-        raise RequestError(400, "The request body must be a JSON object.", code="invalid_type")
+        raise ProxyError(400, "The request body must be a JSON object.", code="invalid_type")
     prompt = data.get("prompt")
     if prompt is None:
-        raise RequestError(
+        raise ProxyError(
             400,
             "Missing required parameter: 'prompt'.",
             param="prompt",
             code="missing_required_parameter",
         )
     if not isinstance(prompt, str) or not prompt.strip():
-        raise RequestError(
+        raise ProxyError(
             400,
             "Invalid 'prompt': expected a non-empty string.",
             param="prompt",
@@ -105,11 +92,11 @@ def _int_field(data: dict[str, Any], name: str, default: int, low: int, high: in
         return default
     # bool is an int subclass, but `"n": true` is a client bug worth reporting.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise RequestError(
+        raise ProxyError(
             400, f"Invalid type for '{name}': expected an integer.", param=name, code="invalid_type"
         )
     if value < low:
-        raise RequestError(
+        raise ProxyError(
             400,
             f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got"
             f" {value} instead.",
@@ -117,7 +104,7 @@ def _int_field(data: dict[str, Any], name: str, default: int, low: int, high: in
             code="integer_below_min_value",
         )
     if value > high:
-        raise RequestError(
+        raise ProxyError(
             400,
             f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, but got"
             f" {value} instead.",
@@ -132,7 +119,7 @@ def _bool_field(data: dict[str, Any], name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise RequestError(
+        raise ProxyError(
             400, f"Invalid type for '{name}': expected a boolean.", param=name, code="invalid_type"
         )
     return value
