@@ -12,7 +12,7 @@ from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, 
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, send_error
 from .ratelimit import Decision, MemoryLimiter, RateLimiter
-from .relay import Outcome, forward
+from .relay import Relay
 from .request import ImageRequest, check_content_type, parse_request, read_body
 from .routing import Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -130,26 +130,31 @@ class ImageGenProxy:
         receive: Receive,
         send: Send,
     ) -> None:
-        outcome = Outcome()
-        try:
-            upstream_request = self.upstreams.build(request, scope, principal.upstream_api_key)
-            headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
-            outcome = await forward(
-                self.http_client,
-                upstream_request,
-                receive,
-                send,
-                images=request.images,
-                headers=headers,
-            )
-        finally:
-            # Whatever happened (even a cancellation), the slot goes back and usage is told.
+        settled = False
+
+        async def settle() -> None:
+            # Once, and shielded: the slot goes back and usage is told whatever ended the
+            # generation (even a cancellation). The relay calls it before the response's
+            # last byte, so a client's next request already finds its slot free.
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            outcome = relay.outcome
             with anyio.CancelScope(shield=True):
                 if decision.release is not None:
                     await decision.release(outcome.ok)
                 if outcome.ok:
                     spent = Usage(requests=1, images=request.images) + (outcome.usage or Usage())
                     await self._record(principal, request, spent)
+
+        headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
+        relay = Relay(self.http_client, send, images=request.images, headers=headers, on_end=settle)
+        try:
+            upstream_request = self.upstreams.build(request, scope, principal.upstream_api_key)
+            await relay.run(upstream_request, receive)
+        finally:
+            await settle()
 
     async def _record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
         for observer in self.usage_observers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -45,6 +46,8 @@ _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _SSE_DROPPED = _DROPPED | {b"content-length", b"cache-control", b"x-accel-buffering"}
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
+OnEnd = Callable[[], Awaitable[None]]
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -59,126 +62,139 @@ class Outcome:
         return self.status is not None and 200 <= self.status < 300
 
 
-async def forward(
-    client: httpx.AsyncClient,
-    request: httpx.Request,
-    receive: Receive,
-    send: Send,
-    *,
-    images: int,
-    headers: Headers | None = None,
-) -> Outcome:
-    """Send `request` upstream and relay the answer to the client, adding `headers`.
+class Relay:
+    """One request's trip upstream and back.
 
-    Raises `ProxyError` only before the response has started (the caller answers it).
-    Once started, a failure is answered on the wire: an SSE `error` event at an event
-    boundary, otherwise an aborted connection, never a truncated body that looks whole.
+    `headers` are added to the answer (replacing the upstream's of the same name).
+    `on_end` is awaited just before the response's last message, so that what it settles
+    (a concurrency slot, the day's usage) is settled before the client can send its next
+    request; where the response is cut instead, the caller settles afterwards.
     """
-    outcome = Outcome()
-    error: ProxyError | None = None
 
-    async def watch_disconnect(scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        outcome.client_gone = True
-        scope.cancel()
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        send: Send,
+        *,
+        images: int,
+        headers: Headers,
+        on_end: OnEnd,
+    ) -> None:
+        self.client = client
+        self.send = send
+        self.images = images
+        self.headers = headers
+        self.on_end = on_end
+        self.outcome = Outcome()
 
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+    async def run(self, request: httpx.Request, receive: Receive) -> Outcome:
+        """Send `request` upstream and relay the answer to the client.
+
+        Raises `ProxyError` only before the response has started (the caller answers it).
+        Once started, a failure is answered on the wire: an SSE `error` event at an event
+        boundary, otherwise an aborted connection, never a truncated body that looks whole.
+        """
+        outcome = self.outcome
+        error: ProxyError | None = None
+
+        async def watch_disconnect(scope: anyio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            outcome.client_gone = True
+            scope.cancel()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch_disconnect, tasks.cancel_scope)
+            try:
+                await self._exchange(request)
+            except ProxyError as exc:
+                error = exc
+            except OSError:
+                outcome.client_gone = True  # some servers raise from send() once it left
+            finally:
+                tasks.cancel_scope.cancel()
+        if outcome.client_gone:
+            logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
+        elif error is not None:
+            raise error
+        return outcome
+
+    async def _exchange(self, request: httpx.Request) -> None:
         try:
-            await _exchange(client, request, send, images, headers or [], outcome)
-        except ProxyError as exc:
-            error = exc
-        except OSError:
-            outcome.client_gone = True  # some servers raise from send() once the client left
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
+            raise map_error(exc) from None
+        self.outcome.status = response.status_code
+        try:
+            await self._relay(response)
         finally:
-            tasks.cancel_scope.cancel()
-    if outcome.client_gone:
-        logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
-    elif error is not None:
-        raise error
-    return outcome
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
 
+    async def _relay(self, response: httpx.Response) -> None:
+        send = self.send
+        content_type = response.headers.get("content-type", "")
+        scanner = None
+        if response.is_success and content_type.startswith("text/event-stream"):
+            scanner = EventScanner(finals=self.images)
+        dropped = _DROPPED if scanner is None else _SSE_DROPPED
+        dropped |= {name for name, _ in self.headers}
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in dropped]
+        headers += self.headers
+        if scanner is not None:
+            headers += _SSE_HEADERS
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        tail = Tail() if scanner is None and response.is_success else None
+        try:
+            async for chunk in response.aiter_raw():
+                if tail is not None:
+                    tail.feed(chunk)
+                end = None if scanner is None else scanner.feed(chunk)
+                if end is not None:
+                    # The SDK's loop ends only when the connection does: end the response
+                    # here even if the upstream keeps its connection open.
+                    await send(
+                        {"type": "http.response.body", "body": chunk[:end], "more_body": True}
+                    )
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            logger.warning("upstream failed mid-response: %s", type(exc).__name__)
+            failure = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+            await self._fail(scanner, f"The upstream {failure} before the answer was complete.")
+            return
+        except OSError:
+            raise
+        except Exception:
+            # Past the start nothing can be answered any more: log it and cut the connection.
+            logger.exception("relay failed mid-response")
+            return
+        if scanner is not None and not scanner.done:
+            await self._fail(
+                scanner, "The upstream ended the stream before the image was completed."
+            )
+            return
+        if scanner is not None:
+            self.outcome.usage = scanner.usage
+        elif tail is not None:
+            self.outcome.usage = tokens_in(tail.data)
+        await self.on_end()
+        await send(_END)
 
-async def _exchange(
-    client: httpx.AsyncClient,
-    request: httpx.Request,
-    send: Send,
-    images: int,
-    headers: Headers,
-    outcome: Outcome,
-) -> None:
-    try:
-        response = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
-        raise map_error(exc) from None
-    outcome.status = response.status_code
-    try:
-        outcome.usage = await _relay(response, send, images, headers)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
-
-
-async def _relay(response: httpx.Response, send: Send, images: int, extra: Headers) -> Usage | None:
-    """Relay the answer; return its token usage when it was complete and had one."""
-    content_type = response.headers.get("content-type", "")
-    scanner = None
-    if response.is_success and content_type.startswith("text/event-stream"):
-        scanner = EventScanner(finals=images)
-    # The proxy's own headers (its rate limits) replace the upstream's of the same name.
-    dropped = (_DROPPED if scanner is None else _SSE_DROPPED) | {name for name, _ in extra}
-    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in dropped]
-    headers += extra
-    if scanner is not None:
-        headers += _SSE_HEADERS
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    tail = Tail() if scanner is None and response.is_success else None
-    try:
-        async for chunk in response.aiter_raw():
-            if tail is not None:
-                tail.feed(chunk)
-            end = None if scanner is None else scanner.feed(chunk)
-            if end is not None:
-                # The SDK's loop ends only when the connection does: end the response
-                # here even if the upstream keeps its connection open.
-                await send({"type": "http.response.body", "body": chunk[:end], "more_body": True})
-                break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except httpx.HTTPError as exc:
-        logger.warning("upstream failed mid-response: %s", type(exc).__name__)
-        failure = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-        await _fail(send, scanner, f"The upstream {failure} before the answer was complete.")
-        return _partial_usage(scanner)
-    except OSError:
-        raise
-    except Exception:
-        # Past the start nothing can be answered any more: log it and cut the connection.
-        logger.exception("relay failed mid-response")
-        return _partial_usage(scanner)
-    if scanner is not None and not scanner.done:
-        await _fail(send, scanner, "The upstream ended the stream before the image was completed.")
-        return _partial_usage(scanner)
-    await send(_END)
-    if scanner is not None:
-        return scanner.usage
-    return None if tail is None else tokens_in(tail.data)
-
-
-def _partial_usage(scanner: EventScanner | None) -> Usage | None:
-    """What the images completed before a stream broke off still cost."""
-    return scanner.usage if scanner is not None and scanner.completed else None
-
-
-async def _fail(send: Send, scanner: EventScanner | None, message: str) -> None:
-    """Answer a failure after the response started: an SSE error event, or abort."""
-    if scanner is None or not scanner.at_boundary:
-        # Returning without completing the response makes the server cut the
-        # connection: the client sees an incomplete body instead of a short one.
-        return
-    error = ProxyError(502, message, type="server_error", code="upstream_error")
-    data = json.dumps({"type": "error", **error.envelope()}).encode()
-    frame = b"event: error\ndata: " + data + b"\n\n"
-    await send({"type": "http.response.body", "body": frame, "more_body": True})
-    await send(_END)
+    async def _fail(self, scanner: EventScanner | None, message: str) -> None:
+        """Answer a failure after the response started: an SSE error event, or abort."""
+        if scanner is not None and scanner.completed:
+            self.outcome.usage = scanner.usage  # the images completed before still cost
+        if scanner is None or not scanner.at_boundary:
+            # Returning without completing the response makes the server cut the
+            # connection: the client sees an incomplete body instead of a short one.
+            return
+        error = ProxyError(502, message, type="server_error", code="upstream_error")
+        data = json.dumps({"type": "error", **error.envelope()}).encode()
+        frame = b"event: error\ndata: " + data + b"\n\n"
+        await self.send({"type": "http.response.body", "body": frame, "more_body": True})
+        await self.on_end()
+        await self.send(_END)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import httpx
 import openai
 import pytest
 from double import UpstreamDouble, completed, error_json, json_image, partial, sse, stall
+from support import json_request_headers, raw_request
 
 from imagegen_proxy.auth import Principal
 from imagegen_proxy.ratelimit import Decision, MemoryLimiter
@@ -208,14 +208,9 @@ def test_slots_are_released_whatever_ends_the_generation(
             502, {"message": "bad", "type": "x", "param": None, "code": None}
         ),
     }[stage]
-    host, port = proxy.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "p", "stream": stage == "mid-stream"}).encode()
-    with socket.create_connection((host, int(port))) as sock:
-        head = (
-            f"POST {PATH} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-        ).encode()
-        sock.sendall(head if stage == "before-body" else head + body)
+    sent = body if stage != "before-body" else b""
+    with raw_request(proxy, json_request_headers(body, **HEADERS), sent) as sock:
         if stage in ("waiting-upstream", "mid-stream"):
             assert upstream.arrived.wait(5)
         if stage in ("mid-stream", "upstream-fails"):
@@ -231,16 +226,11 @@ def test_a_storm_of_disconnects_leaves_no_slot_taken(
     upstream.answer = stall()
     limiter = MemoryLimiter()
     proxy = limited(start_proxy, limiter, max_concurrent=5000)
-    host, port = proxy.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "p"}).encode()
-    request = (
-        f"POST {PATH} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    headers = json_request_headers(body, **HEADERS)
     for batch in range(10):
-        sockets = [socket.create_connection((host, int(port))) for _ in range(100)]
-        for i, sock in enumerate(sockets):
-            sock.sendall(request if i % 4 else request[: len(request) // 2])
+        # Three in four send their whole body and reach the upstream; the rest leave mid-body.
+        sockets = [raw_request(proxy, headers, body if i % 4 else body[:5]) for i in range(100)]
         expected = 75 * (batch + 1)
         assert wait_for(lambda: len(upstream.requests) >= expected)  # noqa: B023
         for sock in sockets:
@@ -327,3 +317,10 @@ def test_the_sdk_waits_retry_after_ms_then_retries(
     assert client.images.generate(prompt="p").data
     assert time.monotonic() - started >= 0.3
     assert limiter.calls == 2 and len(upstream.requests) == 1
+
+
+def test_back_to_back_requests_find_their_slot_free(start_proxy: Callable[..., str]) -> None:
+    proxy = limited(start_proxy, max_concurrent=1)
+    with httpx.Client(headers=HEADERS) as client:  # one keep-alive connection, no pause
+        statuses = [client.post(proxy + PATH, json={"prompt": "p"}).status_code for _ in range(30)]
+    assert statuses == [200] * 30

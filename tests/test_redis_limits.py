@@ -161,3 +161,12 @@ def test_on_storage_error_comes_from_the_config(
     )
     assert post(deny).status_code == 503
     assert post(allow).status_code == 200
+
+
+def test_back_to_back_requests_find_their_slot_free_in_redis(
+    start_proxy: Callable[..., str], redis_url: str, prefix: str
+) -> None:
+    proxy = shared(start_proxy, redis_url, prefix, max_concurrent=1)
+    with httpx.Client(headers=HEADERS) as client:
+        statuses = [client.post(proxy + PATH, json={"prompt": "p"}).status_code for _ in range(30)]
+    assert statuses == [200] * 30
