@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,8 +34,14 @@ def with_mock(config: ProxyConfig, self_url: str) -> ProxyConfig:
 def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
     """The app `imagegen-proxy` serves. `mock=True` also mounts the embedded mock upstream."""
 
+    upstreams = describe_upstreams(config, mock)
+    missing = [name for name, upstream in upstreams.items() if not upstream["complete"]]
+
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "upstreams": describe_upstreams(config, mock)})
+        if missing:
+            status = f"incomplete: no api key for {', '.join(missing)}"
+            return JSONResponse({"status": status, "upstreams": upstreams}, status_code=503)
+        return JSONResponse({"status": "ok", "upstreams": upstreams})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -60,11 +69,38 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
         upstreams["openai"] = {
             "base_url": "embedded mock" if mock else config.openai.base_url,
             "api_key": config.openai.api_key is not None,
+            "complete": mock or config.openai.api_key is not None,
         }
     if config.azure is not None:
         upstreams["azure"] = {
             "endpoint": config.azure.endpoint,
             "api_version": config.azure.api_version,
             "api_key": config.azure.api_key is not None,
+            "complete": config.azure.api_key is not None,
         }
     return upstreams
+
+
+def from_environment() -> ImageGenProxy:
+    """The app factory the `--workers` processes import: the command passes its resolved
+    choices through the environment (`IMAGEGEN_PROXY_CONFIG`, `IMAGEGEN_PROXY_MOCK_URL`)."""
+    path = os.environ.get("IMAGEGEN_PROXY_CONFIG")
+    config = ProxyConfig.from_toml(path) if path else ProxyConfig()
+    mock_url = os.environ.get("IMAGEGEN_PROXY_MOCK_URL")
+    if mock_url:
+        config = with_mock(config, mock_url)
+    logging.getLogger("imagegen_proxy").setLevel(os.environ.get("IMAGEGEN_PROXY_LOG_LEVEL", "INFO"))
+    return create_app(config, mock=bool(mock_url))
+
+
+def resolved(config: ProxyConfig) -> dict[str, Any]:
+    """The configuration as the proxy will use it, every secret masked."""
+    data = config.model_dump(mode="json")
+    storage = urlsplit(data["limits"]["storage"])
+    if storage.password:
+        netloc = storage.netloc.replace(f":{storage.password}@", ":**********@")
+        data["limits"]["storage"] = storage._replace(netloc=netloc).geturl()
+    for entry in data["keys"]:
+        if entry.get("key_sha256"):
+            entry["key_sha256"] = entry["key_sha256"][:8] + "…"
+    return data

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import resource
 import socket
 import sys
 
 import uvicorn
 
-from .app import create_app, with_mock
+from .app import create_app, describe_upstreams, resolved, with_mock
 from .config import ConfigError, ProxyConfig
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -26,6 +28,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (default: [server] host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: [server] port, 8000; 0: any)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes (default: 1)"
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print what it resolves to (secrets masked), exit",
+    )
     return parser.parse_args(argv)
 
 
@@ -35,16 +45,21 @@ def main(argv: list[str] | None = None) -> None:
         config = ProxyConfig.from_toml(args.config) if args.config else ProxyConfig()
     except ConfigError as exc:
         sys.exit(f"imagegen-proxy: {exc}")
+    if args.workers < 1:
+        sys.exit("imagegen-proxy: --workers must be at least 1")
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
+    mock = not config.has_upstream
+    if args.check_config:
+        sys.exit(_check(config, mock, args.config))
     try:
         sock = _bind(host, port)
     except OSError as exc:
         sys.exit(f"imagegen-proxy: cannot listen on {host}:{port}: {exc.strerror or exc}")
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
-    mock = not config.has_upstream
+    mock_url = _self_url(host, sock.getsockname()[1]) if mock else ""
     if mock:
-        config = with_mock(config, _self_url(host, sock.getsockname()[1]))
+        config = with_mock(config, mock_url)
     try:
         app = create_app(config, mock=mock)
     except ConfigError as exc:
@@ -54,10 +69,51 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("imagegen_proxy").setLevel(args.log_level.upper())
     _raise_open_files_limit()
     print(_banner(url, config, mock), flush=True)
+    if args.workers > 1:
+        print(_workers_note(config, args.workers), flush=True)
+        # Worker processes build their own app from the same resolved choices.
+        os.environ.update(
+            IMAGEGEN_PROXY_CONFIG=args.config or "",
+            IMAGEGEN_PROXY_MOCK_URL=mock_url,
+            IMAGEGEN_PROXY_LOG_LEVEL=args.log_level.upper(),
+        )
+        uvicorn.run(
+            "imagegen_proxy.app:from_environment",
+            factory=True,
+            fd=sock.fileno(),
+            workers=args.workers,
+            log_level=args.log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        return
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
     )
     server.run(sockets=[sock])
+
+
+def _check(config: ProxyConfig, mock: bool, path: str | None) -> str | int:
+    """`--check-config`: everything start-up would check, then what it resolved to."""
+    try:
+        create_app(with_mock(config, "http://127.0.0.1:0") if mock else config, mock=mock)
+    except ConfigError as exc:
+        return f"imagegen-proxy: {exc}"
+    print(json.dumps(resolved(config), indent=2))
+    upstream = "embedded mock" if mock else ", ".join(describe_upstreams(config))
+    print(f"imagegen-proxy: {path or 'no config file'}: OK (upstream: {upstream})")
+    return 0
+
+
+def _workers_note(config: ProxyConfig, workers: int) -> str:
+    note = f"{workers} worker processes"
+    limited = any(key.limited for key in config.keys)
+    if limited and config.limits.storage == "memory":
+        note += (
+            ': limits are counted per process with [limits] storage = "memory"; '
+            'set storage = "redis://..." to share them'
+        )
+    return note
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -66,6 +122,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening now lets the kernel queue connections made as soon as the banner is
+        # printed, until the server (or a worker process) starts accepting them.
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise
@@ -92,7 +151,7 @@ def _raise_open_files_limit() -> None:
 
 def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
     if mock:
-        upstream = "embedded mock upstream (no keys needed)"
+        upstream = "embedded mock upstream (no upstream key needed)"
     else:
         names = []
         if config.openai is not None:

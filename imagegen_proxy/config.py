@@ -147,6 +147,13 @@ class Policy(_Section):
     images_per_day: int | None = Field(None, gt=0)
     tokens_per_day: int | None = Field(None, gt=0)
 
+    @property
+    def limited(self) -> bool:
+        """Whether any count-based limit is set (the model allow-list is not one)."""
+        return any(
+            getattr(self, name) is not None for name in Policy.model_fields if name != "models"
+        )
+
 
 class KeyConfig(Policy):
     """`[[keys]]`: one client key, its name, and its policy."""

@@ -21,7 +21,9 @@ COMMAND = str(Path(sys.executable).parent / "imagegen-proxy")
 
 
 @contextlib.contextmanager
-def running(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+def running(
+    *args: str, env: dict[str, str] | None = None, lines: int = 6
+) -> Iterator[tuple[str, str]]:
     """Start the command on a free port; yield its URL and the banner it printed."""
     process = subprocess.Popen(
         [COMMAND, "--port", "0", "--log-level", "warning", *args],
@@ -35,7 +37,7 @@ def running(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str
         banner = process.stdout.readline()
         assert "listening on http://" in banner, process.stderr.read() if process.stderr else ""
         url = banner.split("listening on ", 1)[1].split()[0]
-        banner += "".join(process.stdout.readline() for _ in range(5))
+        banner += "".join(process.stdout.readline() for _ in range(lines - 1))
         yield url, banner
     finally:
         process.send_signal(signal.SIGINT)
