@@ -40,6 +40,7 @@ class ProxySettings(_Section):
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     max_connections: int = Field(4096, gt=0)
     max_keepalive_connections: int = Field(512, ge=0)
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
     @field_validator("mount_prefix")
     @classmethod

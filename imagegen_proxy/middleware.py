@@ -16,7 +16,7 @@ from .relay import Relay
 from .request import ImageRequest, check_content_type, parse_request, read_body
 from .routing import Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
-from .upstream import Upstreams, create_client
+from .upstream import SendUpstream, Upstreams, client_sender, create_transport
 from .usage import Usage, UsageObserver
 
 logger = logging.getLogger("imagegen_proxy")
@@ -29,8 +29,8 @@ class ImageGenProxy:
     (or open access), `rate_limiter` to the `[limits]` storage. The rate limiter, when it
     has a `record` method, is told usage too, after `usage_observers`.
 
-    `http_client` replaces the default upstream client (the proxy then never closes it).
-    Without one, the client is created on first use (Django never sends lifespan) and
+    `http_client` replaces the default upstream transport (the proxy then never closes it).
+    Without one, the transport is created on first use (Django never sends lifespan) and
     closed on lifespan shutdown, when the server sends it, or by `aclose()`.
     """
 
@@ -58,21 +58,22 @@ class ImageGenProxy:
             {b"x-api-key", b"api-key", config.auth.virtual_key_header.encode()}
         )
         self._max_body = config.proxy.max_body_bytes
-        self._client = http_client
-        self._owns_client = http_client is None
+        self._given_client = None if http_client is None else client_sender(http_client)
+        self.transport: httpx.AsyncBaseTransport | None = None
 
-    @property
-    def http_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = create_client(self.config.proxy)
-        return self._client
+    def _sender(self) -> SendUpstream:
+        if self._given_client is not None:
+            return self._given_client
+        if self.transport is None:
+            self.transport = create_transport(self.config.proxy)
+        return self.transport.handle_async_request
 
     async def aclose(self) -> None:
-        """Close what this proxy created: the upstream client (a later request makes a new
-        one) and the Redis connections of its limiter."""
-        client, self._client = self._client, None
-        if client is not None and self._owns_client:
-            await client.aclose()
+        """Close what this proxy created: its upstream transport (a later request makes a
+        new one) and the Redis connections of its limiter."""
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            await transport.aclose()
         close = getattr(self.rate_limiter, "aclose", None)
         if self._owns_limiter and close is not None:
             await close()
@@ -149,7 +150,7 @@ class ImageGenProxy:
                     await self._record(principal, request, spent)
 
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
-        relay = Relay(self.http_client, send, images=request.images, headers=headers, on_end=settle)
+        relay = Relay(self._sender(), send, images=request.images, headers=headers, on_end=settle)
         try:
             upstream_request = self.upstreams.build(request, scope, principal.upstream_api_key)
             await relay.run(upstream_request, receive)

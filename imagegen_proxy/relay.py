@@ -19,7 +19,7 @@ import httpx
 from .errors import ProxyError
 from .sse import EventScanner
 from .types import Message, Receive, Send
-from .upstream import Headers, map_error
+from .upstream import Headers, SendUpstream, map_error
 from .usage import Tail, Usage, tokens_in
 
 logger = logging.getLogger("imagegen_proxy")
@@ -73,14 +73,14 @@ class Relay:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        send_upstream: SendUpstream,
         send: Send,
         *,
         images: int,
         headers: Headers,
         on_end: OnEnd,
     ) -> None:
-        self.client = client
+        self.send_upstream = send_upstream
         self.send = send
         self.images = images
         self.headers = headers
@@ -121,7 +121,7 @@ class Relay:
 
     async def _exchange(self, request: httpx.Request) -> None:
         try:
-            response = await self.client.send(request, stream=True)
+            response = await self.send_upstream(request)
         except httpx.HTTPError as exc:
             logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
             raise map_error(exc) from None

@@ -8,10 +8,11 @@ whatever it is called.
 
 from __future__ import annotations
 
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import httpx
+from cachetools import LRUCache
 
 from .config import AzureUpstream, ConfigError, OpenAIUpstream, ProxyConfig, ProxySettings
 from .errors import ProxyError, server_error
@@ -26,18 +27,34 @@ _FORWARDED = frozenset({b"accept", b"user-agent"})
 _FORWARDED_PREFIX = b"x-stainless-"
 
 
-def create_client(settings: ProxySettings) -> httpx.AsyncClient:
-    """The default upstream client: a large pool, no redirects, and a cookie jar that stores
-    nothing (a shared jar would hand one user's upstream cookies to the next)."""
-    return httpx.AsyncClient(
-        limits=httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_keepalive_connections,
-            keepalive_expiry=30.0,
-        ),
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-        follow_redirects=False,
+SendUpstream = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def create_transport(settings: ProxySettings) -> httpx.AsyncBaseTransport:
+    """The default upstream transport: a pool sized for thousands of slow generations.
+
+    The proxy calls it directly: no redirects are followed and no cookies are kept (a shared
+    jar would hand one user's upstream cookies to the next).
+    """
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_keepalive_connections,
+        keepalive_expiry=30.0,
     )
+    if settings.transport == "aiohttp":
+        from .transport import AiohttpTransport
+
+        return AiohttpTransport(limits)
+    return httpx.AsyncHTTPTransport(limits=limits)
+
+
+def client_sender(client: httpx.AsyncClient) -> SendUpstream:
+    """Send through a user's own client, with its hooks, transport and settings."""
+
+    async def send(request: httpx.Request) -> httpx.Response:
+        return await client.send(request, stream=True)
+
+    return send
 
 
 _BASE_HEADERS: Headers = [
@@ -74,7 +91,7 @@ class _Target:
         return [] if key is None else [(self._key_header, self._key_prefix + key.encode())]
 
     def request(
-        self, url: str, body: ImageGenerationBody, scope: Scope, api_key: str | None
+        self, url: httpx.URL, body: ImageGenerationBody, scope: Scope, api_key: str | None
     ) -> httpx.Request:
         headers = [
             (key, value)
@@ -103,7 +120,7 @@ class Upstreams:
             raise ConfigError("no upstream configured: add an [openai] or [azure] section")
         self._openai = self._azure = None
         if config.openai is not None:
-            self._openai_url = config.openai.base_url + "/images/generations"
+            self._openai_url = httpx.URL(config.openai.base_url + "/images/generations")
             org, project = config.openai.organization, config.openai.project
             identity = [(b"openai-organization", org.encode())] if org else []
             identity += [(b"openai-project", project.encode())] if project else []
@@ -113,6 +130,7 @@ class Upstreams:
             self._azure_base = config.azure.endpoint + "/openai/deployments/"
             self._azure_version = config.azure.api_version
             self._deployments = config.azure.deployments
+            self._azure_urls: LRUCache[tuple[str, str], httpx.URL] = LRUCache(maxsize=1024)
 
     def build(
         self, request: ImageRequest, scope: Scope, api_key: str | None = None
@@ -151,11 +169,16 @@ class Upstreams:
             )
         return deployment
 
-    def _azure_url(self, deployment: str, api_version: str | None) -> str:
-        # Both parts were checked against conservative patterns; quote() is belt and braces.
-        deployment = quote(deployment, safe="")
-        version = quote(api_version or self._azure_version, safe="")
-        return f"{self._azure_base}{deployment}/images/generations?api-version={version}"
+    def _azure_url(self, deployment: str, api_version: str | None) -> httpx.URL:
+        key = (deployment, api_version or self._azure_version)
+        url = self._azure_urls.get(key)
+        if url is None:
+            # Both parts were checked against conservative patterns; quote() is belt and braces.
+            path = quote(deployment, safe="")
+            version = quote(key[1], safe="")
+            url = httpx.URL(f"{self._azure_base}{path}/images/generations?api-version={version}")
+            self._azure_urls[key] = url  # parsed once: URL parsing shows in the profile
+        return url
 
 
 def map_error(exc: httpx.HTTPError) -> ProxyError:

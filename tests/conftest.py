@@ -88,7 +88,7 @@ def start_proxy(upstream: UpstreamDouble) -> Iterator[Callable[..., str]]:
 
         def start(
             host: HostApp | None = None,
-            lifespan: str = "off",
+            lifespan: str = "auto",
             hooks: dict[str, Any] | None = None,
             **options: Any,
         ) -> str:

@@ -22,7 +22,7 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, lifespan: str = "off", **config: Any) -> Iterator[str]:
+def serve(app: Any, *, lifespan: str = "auto", **config: Any) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port; yield its base URL ("http://127.0.0.1:N")."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -15,6 +15,7 @@ from double import UpstreamDouble, error_json, partial, sse, stall
 from support import json_request_headers, raw_request, serve
 
 from imagegen_proxy import ImageGenProxy
+from imagegen_proxy.transport import AiohttpTransport
 from imagegen_proxy.upstream import Upstreams
 
 
@@ -177,10 +178,29 @@ def test_client_leaving_before_its_body_is_sent_reaches_nobody(
     assert len(upstream.requests) == 1
 
 
-def test_lifespan_shutdown_closes_the_upstream_client(upstream: UpstreamDouble) -> None:
+def test_lifespan_shutdown_closes_the_upstream_transport(upstream: UpstreamDouble) -> None:
     proxy = ImageGenProxy(HostApp().app, proxy_config(upstream))
     with serve(proxy, lifespan="on") as url:
         assert sdk(url).images.generate(prompt="p").data
-        client = proxy.http_client
-        assert not client.is_closed
-    assert client.is_closed
+        transport = proxy.transport
+        assert isinstance(transport, AiohttpTransport) and not transport.closed
+    assert transport.closed and proxy.transport is None
+
+
+def test_a_given_http_client_is_used_and_never_closed(upstream: UpstreamDouble) -> None:
+    seen: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        seen.append(str(request.url))
+
+    client = httpx.AsyncClient(event_hooks={"request": [hook]})
+    proxy = ImageGenProxy(HostApp().app, proxy_config(upstream), http_client=client)
+    with serve(proxy, lifespan="on") as url:
+        assert sdk(url).images.generate(prompt="p").data
+    assert seen == [upstream.url + "/v1/images/generations"]
+    assert not client.is_closed and proxy.transport is None
+
+
+def test_httpx_transport_can_be_chosen(start_proxy: Callable[..., str]) -> None:
+    proxy = start_proxy(proxy={"transport": "httpx"})
+    assert sdk(proxy).images.generate(prompt="p").data

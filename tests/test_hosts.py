@@ -127,7 +127,7 @@ def test_two_proxies_in_one_process_keep_their_own_state(
             client_b.images.generate(prompt="b")
             with pytest.raises(openai.RateLimitError):
                 client_b.images.generate(prompt="b")
-            assert inner.http_client is not outer.http_client
+            assert inner.transport is not outer.transport
     assert len(upstream.requests) == 3 and len(other.requests) == 1
 
 

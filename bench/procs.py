@@ -1,0 +1,148 @@
+"""Servers for the bench, each in its own process on 127.0.0.1, and their resource use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).parent
+KEY = "bench-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+@contextlib.contextmanager
+def server(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """Run `args` (which must contain "{port}"); yield its URL and pid."""
+    port = free_port()
+    command = [arg.replace("{port}", str(port)) for arg in args]
+    process = subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, cwd=HERE
+    )
+    try:
+        wait_listening(port, process)
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def uvicorn_app(target: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        "--port",
+        "{port}",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--backlog",
+        "4096",
+    ]
+
+
+def mock(delay: float = 0.0, pad_to: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "imagegen_proxy.mock",
+        "--port",
+        "{port}",
+        "--delay",
+        str(delay),
+        "--pad-to",
+        str(pad_to),
+        "--log-level",
+        "warning",
+    ]
+
+
+@contextlib.contextmanager
+def imagegen_proxy(upstream: str) -> Iterator[tuple[str, int]]:
+    """The product as users run it: one key, the in-memory limiter doing real work."""
+    config = (
+        f'[openai]\nbase_url = "{upstream}/v1"\n'
+        f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n'
+        "requests_per_minute = 100000000\nimages_per_minute = 100000000\nmax_concurrent = 100000\n"
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
+        file.write(config)
+    try:
+        command = [
+            str(Path(sys.executable).parent / "imagegen-proxy"),
+            "--config",
+            file.name,
+            "--port",
+            "{port}",
+            "--log-level",
+            "warning",
+        ]
+        with server(command) as running:
+            yield running
+    finally:
+        os.unlink(file.name)
+
+
+@contextlib.contextmanager
+def floor(upstream: str) -> Iterator[tuple[str, int]]:
+    with server(uvicorn_app("floor:app"), {"FLOOR_UPSTREAM": upstream}) as running:
+        yield running
+
+
+class Sampler:
+    """Samples a process's RSS and open file descriptors in a thread: baseline and peak."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        self.process = psutil.Process(pid)
+        self.baseline_rss = self.process.memory_info().rss
+        self.baseline_fds = self.process.num_fds()
+        self.peak_rss = self.baseline_rss
+        self.peak_fds = self.baseline_fds
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            with contextlib.suppress(psutil.Error):
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+                self.peak_fds = max(self.peak_fds, self.process.num_fds())
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak_rss - self.baseline_rss) / 2**20
