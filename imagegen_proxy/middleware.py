@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import anyio
 import httpx
 
 from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
@@ -134,20 +133,19 @@ class ImageGenProxy:
         settled = False
 
         async def settle() -> None:
-            # Once, and shielded: the slot goes back and usage is told whatever ended the
-            # generation (even a cancellation). The relay calls it before the response's
-            # last byte, so a client's next request already finds its slot free.
+            # Once: the slot goes back and usage is told whatever ended the generation (even
+            # a cancellation). The relay calls it before the response's last byte, so a
+            # client's next request already finds its slot free.
             nonlocal settled
             if settled:
                 return
             settled = True
             outcome = relay.outcome
-            with anyio.CancelScope(shield=True):
-                if decision.release is not None:
-                    await decision.release(outcome.ok)
-                if outcome.ok:
-                    spent = Usage(requests=1, images=request.images) + (outcome.usage or Usage())
-                    await self._record(principal, request, spent)
+            if decision.release is not None:
+                await decision.release(outcome.ok)
+            if outcome.ok:
+                spent = Usage(requests=1, images=request.images) + (outcome.usage or Usage())
+                await self._record(principal, request, spent)
 
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
         relay = Relay(self._sender(), send, images=request.images, headers=headers, on_end=settle)

@@ -8,12 +8,12 @@ the upstream request and releases its connection at once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import anyio
 import httpx
 
 from .errors import ProxyError
@@ -86,6 +86,7 @@ class Relay:
         self.headers = headers
         self.on_end = on_end
         self.outcome = Outcome()
+        self._finished = False
 
     async def run(self, request: httpx.Request, receive: Receive) -> Outcome:
         """Send `request` upstream and relay the answer to the client.
@@ -96,28 +97,37 @@ class Relay:
         """
         outcome = self.outcome
         error: ProxyError | None = None
-
-        async def watch_disconnect(scope: anyio.CancelScope) -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            outcome.client_gone = True
-            scope.cancel()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(watch_disconnect, tasks.cancel_scope)
-            try:
-                await self._exchange(request)
-            except ProxyError as exc:
-                error = exc
-            except OSError:
-                outcome.client_gone = True  # some servers raise from send() once it left
-            finally:
-                tasks.cancel_scope.cancel()
+        task = asyncio.current_task()
+        assert task is not None
+        # Plain asyncio, not an anyio task group: this runs for every request, and the
+        # group's bookkeeping cost more than the rest of the proxy (see bench/README.md).
+        watcher = asyncio.create_task(self._watch(receive, task))
+        try:
+            await self._exchange(request)
+        except ProxyError as exc:
+            error = exc
+        except OSError:
+            outcome.client_gone = True  # some servers raise from send() once it left
+        except asyncio.CancelledError:
+            if not outcome.client_gone:
+                raise  # not ours: the server is shutting down
+            task.uncancel()
+        finally:
+            self._finished = True
+            watcher.cancel()
         if outcome.client_gone:
             logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
         elif error is not None:
             raise error
         return outcome
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        """From the end of the body on, the client's disconnect cancels the exchange."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._finished:
+            self.outcome.client_gone = True
+            task.cancel()
 
     async def _exchange(self, request: httpx.Request) -> None:
         try:
@@ -129,8 +139,9 @@ class Relay:
         try:
             await self._relay(response)
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            # Closing is not interruptible: the watcher cancels only before this point.
+            self._finished = True
+            await response.aclose()
 
     async def _relay(self, response: httpx.Response) -> None:
         send = self.send
@@ -181,6 +192,7 @@ class Relay:
             self.outcome.usage = scanner.usage
         elif tail is not None:
             self.outcome.usage = tokens_in(tail.data)
+        self._finished = True  # settling must not be cancelled halfway
         await self.on_end()
         await send(_END)
 
@@ -196,5 +208,6 @@ class Relay:
         data = json.dumps({"type": "error", **error.envelope()}).encode()
         frame = b"event: error\ndata: " + data + b"\n\n"
         await self.send({"type": "http.response.body", "body": frame, "more_body": True})
+        self._finished = True  # settling must not be cancelled halfway
         await self.on_end()
         await self.send(_END)

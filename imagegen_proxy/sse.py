@@ -12,7 +12,6 @@ import re
 
 from .usage import Tail, Usage, tokens_in
 
-_EOL = re.compile(rb"\r\n?|\n")
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]*)"')
 _HEAD = 128
 
@@ -49,20 +48,31 @@ class EventScanner:
 
     def feed(self, chunk: bytes) -> int | None:
         """Scan `chunk`; return the offset just past the final event if it ends in it."""
-        pos = 0
+        # bytes.find (memchr) rather than a regex: data lines are megabytes of base64, and
+        # a regex alternation tried at every byte costs milliseconds per event.
+        pos, size = 0, len(chunk)
         if self._cr:
             self._cr = False
             if chunk[:1] == b"\n":
                 pos = 1
-        for eol in _EOL.finditer(chunk, pos):
-            start, end = eol.span()
+        cr = chunk.find(b"\r", pos)
+        while pos < size:
+            lf = chunk.find(b"\n", pos)
+            if cr != -1 and cr < pos:
+                cr = chunk.find(b"\r", pos)
+            if cr != -1 and (lf == -1 or cr < lf):
+                start = cr
+                end = cr + 2 if chunk[cr + 1 : cr + 2] == b"\n" else cr + 1
+                self._cr = end == size and end == cr + 1  # CR last: a LF may follow
+            elif lf != -1:
+                start, end = lf, lf + 1
+            else:
+                break
             self._take(chunk, pos, start)
-            if end == len(chunk) and chunk[start:end] == b"\r":
-                self._cr = True
             pos = end
             if self._end_line():
                 return end
-        self._take(chunk, pos, len(chunk))
+        self._take(chunk, pos, size)
         return None
 
     def _take(self, chunk: bytes, start: int, end: int) -> None:

@@ -30,14 +30,18 @@ class Usage:
     output_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
+        return Usage(
+            self.requests + other.requests,
+            self.images + other.images,
+            self.tokens + other.tokens,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+        )
 
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(*(a - b for a, b in zip(_values(self), _values(other), strict=True)))
-
-
-def _values(usage: Usage) -> tuple[int, ...]:
-    return (usage.requests, usage.images, usage.tokens, usage.input_tokens, usage.output_tokens)
+        return self + Usage(
+            -other.requests, -other.images, -other.tokens, -other.input_tokens, -other.output_tokens
+        )
 
 
 class UsageObserver(Protocol):
