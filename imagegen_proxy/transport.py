@@ -16,6 +16,9 @@ import aiohttp
 import httpx
 
 
+_SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding"})
+
+
 @contextlib.contextmanager
 def _mapped(writing: bool = False) -> Iterator[None]:
     """aiohttp's exceptions as httpx's, the single place where the two meet."""
@@ -67,6 +70,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # than everything else the proxy does.
         self._proxies = urllib.request.getproxies_environment()
         self._proxy_for: dict[tuple[str, str], str | None] = {}
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _proxy(self, url: httpx.URL) -> str | None:
         key = (url.scheme, url.host)
@@ -92,8 +96,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         return self._session
 
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        given = request.extensions.get("timeout", {})
+        key = (given.get("pool"), given.get("connect"), given.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:  # a handful per process: one per configured upstream
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=key[0], sock_connect=key[1], sock_read=key[2]
+            )
+            self._timeouts[key] = timeout
+        return timeout
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {})
         with _mapped(writing=True):
             response = await self._get_session().request(
                 request.method,
@@ -102,13 +116,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=request.content or None,
                 allow_redirects=False,
                 proxy=self._proxy(request.url),
-                skip_auto_headers=("Accept-Encoding",),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeout.get("pool"),
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                timeout=self._timeout(request),
             )
         return httpx.Response(
             status_code=response.status,
