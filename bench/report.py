@@ -68,6 +68,7 @@ def table(r: dict[str, Any]) -> str:
         row("throughput c=20 (req/s)", each(small, "c20_rps", ".0f")),
         row("throughput c=100 (req/s)", each(small, "c100_rps", ".0f")),
         row("4 MB images, c=32 (req/s)", each(big, "rps", ".1f")),
+        row("4 MB images, c=32: errors (wrk)", each(big, "errors", ".0f")),
         row("4 MB images, c=32: RSS growth (MB)", ["–", *each(big, "rss_growth_mb", ".1f")[1:]]),
         row("partial event → client p50 (ms)", each(stream, "p50_ms", ".2f")),
         row("partial event → client p99 (ms)", each(stream, "p99_ms", ".2f")),
@@ -132,7 +133,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
 
 def write(results: dict[str, Any], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    results["machine"] = {
+    results["machine"] = results.get("machine") or {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "cpus": __import__("os").cpu_count(),
