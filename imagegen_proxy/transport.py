@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import httpx
 
-
 _SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding"})
 
 
