@@ -8,6 +8,7 @@ closed, and every failure is raised as the matching `httpx` exception.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -64,6 +65,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, limits: httpx.Limits | None = None) -> None:
         self._limits = limits or httpx.Limits()
         self._session: aiohttp.ClientSession | None = None
+        self._guard: asyncio.Task[None] | None = None
         # HTTP(S)_PROXY and NO_PROXY are read once, not per request: aiohttp's own
         # trust_env also re-reads ~/.netrc in a thread for every request, which costs more
         # than everything else the proxy does.
@@ -93,6 +95,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(total=None),
             )
+            # Servers that send no lifespan (Django's) never lead to aclose(): the session
+            # is closed when the event loop winds down instead (asyncio.run cancels the
+            # tasks still pending, and awaits them while the loop still runs).
+            self._guard = asyncio.get_running_loop().create_task(_close_at_exit(self._session))
         return self._session
 
     def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
@@ -131,5 +137,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session is None or self._session.closed
 
     async def aclose(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
         if self._session is not None:
             await self._session.close()
+
+
+async def _close_at_exit(session: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.get_running_loop().create_future()  # until cancelled
+    finally:
+        await session.close()

@@ -216,3 +216,13 @@ def stall() -> Answer:
         await x.until_disconnect()
 
     return answer
+
+
+def held(release: threading.Event) -> Answer:
+    """Answer like `json_image()`, but only once the test sets `release`."""
+
+    async def answer(x: Exchange) -> None:
+        await x.wait(release)
+        await json_image()(x)
+
+    return answer

@@ -12,7 +12,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from double import UpstreamDouble, completed, error_json, json_image, partial, sse, stall
+from double import (
+    UpstreamDouble,
+    completed,
+    error_json,
+    held,
+    json_image,
+    partial,
+    sse,
+    stall,
+)
 from support import json_request_headers, raw_request
 
 from imagegen_proxy.auth import Principal
@@ -155,12 +164,7 @@ def test_max_concurrent_refuses_at_once_and_frees_when_done(
     start_proxy: Callable[..., str], upstream: UpstreamDouble
 ) -> None:
     release = threading.Event()
-
-    async def slow(x):  # type: ignore[no-untyped-def]
-        await x.wait(release)
-        await json_image()(x)
-
-    upstream.answer = slow
+    upstream.answer = held(release)
     limiter = MemoryLimiter()
     proxy = limited(start_proxy, limiter, max_concurrent=2)
     with httpx.Client() as client:

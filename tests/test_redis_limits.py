@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from double import UpstreamDouble, json_image
+from double import UpstreamDouble, held
 from redis_server import redis_server
 from test_cli import running
 
@@ -86,12 +86,7 @@ def test_max_concurrent_through_redis_and_release(
     start_proxy: Callable[..., str], upstream: UpstreamDouble, redis_url: str, prefix: str
 ) -> None:
     release = threading.Event()
-
-    async def slow(x):  # type: ignore[no-untyped-def]
-        await x.wait(release)
-        await json_image()(x)
-
-    upstream.answer = slow
+    upstream.answer = held(release)
     proxy = shared(start_proxy, redis_url, prefix, max_concurrent=1)
     first = threading.Thread(target=post, args=(proxy,))
     first.start()

@@ -4,7 +4,7 @@
     IMAGEGEN_PROXY_CONFIG=../config.example.toml uvicorn django_site.asgi:application
 
 Django never sends lifespan events, and nothing here depends on them: the proxy creates
-its upstream client on first use. Its connections close with the process; where the app
+its upstream transport on first use. Its connections close with the process; where the app
 lives on (tests, a server with a shutdown hook of its own), `await application.aclose()`
 releases them, and a later request makes a new client.
 """
