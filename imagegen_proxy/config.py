@@ -38,6 +38,7 @@ class ServerConfig(_Section):
 class ProxySettings(_Section):
     mount_prefix: str = ""
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    body_timeout: float = Field(30.0, gt=0)
     max_connections: int = Field(4096, gt=0)
     max_keepalive_connections: int = Field(512, ge=0)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"

@@ -57,6 +57,7 @@ class ImageGenProxy:
             {b"x-api-key", b"api-key", config.auth.virtual_key_header.encode()}
         )
         self._max_body = config.proxy.max_body_bytes
+        self._body_timeout = config.proxy.body_timeout
         self._given_client = None if http_client is None else client_sender(http_client)
         self.transport: httpx.AsyncBaseTransport | None = None
 
@@ -94,7 +95,7 @@ class ImageGenProxy:
                 )
             check_route(route)
             check_content_type(scope)
-            body = await read_body(scope, receive, self._max_body)
+            body = await read_body(scope, receive, self._max_body, self._body_timeout)
             request = parse_request(route, body)
             credentials = read_credentials(scope, self._key_headers)
             principal = await self.authenticator.authenticate(credentials, request)

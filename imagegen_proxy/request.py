@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
@@ -76,11 +78,26 @@ def check_content_type(scope: Scope) -> None:
         )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, within: float | None = None
+) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`, and with
+    408 if it has not all arrived `within` seconds."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
+    try:
+        async with asyncio.timeout(within):
+            return await _receive_body(receive, limit)
+    except TimeoutError:
+        raise ProxyError(
+            408,
+            f"The request body did not arrive within {within:g} seconds.",
+            code="request_timeout",
+        ) from None
+
+
+async def _receive_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -1,0 +1,157 @@
+"""Faults on either side, injected over real sockets: the exact answer, and nothing leaked."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+from conftest import API_VERSION, CLIENT_KEY, UPSTREAM_KEY, HostApp, proxy_config
+from double import UpstreamDouble, completed, error_json, partial, sse, stall
+from support import json_request_headers, raw_request, serve
+
+from imagegen_proxy import ImageGenProxy
+from imagegen_proxy.ratelimit import MemoryLimiter
+
+PATH = "/v1/images/generations"
+
+
+@contextlib.contextmanager
+def raw_upstream(reply: bytes) -> Iterator[str]:
+    """An upstream that reads a request and writes `reply` (however broken), then hangs up."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def run() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_a_body_sent_too_slowly_gets_408(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = start_proxy(proxy={"body_timeout": 0.5})
+    body = json.dumps({"prompt": "p"}).encode()
+    started = time.monotonic()
+    with raw_request(proxy, json_request_headers(body), body[:5]) as sock:
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert b'"code": "request_timeout"' in reply
+    assert time.monotonic() - started < 5
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"",  # hangs up without a word
+        b"HTTP/1.1 200 OK\r\nContent-Ty",  # resets in the middle of the headers
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-huge: " + b"a" * 200_000 + b"\r\n\r\n",
+    ],
+)
+def test_a_broken_upstream_answer_is_502(start_proxy: Callable[..., str], reply: bytes) -> None:
+    with raw_upstream(reply) as url:
+        proxy = start_proxy(openai={"base_url": url + "/v1"})
+        answer = httpx.post(proxy + PATH, json={"prompt": "p"})
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "upstream_error"
+    assert httpx.get(proxy + "/hello").status_code == 200  # and the proxy lives on
+
+
+def test_no_secret_reaches_any_log_at_debug(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger: ours, httpx, aiohttp, uvicorn, asyncio
+    keys = [{"name": "team-a", "key": CLIENT_KEY, "requests_per_minute": 3, "username": "u"}]
+    proxy = start_proxy(auth={"open": False}, keys=keys, azure=True)
+    basic = "Basic " + base64.b64encode(f"u:{CLIENT_KEY}".encode()).decode()
+    for headers in (
+        {"authorization": f"Bearer {CLIENT_KEY}"},
+        {"authorization": basic},
+        {"api-key": CLIENT_KEY},
+        {"x-api-key": CLIENT_KEY + "-wrong"},
+        {"authorization": f"Bearer {CLIENT_KEY}", "x-virtual-key": "other-" + CLIENT_KEY},
+    ):
+        httpx.post(proxy + PATH, json={"prompt": "p", "model": "m"}, headers=headers)
+    upstream.answer = sse(partial(0), completed())
+    azure = openai.AzureOpenAI(
+        azure_endpoint=proxy, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0
+    )
+    with contextlib.suppress(openai.APIError):
+        list(azure.images.generate(model="dep", prompt="p", stream=True))  # limited by now
+    upstream.answer = error_json(500, {"message": "x", "type": "y", "param": None, "code": None})
+    httpx.post(
+        proxy + PATH, json={"prompt": "p"}, headers={"authorization": f"Bearer {CLIENT_KEY}"}
+    )
+    text = caplog.text + "".join(repr(record.__dict__) for record in caplog.records)
+    assert caplog.records, "nothing was logged: the test proves nothing"
+    for secret in (CLIENT_KEY, UPSTREAM_KEY, basic.split()[1]):
+        assert secret not in text
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_mixed_faults_leak_no_slot_connection_or_descriptor(upstream: UpstreamDouble) -> None:
+    limiter = MemoryLimiter()
+    keys = [{"name": "team-a", "key": CLIENT_KEY, "max_concurrent": 10_000}]
+    config = proxy_config(upstream, auth={"open": False}, keys=keys)
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    before = open_fds()
+    proxy = ImageGenProxy(HostApp().app, config, rate_limiter=limiter)
+    with serve(proxy, lifespan="on") as url:
+        body = json.dumps({"prompt": "p", "stream": True}).encode()
+        raw = json_request_headers(body, **headers)
+        answers = [stall(), sse(partial(0), hold=True), error_json(500, {"message": "x"})]
+        for round_ in range(100):
+            upstream.answer = answers[round_ % 3]
+            upstream.arrived.clear()
+            with raw_request(url, raw, body) as sock:
+                assert upstream.arrived.wait(5)
+                if round_ % 3:
+                    sock.recv(65536)  # the answer (or its first event) has started
+            # the client is gone here, whatever stage it reached
+        deadline = time.monotonic() + 10
+        while asyncio_in_flight(limiter) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert asyncio_in_flight(limiter) == 0
+        upstream.answer = error_json(500, {"message": "x"})
+        assert httpx.post(url + PATH, json={"prompt": "p"}, headers=headers).status_code == 500
+    # The proxy has shut down (closing its upstream connections): descriptors are back.
+    deadline = time.monotonic() + 10
+    while open_fds() > before + 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds() <= before + 5
+
+
+def asyncio_in_flight(limiter: MemoryLimiter) -> int:
+    import asyncio
+
+    return asyncio.run(limiter.in_flight("team-a"))
