@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -63,3 +64,17 @@ def raw_request(
 
 def json_request_headers(body: bytes, **extra: str) -> dict[str, str]:
     return {"content-type": "application/json", "content-length": str(len(body)), **extra}
+
+
+def read_response(sock: socket.socket) -> httpx.Response:
+    """Read one HTTP/1.1 response that has a content-length from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
+    length = int(dict(headers)["content-length"])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return httpx.Response(int(lines[0].split()[1]), headers=headers, content=body)

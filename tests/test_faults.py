@@ -17,7 +17,7 @@ import openai
 import pytest
 from conftest import API_VERSION, CLIENT_KEY, UPSTREAM_KEY, HostApp, proxy_config
 from double import UpstreamDouble, completed, error_json, partial, sse, stall
-from support import json_request_headers, raw_request, serve
+from support import json_request_headers, raw_request, read_response, serve
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.ratelimit import MemoryLimiter
@@ -59,9 +59,9 @@ def test_a_body_sent_too_slowly_gets_408(
     body = json.dumps({"prompt": "p"}).encode()
     started = time.monotonic()
     with raw_request(proxy, json_request_headers(body), body[:5]) as sock:
-        reply = sock.recv(65536)
-    assert reply.startswith(b"HTTP/1.1 408")
-    assert b'"code": "request_timeout"' in reply
+        reply = read_response(sock)
+    assert reply.status_code == 408
+    assert reply.json()["error"]["code"] == "request_timeout"
     assert time.monotonic() - started < 5
     assert upstream.requests == []
 

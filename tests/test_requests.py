@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEY, UPSTREAM_KEY
 from double import UpstreamDouble
-from support import raw_request
+from support import raw_request, read_response
 
 PATH = "/v1/images/generations"
 
@@ -140,20 +139,6 @@ def test_chunked_body_over_the_limit_is_413_without_reading_to_the_end(
         reply = read_response(sock)
     assert reply.status_code == 413
     assert reply.json()["error"]["code"] == "request_too_large"
-
-
-def read_response(sock: socket.socket) -> httpx.Response:
-    """Read one HTTP/1.1 response that has a content-length from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, body = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
-    length = int(dict(headers)["content-length"])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return httpx.Response(int(lines[0].split()[1]), headers=headers, content=body)
 
 
 def test_body_at_the_limit_is_accepted(start_proxy: Callable[..., str]) -> None:
