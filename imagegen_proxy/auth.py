@@ -95,14 +95,16 @@ class OpenAccess:
 class KeyTable:
     """The built-in authenticator: the `[[keys]]` of the configuration.
 
-    Only SHA-256 digests of the keys are kept. A presented key is hashed, looked up by
-    digest, and the digest compared with `hmac.compare_digest`: what timing can reveal
-    is about digests of the caller's own guesses, which says nothing about any key.
+    Keys are recognised by their SHA-256 digests (`key_sha256` keeps even the key itself
+    out of the configuration). A presented key is hashed, looked up by digest, and the
+    digest compared with `hmac.compare_digest`: what timing can reveal is about digests of
+    the caller's own guesses, which says nothing about any key.
     """
 
     def __init__(self, keys: Sequence[KeyConfig]) -> None:
         self._by_digest = {
             entry.digest: (
+                entry.digest,  # computed once here, not per request
                 entry,
                 Principal(
                     entry.name,
@@ -128,9 +130,9 @@ class KeyTable:
         (key,) = credentials.keys
         digest = hashlib.sha256(key).digest()
         found = self._by_digest.get(digest)
-        if found is None or not hmac.compare_digest(found[0].digest, digest):
+        if found is None or not hmac.compare_digest(found[0], digest):
             raise unauthorized("Incorrect API key provided.")
-        entry, principal = found
+        _, entry, principal = found
         if entry.username is not None and not hmac.compare_digest(
             credentials.username or b"", entry.username.encode()
         ):
