@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,12 +55,29 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
         return JSONResponse({"error": error}, status_code=status)
 
     routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
+    if config.server.openapi_path:
+        document = openapi_document(config.proxy.mount_prefix)
+
+        async def openapi(request: Request) -> Response:
+            return JSONResponse(document)
+
+        routes.append(Route(config.server.openapi_path, openapi, methods=["GET"]))
     if mock:
         routes.append(
             Mount(MOCK_PATH, app=MockUpstream(delay=config.mock.delay, pad_to=config.mock.pad_to))
         )
     host = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
     return ImageGenProxy(host, config)
+
+
+def openapi_document(mount_prefix: str = "") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the proxy's paths (shipped as `openapi.yaml`)."""
+    import yaml
+
+    text = resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+    document: dict[str, Any] = yaml.safe_load(text)
+    document["servers"] = [{"url": mount_prefix or "/"}]
+    return document
 
 
 def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    openapi_path: str = "/openapi.json"
 
 
 class ProxySettings(_Section):

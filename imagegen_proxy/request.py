@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from .errors import ClientGone, ProxyError
 from .routing import Form, Route
 from .types import Receive, Scope
+
+
+def _integral(value: Any) -> Any:
+    # JSON (and JSON Schema) count 6.0 as an integer; strict mode alone would refuse it.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class ImageGenerationBody(BaseModel):
@@ -23,7 +34,7 @@ class ImageGenerationBody(BaseModel):
 
     prompt: str = Field(min_length=1)
     model: str | None = None
-    n: int | None = Field(None, ge=1, le=10)
+    n: Integer | None = Field(None, ge=1, le=10)
     size: str | None = None
     quality: str | None = None
     style: str | None = None
@@ -31,9 +42,9 @@ class ImageGenerationBody(BaseModel):
     background: str | None = None
     moderation: str | None = None
     output_format: str | None = None
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: Integer | None = Field(None, ge=0, le=100)
     stream: bool | None = None
-    partial_images: int | None = Field(None, ge=0, le=3)
+    partial_images: Integer | None = Field(None, ge=0, le=3)
     user: str | None = None
 
     def to_json(self) -> bytes:

@@ -217,7 +217,13 @@ def test_missing_prompt_raises_bad_request(client: openai.OpenAI) -> None:
 
 def test_empty_prompt_raises_bad_request(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
-        client.images.generate(model="gpt-image-1", prompt="   ")
+        client.images.generate(model="gpt-image-1", prompt="")
+
+
+def test_any_non_empty_prompt_is_accepted(client: openai.OpenAI) -> None:
+    # The same rule as the proxy's (and the OpenAPI document's): only "" is refused.
+    for prompt in ("   ", "\u001e", "\n"):
+        assert client.images.generate(prompt=prompt, size="16x16").data
 
 
 @pytest.mark.parametrize(

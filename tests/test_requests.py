@@ -41,6 +41,11 @@ def test_unknown_fields_and_values_pass_through(proxy: str, upstream: UpstreamDo
     }
 
 
+def test_integral_floats_count_as_integers(proxy: str, upstream: UpstreamDouble) -> None:
+    assert post(proxy, {"prompt": "p", "n": 2.0, "output_compression": 50.0}).status_code == 200
+    assert upstream.last.json == {"prompt": "p", "n": 2, "output_compression": 50}
+
+
 def test_explicit_nulls_pass_through(proxy: str, upstream: UpstreamDouble) -> None:
     assert post(proxy, {"prompt": "p", "size": None, "n": None}).status_code == 200
     assert upstream.last.json == {"prompt": "p", "size": None, "n": None}
@@ -57,6 +62,7 @@ def test_explicit_nulls_pass_through(proxy: str, upstream: UpstreamDouble) -> No
         ({"prompt": "p", "n": "2"}, "n", "invalid_type"),
         ({"prompt": "p", "n": True}, "n", "invalid_type"),
         ({"prompt": "p", "n": 1.5}, "n", "invalid_type"),
+        ({"prompt": "p", "n": 11.0}, "n", "integer_above_max_value"),
         ({"prompt": "p", "n": 10**30}, "n", "integer_above_max_value"),
         ({"prompt": "p", "stream": "true"}, "stream", "invalid_type"),
         ({"prompt": "p", "partial_images": 4}, "partial_images", "integer_above_max_value"),

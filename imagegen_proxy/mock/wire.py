@@ -63,7 +63,7 @@ def parse_generation(body: bytes) -> Generation:
             param="prompt",
             code="missing_required_parameter",
         )
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt:
         raise ProxyError(
             400,
             "Invalid 'prompt': expected a non-empty string.",
