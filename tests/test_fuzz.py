@@ -127,5 +127,6 @@ def test_fuzzed_requests_get_a_success_or_an_openai_error(target: str) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)
 def test_fuzzed_requests_long(target: str) -> None:
     fuzz(target, examples=10_000)

@@ -84,6 +84,7 @@ def test_answers_conform_to_the_document(api_schema: Any, path: str) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path", list(DOCUMENT["paths"]))
 def test_answers_conform_to_the_document_long(api_schema: Any, path: str) -> None:
     conform(api_schema, path, examples=2000)
