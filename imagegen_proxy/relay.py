@@ -161,17 +161,22 @@ class Relay:
         tail = Tail() if scanner is None and response.is_success else None
         try:
             async for chunk in response.aiter_raw():
-                if tail is not None:
-                    tail.feed(chunk)
-                end = None if scanner is None else scanner.feed(chunk)
-                if end is not None:
+                if scanner is None:
+                    if tail is not None:
+                        tail.feed(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    continue
+                out = scanner.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if scanner.malformed:
+                    logger.warning("upstream sent a malformed event stream: %s", scanner.malformed)
+                    await self._fail(scanner, "The upstream sent a malformed event stream.")
+                    return
+                if scanner.done:
                     # The SDK's loop ends only when the connection does: end the response
                     # here even if the upstream keeps its connection open.
-                    await send(
-                        {"type": "http.response.body", "body": chunk[:end], "more_body": True}
-                    )
                     break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             logger.warning("upstream failed mid-response: %s", type(exc).__name__)
             failure = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"

@@ -84,6 +84,25 @@ def test_a_broken_upstream_answer_is_502(start_proxy: Callable[..., str], reply:
     assert httpx.get(proxy + "/hello").status_code == 200  # and the proxy lives on
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [b"event: image_generation.partial_image\ndata: oops\n\n", b"data: [DONE]\n\n", b"id: 1\n\n"],
+)
+def test_malformed_sse_from_the_upstream_becomes_an_error_event(
+    proxy: str, upstream: UpstreamDouble, bad: bytes
+) -> None:
+    upstream.answer = sse(partial(0), bad, completed(), hold=True)
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    received = []
+    with pytest.raises(openai.APIError) as failure:
+        for event in client.images.generate(prompt="p", stream=True, partial_images=1):
+            received.append(event.type)
+    assert received == ["image_generation.partial_image"]  # the bad event never reached it
+    assert failure.value.code == "upstream_error"
+    assert "malformed event stream" in failure.value.message
+    assert upstream.gone.wait(5)  # and the upstream connection was dropped
+
+
 def test_no_secret_reaches_any_log_at_debug(
     start_proxy: Callable[..., str], upstream: UpstreamDouble, caplog: pytest.LogCaptureFixture
 ) -> None:

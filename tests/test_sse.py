@@ -14,13 +14,16 @@ def stream(eol: bytes) -> bytes:
 
 
 def scan(data: bytes, cuts: list[int], finals: int = 1) -> tuple[int | None, EventScanner]:
+    """Feed `data` cut at `cuts`: the offset where the final event ends (if found) and the
+    scanner. Whatever was let through must be exactly the data up to there."""
     scanner = EventScanner(finals)
-    offset = 0
+    out = b""
     for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
-        found = scanner.feed(data[start:end])
-        if found is not None:
-            return offset + found, scanner
-        offset += end - start
+        out += scanner.feed(data[start:end])
+        if scanner.done:
+            assert data.startswith(out)
+            return len(out), scanner
+    assert data.startswith(out)
     return None, scanner
 
 
@@ -76,3 +79,44 @@ def test_type_in_data_names_an_event_without_an_event_line() -> None:
     data = b'data: {"type":"image_generation.completed","b64_json":"x"}\n\nrest'
     end, _ = scan(data, [3])
     assert end == len(data) - 4
+
+
+def test_an_event_is_let_through_once_its_data_starts_as_json() -> None:
+    scanner = EventScanner()
+    start = b"event: image_generation.partial_image\nda"
+    assert scanner.feed(b": ping\n\n") == b": ping\n\n"  # comments are never held
+    assert scanner.feed(partial(0) + start) == partial(0)
+    assert scanner.at_boundary  # the held start was not let through
+    rest = b'ta: {"type": "image_generation.partial_image", "b64_json": "QUJD'
+    assert scanner.feed(rest) == start + rest
+    assert not scanner.at_boundary
+
+
+MALFORMED = [
+    b"event: image_generation.partial_image\ndata: not json\n\n",
+    b"data: [DONE]\n\n",
+    b"event: image_generation.completed\n\n",  # no data at all
+    b"id: 7\n\n",
+]
+
+
+@pytest.mark.parametrize("bad", MALFORMED, ids=range(len(MALFORMED)))
+def test_a_malformed_event_is_never_let_through(bad: bytes) -> None:
+    data = partial(0) + bad + completed()
+    good = len(partial(0))
+    for cuts in ([], [good - 3, good + 3], [good + 1], list(range(1, 400))):
+        scanner = EventScanner()
+        out = b""
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            out += scanner.feed(data[start:end])
+        assert out == partial(0), cuts
+        assert scanner.malformed and not scanner.done
+        assert scanner.at_boundary  # an error event can take the bad one's place
+
+
+def test_an_event_held_back_too_long_is_malformed() -> None:
+    scanner = EventScanner()
+    data = partial(0) + b"event: x\n" * 10_000  # never any data: held, but not forever
+    out = b"".join(scanner.feed(data[i : i + 1000]) for i in range(0, len(data), 1000))
+    assert out == partial(0)
+    assert scanner.malformed and "no data" in scanner.malformed
