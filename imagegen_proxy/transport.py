@@ -42,8 +42,9 @@ def _mapped(writing: bool = False) -> Iterator[None]:
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, transport: AiohttpTransport) -> None:
         self._response = response
+        self._transport: AiohttpTransport | None = transport
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _mapped():
@@ -51,6 +52,9 @@ class _Body(httpx.AsyncByteStream):
                 yield chunk
 
     async def aclose(self) -> None:
+        if self._transport is not None:
+            self._transport.in_use -= 1
+            self._transport = None
         # A body not read to its end leaves the connection unusable: close it, don't pool it.
         if self._response.content.at_eof():
             self._response.release()
@@ -72,6 +76,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._proxies = urllib.request.getproxies_environment()
         self._proxy_for: dict[tuple[str, str], str | None] = {}
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        # Responses handed out and not closed yet: each holds a connection of the pool.
+        self.in_use = 0
 
     def _proxy(self, url: httpx.URL) -> str | None:
         key = (url.scheme, url.host)
@@ -124,10 +130,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
                 timeout=self._timeout(request),
             )
+        self.in_use += 1
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_Body(response),
+            stream=_Body(response, self),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )

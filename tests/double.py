@@ -76,6 +76,7 @@ class UpstreamDouble:
     gone: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     url: str = ""
+    active: int = 0  # requests whose answer is still running
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -101,7 +102,11 @@ class UpstreamDouble:
         )
         self.requests.append(request)
         self.arrived.set()
-        await (self.answer or json_image())(Exchange(request, receive, send, self))
+        self.active += 1
+        try:
+            await (self.answer or json_image())(Exchange(request, receive, send, self))
+        finally:
+            self.active -= 1
 
     @property
     def last(self) -> Recorded:
@@ -205,6 +210,16 @@ def sse(
             await x.until_disconnect()
         elif not cut:
             await x.body(b"", more=False)
+
+    return answer
+
+
+def cut_json() -> Answer:
+    """Start a JSON answer, then drop the connection partway through its body."""
+
+    async def answer(x: Exchange) -> None:
+        await x.start(200, [("content-type", "application/json"), ("content-length", "5000")])
+        await x.body(b'{"created": 1, "data": [{"b64_json": "AAAA')
 
     return answer
 

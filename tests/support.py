@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -16,15 +17,32 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.ready = threading.Event()
+        self.url = ""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         self.ready.set()
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """The tasks alive in the server's event loop."""
+
+        async def alive() -> list[asyncio.Task[Any]]:
+            return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+        return asyncio.run_coroutine_threadsafe(alive(), self.loop).result(5)
 
 
 @contextlib.contextmanager
 def serve(app: Any, *, lifespan: str = "auto", **config: Any) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port; yield its base URL ("http://127.0.0.1:N")."""
+    with serving(app, lifespan=lifespan, **config) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def serving(app: Any, *, lifespan: str = "auto", **config: Any) -> Iterator[_Server]:
+    """Like `serve`, but yield the server itself: its `url`, and its loop's `tasks()`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -43,7 +61,8 @@ def serve(app: Any, *, lifespan: str = "auto", **config: Any) -> Iterator[str]:
     try:
         if not server.ready.wait(10):
             raise RuntimeError("test server did not start")
-        yield f"http://127.0.0.1:{port}"
+        server.url = f"http://127.0.0.1:{port}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(10)

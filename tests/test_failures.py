@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, HostApp, proxy_config
-from double import UpstreamDouble, error_json, partial, sse, stall
+from double import UpstreamDouble, cut_json, error_json, partial, sse, stall
 from support import json_request_headers, raw_request, serve
 
 from imagegen_proxy import ImageGenProxy
@@ -105,11 +105,7 @@ def test_stream_request_refused_by_upstream_raises_in_the_sdk(
 def test_upstream_cut_mid_json_aborts_instead_of_a_short_body(
     proxy: str, upstream: UpstreamDouble
 ) -> None:
-    async def answer(x):  # type: ignore[no-untyped-def]
-        await x.start(200, [("content-type", "application/json"), ("content-length", "5000")])
-        await x.body(b'{"created": 1, "data": [{"b64_json": "AAAA')
-
-    upstream.answer = answer
+    upstream.answer = cut_json()
     with pytest.raises(openai.APIConnectionError):
         sdk(proxy).images.generate(prompt="p")
 

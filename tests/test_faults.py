@@ -11,16 +11,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from conftest import API_VERSION, CLIENT_KEY, UPSTREAM_KEY, HostApp, proxy_config
-from double import UpstreamDouble, completed, error_json, partial, sse, stall
-from support import json_request_headers, raw_request, read_response, serve
+from double import UpstreamDouble, completed, cut_json, error_json, partial, sse, stall
+from support import json_request_headers, raw_request, read_response, serving
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.ratelimit import MemoryLimiter
+from imagegen_proxy.transport import AiohttpTransport
 
 PATH = "/v1/images/generations"
 
@@ -138,31 +140,96 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_mixed_faults_leak_no_slot_connection_or_descriptor(upstream: UpstreamDouble) -> None:
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+FAULTS = 1_000
+
+
+def test_a_thousand_mixed_faults_leak_no_connection_slot_task_or_descriptor(
+    upstream: UpstreamDouble,
+) -> None:
     limiter = MemoryLimiter()
     keys = [{"name": "team-a", "key": CLIENT_KEY, "max_concurrent": 10_000}]
-    config = proxy_config(upstream, auth={"open": False}, keys=keys)
-    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    dead = {"endpoint": f"http://127.0.0.1:{closed_port()}"}
+    config = proxy_config(upstream, azure=dead, auth={"open": False}, keys=keys)
+    auth = {"authorization": f"Bearer {CLIENT_KEY}"}
+    stream = json.dumps({"prompt": "p", "stream": True}).encode()
+    azure_path = f"/openai/deployments/dep/images/generations?api-version={API_VERSION}"
     before = open_fds()
     proxy = ImageGenProxy(HostApp().app, config, rate_limiter=limiter)
-    with serve(proxy, lifespan="on") as url:
-        body = json.dumps({"prompt": "p", "stream": True}).encode()
-        raw = json_request_headers(body, **headers)
-        answers = [stall(), sse(partial(0), hold=True), error_json(500, {"message": "x"})]
-        for round_ in range(100):
-            upstream.answer = answers[round_ % 3]
+    with serving(proxy, lifespan="on") as server, httpx.Client(timeout=10) as client:
+        url = server.url
+        assert client.post(url + PATH, json={"prompt": "p"}, headers=auth).status_code == 200
+        baseline = coroutines(server)  # the server's own, and the transport's closing guard
+
+        def vanish_waiting() -> None:  # while the upstream works
+            upstream.answer = stall()
+            vanish_after(lambda sock: upstream.arrived.wait(5))
+
+        def vanish_mid_stream() -> None:
+            upstream.answer = sse(partial(0), hold=True)
+            vanish_after(lambda sock: recv_until(sock, b"partial_image"))
+
+        def vanish_mid_body() -> None:  # before the proxy has the whole body
+            with raw_request(url, json_request_headers(stream, **auth), stream[:7]):
+                pass
+
+        def vanish_after(step: Callable[[socket.socket], object]) -> None:
             upstream.arrived.clear()
-            with raw_request(url, raw, body) as sock:
-                assert upstream.arrived.wait(5)
-                if round_ % 3:
-                    sock.recv(65536)  # the answer (or its first event) has started
-            # the client is gone here, whatever stage it reached
+            with raw_request(url, json_request_headers(stream, **auth), stream) as sock:
+                assert step(sock)
+
+        def upstream_error() -> None:
+            upstream.answer = error_json(500, {"message": "x"})
+            assert client.post(url + PATH, json={"prompt": "p"}, headers=auth).status_code == 500
+
+        def upstream_cut() -> None:
+            upstream.answer = cut_json()
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.post(url + PATH, json={"prompt": "p"}, headers=auth)
+
+        def upstream_malformed() -> None:
+            upstream.answer = sse(partial(0), b"data: oops\n\n", hold=True)
+            answer = client.post(url + PATH, json={"prompt": "p", "stream": True}, headers=auth)
+            assert "event: error" in answer.text and "malformed event stream" in answer.text
+
+        def upstream_dead() -> None:
+            answer = client.post(url + azure_path, json={"prompt": "p"}, headers=auth)
+            assert answer.status_code == 502
+
+        faults = [
+            vanish_waiting,
+            vanish_mid_stream,
+            vanish_mid_body,
+            upstream_error,
+            upstream_cut,
+            upstream_malformed,
+            upstream_dead,
+        ]
+        for index in range(FAULTS):
+            faults[index % len(faults)]()
+
+        transport = proxy.transport
+        assert isinstance(transport, AiohttpTransport)
+
+        def leaks() -> list[object]:
+            return [
+                asyncio_in_flight(limiter),  # concurrency slots not given back
+                transport.in_use,  # upstream responses not closed: pool connections held
+                upstream.active,  # requests the upstream still serves
+                len(coroutines(server)) - len(baseline),  # tasks left running
+            ]
+
         deadline = time.monotonic() + 10
-        while asyncio_in_flight(limiter) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert asyncio_in_flight(limiter) == 0
-        upstream.answer = error_json(500, {"message": "x"})
-        assert httpx.post(url + PATH, json={"prompt": "p"}, headers=headers).status_code == 500
+        while any(leaks()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leaks() == [0, 0, 0, 0]
+        assert coroutines(server) == baseline
+        assert len(upstream.requests) > FAULTS * 5 // 7  # the faults did reach it
     # The proxy has shut down (closing its upstream connections): descriptors are back.
     deadline = time.monotonic() + 10
     while open_fds() > before + 5 and time.monotonic() < deadline:
@@ -174,3 +241,17 @@ def asyncio_in_flight(limiter: MemoryLimiter) -> int:
     import asyncio
 
     return asyncio.run(limiter.in_flight("team-a"))
+
+
+def coroutines(server: Any) -> list[str]:
+    return sorted(task.get_coro().__qualname__ for task in server.tasks())
+
+
+def recv_until(sock: socket.socket, marker: bytes) -> bool:
+    data = b""
+    while marker not in data:
+        more = sock.recv(65536)
+        if not more:
+            return False
+        data += more
+    return True
