@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,6 +63,10 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
             return JSONResponse(document)
 
         routes.append(Route(config.server.openapi_path, openapi, methods=["GET"]))
+    if config.metrics.enabled:
+        from .metrics import metrics_app
+
+        routes.append(Route(config.metrics.path, metrics_app(), methods=["GET"]))
     if mock:
         routes.append(
             Mount(MOCK_PATH, app=MockUpstream(delay=config.mock.delay, pad_to=config.mock.pad_to))
@@ -107,8 +112,22 @@ def from_environment() -> ImageGenProxy:
     mock_url = os.environ.get("IMAGEGEN_PROXY_MOCK_URL")
     if mock_url:
         config = with_mock(config, mock_url)
-    logging.getLogger("imagegen_proxy").setLevel(os.environ.get("IMAGEGEN_PROXY_LOG_LEVEL", "INFO"))
+    configure_logging(os.environ.get("IMAGEGEN_PROXY_LOG_LEVEL", "INFO"))
     return create_app(config, mock=bool(mock_url))
+
+
+def configure_logging(level: str) -> None:
+    """The command's logging: the proxy's messages at `level`, on stderr; access log lines
+    (when `[access_log]` is enabled, whatever `level`) bare on stdout, one per line."""
+    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("imagegen_proxy").setLevel(level.upper())
+    access = logging.getLogger("imagegen_proxy.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def resolved(config: ProxyConfig) -> dict[str, Any]:

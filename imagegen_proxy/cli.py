@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
 import resource
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
-from .app import create_app, describe_upstreams, resolved, with_mock
+from .app import configure_logging, create_app, describe_upstreams, resolved, with_mock
 from .config import ConfigError, ProxyConfig
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -65,10 +68,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"imagegen-proxy: {exc}")
 
-    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("imagegen_proxy").setLevel(args.log_level.upper())
+    configure_logging(args.log_level)
     _raise_open_files_limit()
     print(_banner(url, config, mock), flush=True)
+    # With our own access log, uvicorn's would only say the same thing twice, with less.
+    options = {
+        "log_level": args.log_level,
+        "access_log": not config.access_log.enabled,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 5,
+    }
     if args.workers > 1:
         print(_workers_note(config, args.workers), flush=True)
         # Worker processes build their own app from the same resolved choices.
@@ -77,20 +86,38 @@ def main(argv: list[str] | None = None) -> None:
             IMAGEGEN_PROXY_MOCK_URL=mock_url,
             IMAGEGEN_PROXY_LOG_LEVEL=args.log_level.upper(),
         )
-        uvicorn.run(
-            "imagegen_proxy.app:from_environment",
-            factory=True,
-            fd=sock.fileno(),
-            workers=args.workers,
-            log_level=args.log_level,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
+        with _metrics_directory(config.metrics.enabled):
+            uvicorn.run(
+                "imagegen_proxy.app:from_environment",
+                factory=True,
+                fd=sock.fileno(),
+                workers=args.workers,
+                **options,
+            )
         return
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
-    )
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def _metrics_directory(enabled: bool) -> Iterator[None]:
+    """prometheus-client's multiprocess mode for the workers: a directory where each writes
+    its values (`PROMETHEUS_MULTIPROC_DIR`, made here unless given), emptied at start."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not enabled:
+        yield
+        return
+    if given:
+        for stale in Path(given).glob("*.db"):  # a previous run's values would add up
+            stale.unlink()
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="imagegen-proxy-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def _check(config: ProxyConfig, mock: bool, path: str | None) -> str | int:

@@ -205,6 +205,28 @@ class LimitsConfig(_Section):
         return value
 
 
+class AccessLogConfig(_Section):
+    """`[access_log]`: one line per proxied request on the `imagegen_proxy.access` logger."""
+
+    enabled: bool = True
+    format: Literal["json", "kv"] = "json"
+    log_prompts: bool = False
+
+
+class MetricsConfig(_Section):
+    """`[metrics]`: Prometheus metrics (needs the `metrics` extra: prometheus-client)."""
+
+    enabled: bool = False
+    path: str = "/metrics"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError('must start with "/"')
+        return value
+
+
 class MockConfig(_Section):
     """`[mock]`: the embedded mock upstream the bundled proxy serves when no upstream is set."""
 
@@ -223,6 +245,8 @@ class ProxyConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     keys: list[KeyConfig] = Field(default_factory=list)
     mock: MockConfig = Field(default_factory=MockConfig)
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> ProxyConfig:

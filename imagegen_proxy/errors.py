@@ -55,12 +55,16 @@ def server_error(status: int, message: str, code: str, *, retry: bool = True) ->
     return ProxyError(status, message, type="server_error", code=code, headers=headers)
 
 
-async def send_error(send: Send, error: ProxyError) -> None:
+async def send_error(send: Send, error: ProxyError, request_id: str | None = None) -> int:
+    """Send `error` as the whole response; return the body's size."""
     body = json.dumps(error.envelope()).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
     ]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+    return len(body)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import httpx
 
 from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, send_error
+from .observe import AccessLog, Entry, client_request_id
 from .ratelimit import Decision, MemoryLimiter, RateLimiter
 from .relay import Relay
 from .request import ImageRequest, check_content_type, parse_request, read_body
@@ -17,6 +19,9 @@ from .routing import Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstream import SendUpstream, Upstreams, client_sender, create_transport
 from .usage import Usage, UsageObserver
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -31,6 +36,9 @@ class ImageGenProxy:
     `http_client` replaces the default upstream transport (the proxy then never closes it).
     Without one, the transport is created on first use (Django never sends lifespan) and
     closed on lifespan shutdown, when the server sends it, or by `aclose()`.
+
+    Each request ends with one access log line (`[access_log]`) and, with `[metrics]`
+    enabled, its Prometheus metrics.
     """
 
     def __init__(
@@ -60,6 +68,12 @@ class ImageGenProxy:
         self._body_timeout = config.proxy.body_timeout
         self._given_client = None if http_client is None else client_sender(http_client)
         self.transport: httpx.AsyncBaseTransport | None = None
+        self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self.metrics: Metrics | None = None
+        if config.metrics.enabled:
+            from .metrics import Metrics
+
+            self.metrics = Metrics.shared()
 
     def _sender(self) -> SendUpstream:
         if self._given_client is not None:
@@ -85,6 +99,7 @@ class ImageGenProxy:
                 send = self._closing_on_shutdown(send)
             await self.app(scope, receive, send)
             return
+        entry = Entry(route.form, client_request_id=client_request_id(scope))
         try:
             if scope["method"] != "POST":
                 raise ProxyError(
@@ -97,36 +112,51 @@ class ImageGenProxy:
             check_content_type(scope)
             body = await read_body(scope, receive, self._max_body, self._body_timeout)
             request = parse_request(route, body)
+            entry.describe(request)
             credentials = read_credentials(scope, self._key_headers)
             principal = await self.authenticator.authenticate(credentials, request)
+            entry.key = principal.name
             check_policy(principal, request)
             decision = await self.rate_limiter.acquire(principal, request)
             if not decision.allowed:
+                entry.limit = decision.limit or decision.code
                 raise decision.refusal()
-            await self._generate(principal, request, decision, scope, receive, send)
+            await self._generate(principal, request, decision, entry, scope, receive, send)
         except ProxyError as error:
-            await send_error(send, error)
+            entry.refused(error)
+            entry.bytes_out = await send_error(send, error, entry.id)
         except ClientGone:
-            pass
+            entry.gone()
         except Exception:
             # forward() answers its own failures once the response has started, so
             # anything that reaches here happened before: a 500 can still be sent.
             logger.exception("internal error while proxying %s", scope["path"])
-            await send_error(
-                send,
-                ProxyError(
-                    500,
-                    "The proxy failed to handle the request.",
-                    type="server_error",
-                    code="internal_error",
-                ),
+            internal = ProxyError(
+                500,
+                "The proxy failed to handle the request.",
+                type="server_error",
+                code="internal_error",
             )
+            entry.refused(internal)
+            entry.bytes_out = await send_error(send, internal, entry.id)
+        finally:
+            self._observe(entry)
+
+    def _observe(self, entry: Entry) -> None:
+        try:
+            if self.access_log is not None:
+                self.access_log.emit(entry)
+            if self.metrics is not None:
+                self.metrics.ended(entry)
+        except Exception:
+            logger.exception("recording request %s failed", entry.id)
 
     async def _generate(
         self,
         principal: Principal,
         request: ImageRequest,
         decision: Decision,
+        entry: Entry,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -149,12 +179,25 @@ class ImageGenProxy:
                 await self._record(principal, request, spent)
 
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
-        relay = Relay(self._sender(), send, images=request.images, headers=headers, on_end=settle)
+        relay = Relay(
+            self._sender(),
+            send,
+            images=request.images,
+            headers=headers,
+            request_id=entry.id,
+            on_end=settle,
+        )
+        entry.upstream, entry.admitted = self.upstreams.target(request), True
+        if self.metrics is not None:
+            self.metrics.started(entry)
         try:
-            upstream_request = self.upstreams.build(request, scope, principal.upstream_api_key)
+            upstream_request = self.upstreams.build(
+                request, scope, principal.upstream_api_key, entry.client_request_id or entry.id
+            )
             await relay.run(upstream_request, receive)
         finally:
             await settle()
+            entry.relayed(relay.outcome, request.images)
 
     async def _record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
         for observer in self.usage_observers:

@@ -46,6 +46,7 @@ class Decision:
     message: str = ""
     retry: bool = True  # False: waiting will not help (x-should-retry: false)
     release: Release | None = None
+    limit: str = ""  # the limit that refused: "requests_per_minute", "images_per_day", ...
 
     def headers(self) -> list[tuple[str, str]]:
         headers = []
@@ -101,6 +102,7 @@ def quota_refusal(what: str, limit: int, until_tomorrow: float) -> Decision:
         code="insufficient_quota",
         retry=False,
         message=f"Daily quota of {limit} {what} is spent; it renews at 00:00 UTC.",
+        limit=f"{what}_per_day",
     )
 
 
@@ -111,6 +113,7 @@ def rate_refusal(name: str, limit: int, retry_after: float, limits: list[LimitSt
         retry_after=retry_after,
         message=f"Rate limit of {limit} {name} per minute reached: retry in "
         f"{math.ceil(retry_after * 1000)} ms.",
+        limit=f"{name}_per_minute",
     )
 
 
@@ -120,6 +123,7 @@ def too_many_images(n: int, limit: int) -> Decision:
         retry_after=WINDOW,
         retry=False,
         message=f"n={n} can never fit this key's limit of {limit} images per minute.",
+        limit="images_per_minute",
     )
 
 
@@ -128,6 +132,7 @@ def concurrency_refusal(limit: int) -> Decision:
         False,
         retry_after=1.0,
         message=f"Too many generations in flight: at most {limit} at a time for this key.",
+        limit="max_concurrent",
     )
 
 

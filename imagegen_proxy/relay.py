@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import httpx
 from .errors import ProxyError
 from .sse import EventScanner
 from .types import Message, Receive, Send
-from .upstream import Headers, SendUpstream, map_error
+from .upstream import Headers, SendUpstream, failure_kind, map_error
 from .usage import Tail, Usage, tokens_in
 
 logger = logging.getLogger("imagegen_proxy")
@@ -56,6 +57,11 @@ class Outcome:
     status: int | None = None  # the upstream's, once it answered
     usage: Usage | None = None  # token counts, when the answer was complete and had them
     client_gone: bool = False
+    failure: str | None = None  # how the upstream failed (see metrics.Metrics.upstream_errors)
+    upstream_request_id: str | None = None
+    ttfb: float | None = None  # seconds until the upstream's response started
+    elapsed: float | None = None  # seconds from sending upstream to the end
+    bytes_out: int = 0  # body bytes sent to the client
 
     @property
     def ok(self) -> bool:
@@ -65,7 +71,8 @@ class Outcome:
 class Relay:
     """One request's trip upstream and back.
 
-    `headers` are added to the answer (replacing the upstream's of the same name).
+    `headers` are added to the answer (replacing the upstream's of the same name), and
+    `request_id` as its `x-request-id` when the upstream sends none.
     `on_end` is awaited just before the response's last message, so that what it settles
     (a concurrency slot, the day's usage) is settled before the client can send its next
     request; where the response is cut instead, the caller settles afterwards.
@@ -78,12 +85,14 @@ class Relay:
         *,
         images: int,
         headers: Headers,
+        request_id: str,
         on_end: OnEnd,
     ) -> None:
         self.send_upstream = send_upstream
         self.send = send
         self.images = images
         self.headers = headers
+        self.request_id = request_id.encode()
         self.on_end = on_end
         self.outcome = Outcome()
         self._finished = False
@@ -130,18 +139,27 @@ class Relay:
             task.cancel()
 
     async def _exchange(self, request: httpx.Request) -> None:
+        outcome = self.outcome
+        started = time.perf_counter()
         try:
             response = await self.send_upstream(request)
         except httpx.HTTPError as exc:
             logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
+            outcome.elapsed = time.perf_counter() - started
+            outcome.failure = failure_kind(exc)
             raise map_error(exc) from None
-        self.outcome.status = response.status_code
+        outcome.ttfb = time.perf_counter() - started
+        outcome.status = response.status_code
+        outcome.upstream_request_id = response.headers.get("x-request-id")
+        if not response.is_success:
+            outcome.failure = "status"
         try:
             await self._relay(response)
         finally:
             # Closing is not interruptible: the watcher cancels only before this point.
             self._finished = True
             await response.aclose()
+            outcome.elapsed = time.perf_counter() - started
 
     async def _relay(self, response: httpx.Response) -> None:
         send = self.send
@@ -153,6 +171,8 @@ class Relay:
         dropped |= {name for name, _ in self.headers}
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in dropped]
         headers += self.headers
+        if self.outcome.upstream_request_id is None:
+            headers.append((b"x-request-id", self.request_id))
         if scanner is not None:
             headers += _SSE_HEADERS
         await send(
@@ -164,10 +184,12 @@ class Relay:
                 if scanner is None:
                     if tail is not None:
                         tail.feed(chunk)
+                    self.outcome.bytes_out += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     continue
                 out = scanner.feed(chunk)
                 if out:
+                    self.outcome.bytes_out += len(out)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if scanner.malformed:
                     logger.warning("upstream sent a malformed event stream: %s", scanner.malformed)
@@ -187,6 +209,7 @@ class Relay:
         except Exception:
             # Past the start nothing can be answered any more: log it and cut the connection.
             logger.exception("relay failed mid-response")
+            self.outcome.failure = "mid_stream"
             return
         if scanner is not None and not scanner.done:
             await self._fail(
@@ -203,6 +226,7 @@ class Relay:
 
     async def _fail(self, scanner: EventScanner | None, message: str) -> None:
         """Answer a failure after the response started: an SSE error event, or abort."""
+        self.outcome.failure = "mid_stream"
         if scanner is not None and scanner.completed:
             self.outcome.usage = scanner.usage  # the images completed before still cost
         if scanner is None or not scanner.at_boundary:
@@ -212,6 +236,7 @@ class Relay:
         error = ProxyError(502, message, type="server_error", code="upstream_error")
         data = json.dumps({"type": "error", **error.envelope()}).encode()
         frame = b"event: error\ndata: " + data + b"\n\n"
+        self.outcome.bytes_out += len(frame)
         await self.send({"type": "http.response.body", "body": frame, "more_body": True})
         self._finished = True  # settling must not be cancelled halfway
         await self.on_end()

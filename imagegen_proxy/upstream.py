@@ -91,13 +91,19 @@ class _Target:
         return [] if key is None else [(self._key_header, self._key_prefix + key.encode())]
 
     def request(
-        self, url: httpx.URL, body: ImageGenerationBody, scope: Scope, api_key: str | None
+        self,
+        url: httpx.URL,
+        body: ImageGenerationBody,
+        scope: Scope,
+        api_key: str | None,
+        request_id: str,
     ) -> httpx.Request:
         headers = [
             (key, value)
             for key, value in scope["headers"]
             if key in _FORWARDED or key.startswith(_FORWARDED_PREFIX)
         ]
+        headers.append((b"x-client-request-id", request_id.encode()))
         if api_key is None:
             headers += self.headers
         else:  # this client spends on its own upstream key
@@ -133,23 +139,30 @@ class Upstreams:
             self._azure_urls: LRUCache[tuple[str, str], httpx.URL] = LRUCache(maxsize=1024)
 
     def build(
-        self, request: ImageRequest, scope: Scope, api_key: str | None = None
+        self, request: ImageRequest, scope: Scope, api_key: str | None, request_id: str
     ) -> httpx.Request:
-        """The upstream request; `api_key` replaces the configured upstream key."""
+        """The upstream request; `api_key` replaces the configured upstream key, and
+        `request_id` goes as `X-Client-Request-Id`, for the upstream's logs."""
         body = request.body
         if request.form == "azure":
             assert request.deployment is not None
             if self._azure is not None:
                 url = self._azure_url(request.deployment, request.api_version)
-                return self._azure.request(url, body, scope, api_key)
+                return self._azure.request(url, body, scope, api_key, request_id)
             assert self._openai is not None
             body = body.model_copy(update={"model": request.deployment})
-            return self._openai.request(self._openai_url, body, scope, api_key)
+            return self._openai.request(self._openai_url, body, scope, api_key, request_id)
         if self._openai is not None:
-            return self._openai.request(self._openai_url, body, scope, api_key)
+            return self._openai.request(self._openai_url, body, scope, api_key, request_id)
         assert self._azure is not None
         url = self._azure_url(self._deployment_for(body.model), None)
-        return self._azure.request(url, body, scope, api_key)
+        return self._azure.request(url, body, scope, api_key, request_id)
+
+    def target(self, request: ImageRequest) -> str:
+        """Which upstream `build` sends `request` to: "openai" or "azure"."""
+        if request.form == "azure":
+            return "azure" if self._azure is not None else "openai"
+        return "openai" if self._openai is not None else "azure"
 
     def _deployment_for(self, model: str | None) -> str:
         if model is None:
@@ -179,6 +192,17 @@ class Upstreams:
             url = httpx.URL(f"{self._azure_base}{path}/images/generations?api-version={version}")
             self._azure_urls[key] = url  # parsed once: URL parsing shows in the profile
         return url
+
+
+def failure_kind(exc: httpx.HTTPError) -> str:
+    """How an upstream request failed before its response started, for logs and metrics."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return "pool"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return "connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    return "protocol"
 
 
 def map_error(exc: httpx.HTTPError) -> ProxyError:

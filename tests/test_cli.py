@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +25,13 @@ COMMAND = str(Path(sys.executable).parent / "imagegen-proxy")
 
 @contextlib.contextmanager
 def running(
-    *args: str, env: dict[str, str] | None = None, lines: int = 6
+    *args: str, env: dict[str, str] | None = None, lines: int = 6, output: list[str] | None = None
 ) -> Iterator[tuple[str, str]]:
-    """Start the command on a free port; yield its URL and the banner it printed."""
+    """Start the command on a free port; yield its URL and the banner it printed.
+
+    What it prints after the banner (access log lines) is read as it comes, into `output`
+    if given: a pipe nobody reads would fill up and stall the server.
+    """
     process = subprocess.Popen(
         [COMMAND, "--port", "0", "--log-level", "warning", *args],
         stdout=subprocess.PIPE,
@@ -38,6 +45,9 @@ def running(
         assert "listening on http://" in banner, process.stderr.read() if process.stderr else ""
         url = banner.split("listening on ", 1)[1].split()[0]
         banner += "".join(process.stdout.readline() for _ in range(lines - 1))
+        sink = output if output is not None else []
+        for stream in (process.stdout, process.stderr):
+            threading.Thread(target=sink.extend, args=(stream,), daemon=True).start()
         yield url, banner
     finally:
         process.send_signal(signal.SIGINT)
@@ -124,3 +134,14 @@ def test_port_in_use_is_a_clear_error() -> None:
         result = run("--port", port)
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_access_log_is_one_json_object_per_line_on_stdout() -> None:
+    output: list[str] = []
+    with running(output=output) as (url, _):
+        assert httpx.post(url + "/v1/images/generations", json={"prompt": "p"}).status_code == 200
+        deadline = time.monotonic() + 5
+        while not output and time.monotonic() < deadline:
+            time.sleep(0.02)
+    line = json.loads(output[0])
+    assert (line["status"], line["outcome"], line["form"]) == (200, "ok", "openai")

@@ -1,0 +1,175 @@
+"""Prometheus metrics (the `metrics` extra: prometheus-client), and the app that serves them.
+
+With several worker processes, set `PROMETHEUS_MULTIPROC_DIR` (the `imagegen-proxy` command
+does it for `--workers`): each process writes its values there and `metrics_app()` adds them
+up, whichever process answers the scrape.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+from typing import Any
+
+from .config import ConfigError
+from .observe import Entry
+from .types import ASGIApp, Receive, Scope, Send
+
+try:
+    import prometheus_client
+    from prometheus_client import multiprocess
+except ImportError:  # pragma: no cover - exercised by users without the extra
+    prometheus_client = None  # type: ignore[assignment]
+
+# Generations take seconds to minutes: buckets from 100 ms up to the 10-minute read timeout.
+BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+_LABEL = re.compile(r"[\w.:/@+-]{1,64}", re.ASCII)
+
+
+def _require() -> None:
+    if prometheus_client is None:
+        raise ConfigError(
+            "[metrics] enabled needs prometheus-client: pip install 'imagegen-proxy[metrics]'"
+        )
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class _Bounded:
+    """Label values taken from what clients send (models): at most `limit` distinct ones,
+    then "other", so that a client cannot grow the metrics without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return ""
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit or not _LABEL.fullmatch(value):
+            return "other"
+        self.seen.add(value)
+        return value
+
+
+class Metrics:
+    """The proxy's metrics, registered once per process (in prometheus-client's default
+    registry, so a host app's own `/metrics` shows them too)."""
+
+    _instance: Metrics | None = None
+
+    @classmethod
+    def shared(cls) -> Metrics:
+        _require()
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self) -> None:
+        p = prometheus_client
+        self.requests = p.Counter(
+            "imagegen_proxy_requests",
+            "Image-generation requests answered, by path form, key, model and status.",
+            ["form", "key", "model", "status"],
+        )
+        self.images = p.Counter(
+            "imagegen_proxy_images",
+            "Images generated (n of each successful generation).",
+            ["key", "model"],
+        )
+        self.ttfb = p.Histogram(
+            "imagegen_proxy_upstream_ttfb_seconds",
+            "Time from sending the upstream request to its response headers.",
+            ["upstream"],
+            buckets=BUCKETS,
+        )
+        self.upstream_time = p.Histogram(
+            "imagegen_proxy_upstream_duration_seconds",
+            "Time from sending the upstream request to its last byte relayed.",
+            ["upstream"],
+            buckets=BUCKETS,
+        )
+        self.bytes = p.Counter(
+            "imagegen_proxy_relayed_bytes",
+            "Response body bytes sent to clients.",
+            ["key"],
+        )
+        self.in_flight = p.Gauge(
+            "imagegen_proxy_in_flight",
+            "Generations in flight (admitted, not yet ended).",
+            ["key"],
+            multiprocess_mode="livesum",
+        )
+        self.limited = p.Counter(
+            "imagegen_proxy_limited",
+            "Requests refused by a rate limit or quota, by the limit that refused them.",
+            ["key", "limit"],
+        )
+        self.upstream_errors = p.Counter(
+            "imagegen_proxy_upstream_errors",
+            "Upstream failures: connect, timeout, pool, protocol, status (non-2xx), "
+            "mid_stream (after the answer started).",
+            ["upstream", "kind"],
+        )
+        self._models = _Bounded(100)
+        self._keys = _Bounded(10_000)
+        if multiprocess_dir():
+            pid = os.getpid()  # a live gauge of a process that is gone must not count
+            atexit.register(multiprocess.mark_process_dead, pid)
+
+    def started(self, entry: Entry) -> None:
+        self.in_flight.labels(self._keys(entry.key)).inc()
+
+    def ended(self, entry: Entry) -> None:
+        key = self._keys(entry.key)
+        model = self._models(entry.model)
+        if entry.admitted:
+            self.in_flight.labels(key).dec()
+        self.requests.labels(entry.form, key, model, str(entry.status)).inc()
+        if entry.images:
+            self.images.labels(key, model).inc(entry.images)
+        if entry.bytes_out:
+            self.bytes.labels(key).inc(entry.bytes_out)
+        if entry.limit:
+            self.limited.labels(key, entry.limit).inc()
+        upstream = entry.upstream
+        if upstream is None:
+            return
+        if entry.ttfb is not None:
+            self.ttfb.labels(upstream).observe(entry.ttfb)
+        if entry.upstream_time is not None:
+            self.upstream_time.labels(upstream).observe(entry.upstream_time)
+        if entry.outcome == "upstream_error" and entry.error in _KINDS:
+            self.upstream_errors.labels(upstream, entry.error).inc()
+
+
+_KINDS = frozenset({"connect", "timeout", "pool", "protocol", "status", "mid_stream"})
+
+
+class MetricsApp:
+    """An ASGI app answering Prometheus scrapes (a class, so that Starlette's `Route` and
+    `Mount` both take it as an app, not as an endpoint function)."""
+
+    def __init__(self) -> None:
+        _require()
+        registry: Any = prometheus_client.REGISTRY
+        if multiprocess_dir():
+            # Not the default registry: it would export this process's values twice.
+            registry = prometheus_client.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        self._app = prometheus_client.make_asgi_app(registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+def metrics_app() -> ASGIApp:
+    """The scrape endpoint, to route where the host app wants, e.g.
+    `Route("/metrics", metrics_app())`. In multiprocess mode it adds up every process's
+    values, whichever process answers."""
+    return MetricsApp()

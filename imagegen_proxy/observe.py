@@ -1,0 +1,178 @@
+"""What one proxied request did, for the access log and the metrics: request ids, the
+`Entry` that collects the facts as the request goes, and the structured access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from .config import AccessLogConfig
+from .errors import ProxyError
+from .request import ImageRequest
+from .types import Scope
+
+if TYPE_CHECKING:
+    from .relay import Outcome
+
+access_logger = logging.getLogger("imagegen_proxy.access")
+
+# What the proxy accepts as a client's request id: visible ASCII, as OpenAI's own
+# X-Client-Request-Id (anything else is ignored: never logged, never sent on).
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,512}")
+_CLIENT_ID_HEADERS = (b"x-client-request-id", b"x-request-id")
+
+Result = Literal["ok", "client_gone", "upstream_error", "limited", "rejected", "error"]
+# nginx's "client closed request": the client left before any answer was sent.
+CLIENT_CLOSED = 499
+
+
+def new_request_id() -> str:
+    """The proxy's own id for a request: the client gets it when the upstream gives none."""
+    return "pxy_" + os.urandom(12).hex()
+
+
+def client_request_id(scope: Scope) -> str | None:
+    """The client's own id for its request (`X-Client-Request-Id`, else `X-Request-Id`)."""
+    for name in _CLIENT_ID_HEADERS:
+        for key, value in scope["headers"]:
+            if key == name:
+                return value.decode() if _CLIENT_ID.fullmatch(value) else None
+    return None
+
+
+@dataclass(slots=True)
+class Entry:
+    """One proxied request, filled in as it goes; logged and counted when it ends."""
+
+    form: str  # the path form the client used: "openai" or "azure"
+    id: str = field(default_factory=new_request_id)
+    started: float = field(default_factory=time.perf_counter)
+    client_request_id: str | None = None
+    key: str | None = None  # the principal's name, never its key
+    model: str | None = None  # the model, or the Azure deployment
+    n: int | None = None
+    stream: bool | None = None
+    prompt: str | None = None
+    status: int = 0  # what the client got
+    bytes_out: int = 0  # body bytes sent to the client
+    upstream: str | None = None  # "openai" or "azure", once the request went there
+    upstream_request_id: str | None = None
+    ttfb: float | None = None  # seconds until the upstream's response started
+    upstream_time: float | None = None  # seconds from sending upstream to the last byte
+    outcome: Result = "ok"
+    error: str | None = None  # the error code the client got, or how the upstream failed
+    limit: str | None = None  # the limit that refused the request
+    images: int = 0  # images generated and paid for
+    admitted: bool = False  # the limits let it through: it counts as in flight
+
+    @property
+    def duration(self) -> float:
+        return time.perf_counter() - self.started
+
+    def describe(self, request: ImageRequest) -> None:
+        body = request.body
+        self.model = body.model if request.deployment is None else request.deployment
+        self.n, self.stream, self.prompt = request.images, request.stream, body.prompt
+
+    def refused(self, error: ProxyError) -> None:
+        """The proxy answered `error` itself (an upstream failure is already known)."""
+        self.status = error.status
+        if self.outcome != "ok":
+            return
+        self.error = error.code
+        if error.status == 429:
+            self.outcome = "limited"
+        else:
+            self.outcome = "rejected" if error.status < 500 else "error"
+
+    def gone(self) -> None:
+        self.outcome, self.status = "client_gone", self.status or CLIENT_CLOSED
+
+    def relayed(self, outcome: Outcome, images: int) -> None:
+        """The upstream exchange ended as `outcome` (normally, failed, or cut short)."""
+        self.upstream_request_id = outcome.upstream_request_id
+        self.ttfb, self.upstream_time = outcome.ttfb, outcome.elapsed
+        self.bytes_out = outcome.bytes_out
+        if outcome.status is not None:
+            self.status = outcome.status
+        if outcome.client_gone:
+            self.gone()
+        elif outcome.failure is not None:
+            self.outcome, self.error = "upstream_error", outcome.failure
+        elif outcome.ok:
+            self.images = images
+
+    def fields(self, prompts: bool = False) -> dict[str, Any]:
+        """The access log line's fields, in a stable order."""
+        fields: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "request_id": self.id,
+            "upstream_request_id": self.upstream_request_id,
+            "client_request_id": self.client_request_id,
+            "form": self.form,
+            "key": self.key,
+            "model": self.model,
+            "n": self.n,
+            "stream": self.stream,
+            "status": self.status,
+            "outcome": self.outcome,
+            "error": self.error,
+            "limit": self.limit,
+            "upstream": self.upstream,
+            "bytes_out": self.bytes_out,
+            "ttfb_ms": _ms(self.ttfb),
+            "upstream_ms": _ms(self.upstream_time),
+            "duration_ms": _ms(self.duration),
+        }
+        if prompts:
+            fields["prompt"] = self.prompt
+        return fields
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+class AccessLog:
+    """Writes one line per request on the `imagegen_proxy.access` logger, at INFO.
+
+    `json`: one JSON object. `kv`: `key=value` pairs, absent values left out, and any
+    value that is not a plain word quoted as a JSON string, so a client-chosen model name
+    or prompt can never forge a field or a line. The fields also ride on the record as
+    `record.access`, for handlers that format records themselves.
+    """
+
+    def __init__(self, config: AccessLogConfig) -> None:
+        self.format = config.format
+        self.log_prompts = config.log_prompts
+
+    def emit(self, entry: Entry) -> None:
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        fields = entry.fields(self.log_prompts)
+        line = json.dumps(fields) if self.format == "json" else kv_line(fields)
+        access_logger.info(line, extra={"access": fields})
+
+
+_PLAIN = re.compile(r"[\w.:/@+-]+", re.ASCII)
+
+
+def kv_line(fields: dict[str, Any]) -> str:
+    parts = []
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = str(value)
+        else:
+            text = value if _PLAIN.fullmatch(value) else json.dumps(value)
+        parts.append(f"{name}={text}")
+    return " ".join(parts)

@@ -1,0 +1,217 @@
+"""Prometheus metrics after real requests, in one process and across worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import CLIENT_KEY, HostApp, proxy_config
+from double import UpstreamDouble, error_json, held, partial, sse
+from prometheus_client import REGISTRY
+from starlette.routing import Route
+from support import serve
+from test_cli import running
+
+from imagegen_proxy import ImageGenProxy, ProxyConfig
+from imagegen_proxy import metrics as metrics_module
+from imagegen_proxy.app import create_app
+from imagegen_proxy.config import ConfigError
+from imagegen_proxy.metrics import metrics_app
+
+PATH = "/v1/images/generations"
+KEYS = [{"name": "team-m", "key": CLIENT_KEY, "requests_per_minute": 3}]
+AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Delta:
+    """Metric values now, to compare with later: the registry is the process's, and other
+    tests count in it too."""
+
+    def __init__(self) -> None:
+        self.before = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for metric in REGISTRY.collect()
+            if metric.name.startswith("imagegen_proxy")
+            for s in metric.samples
+        }
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return value(name, **labels) - self.before.get((name, tuple(sorted(labels.items()))), 0)
+
+
+@pytest.fixture
+def metered(start_proxy: Callable[..., str]) -> Callable[..., str]:
+    def start(**options: object) -> str:
+        return start_proxy(metrics={"enabled": True}, **options)
+
+    return start
+
+
+def test_requests_images_bytes_and_upstream_times_are_counted(
+    metered: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = metered(auth={"open": False}, keys=KEYS)
+    delta = Delta()
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    raw = client.images.with_raw_response.generate(model="gpt-image-1", prompt="p", n=3)
+    requests = {"form": "openai", "key": "team-m", "model": "gpt-image-1", "status": "200"}
+    assert delta("imagegen_proxy_requests_total", **requests) == 1
+    assert delta("imagegen_proxy_images_total", key="team-m", model="gpt-image-1") == 3
+    assert delta("imagegen_proxy_relayed_bytes_total", key="team-m") == len(raw.content)
+    assert delta("imagegen_proxy_upstream_ttfb_seconds_count", upstream="openai") == 1
+    assert delta("imagegen_proxy_upstream_duration_seconds_count", upstream="openai") == 1
+    assert delta("imagegen_proxy_upstream_ttfb_seconds_sum", upstream="openai") > 0
+    assert value("imagegen_proxy_in_flight", key="team-m") == 0
+
+
+def test_limits_and_upstream_failures_are_counted_by_kind(
+    metered: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = metered(auth={"open": False}, keys=KEYS)
+    delta = Delta()
+    with httpx.Client(base_url=proxy, headers=AUTH) as client:
+        upstream.answer = error_json(400, {"message": "no"})
+        client.post(PATH, json={"prompt": "p"})
+        upstream.answer = sse(partial(0), cut=True)
+        client.post(PATH, json={"prompt": "p", "stream": True})
+        client.post(PATH, json={"prompt": "p"})
+        assert client.post(PATH, json={"prompt": "p"}).status_code == 429
+    errors = "imagegen_proxy_upstream_errors_total"
+    assert delta(errors, upstream="openai", kind="status") == 1
+    assert delta(errors, upstream="openai", kind="mid_stream") == 2
+    limit = {"key": "team-m", "limit": "requests_per_minute"}
+    assert delta("imagegen_proxy_limited_total", **limit) == 1
+    model = {"form": "openai", "key": "team-m", "model": ""}
+    assert delta("imagegen_proxy_requests_total", **model, status="429") == 1
+    assert delta("imagegen_proxy_images_total", key="team-m", model="") == 0
+
+
+def test_a_dead_upstream_counts_as_a_connect_error(metered: Callable[..., str]) -> None:
+    proxy = metered(openai={"base_url": "http://127.0.0.1:9/v1"})
+    delta = Delta()
+    assert httpx.post(proxy + PATH, json={"prompt": "p"}).status_code == 502
+    assert delta("imagegen_proxy_upstream_errors_total", upstream="openai", kind="connect") == 1
+    assert delta("imagegen_proxy_upstream_ttfb_seconds_count", upstream="openai") == 0
+
+
+def test_generations_in_flight_are_a_gauge_per_key(
+    metered: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = metered(auth={"open": False}, keys=[{"name": "team-g", "key": CLIENT_KEY}])
+    release = threading.Event()
+    upstream.answer = held(release)
+    with ThreadPoolExecutor(2) as pool:
+        posts = [
+            pool.submit(httpx.post, proxy + PATH, json={"prompt": "p"}, headers=AUTH)
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 5
+        while upstream.active < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert value("imagegen_proxy_in_flight", key="team-g") == 2
+        release.set()
+        assert [post.result().status_code for post in posts] == [200, 200]
+    assert value("imagegen_proxy_in_flight", key="team-g") == 0
+
+
+def test_label_values_from_clients_are_bounded() -> None:
+    bounded = metrics_module._Bounded(3)
+    assert [bounded(f"model-{i}") for i in range(5)] == [
+        "model-0",
+        "model-1",
+        "model-2",
+        "other",
+        "other",
+    ]
+    assert bounded("model-1") == "model-1"  # the ones seen stay
+    assert metrics_module._Bounded(10)('a"b\nc') == "other"  # never an odd character
+    assert metrics_module._Bounded(10)("x" * 65) == "other"
+
+
+def test_the_bundled_proxy_serves_metrics(upstream: UpstreamDouble) -> None:
+    config = proxy_config(upstream, metrics={"enabled": True, "path": "/internal/metrics"})
+    with serve(create_app(config)) as url:
+        httpx.post(url + PATH, json={"prompt": "p", "model": "gpt-image-1"})
+        scrape = httpx.get(url + "/internal/metrics")
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"].startswith("text/plain")
+    line = 'imagegen_proxy_requests_total{form="openai",key="anonymous",model="gpt-image-1",'
+    assert line in scrape.text
+    for name in (
+        "imagegen_proxy_images_total",
+        "imagegen_proxy_upstream_ttfb_seconds_bucket",
+        "imagegen_proxy_upstream_duration_seconds_bucket",
+        "imagegen_proxy_relayed_bytes_total",
+        "imagegen_proxy_in_flight",
+    ):
+        assert name in scrape.text
+
+
+def test_a_host_app_can_route_to_the_metrics_app(upstream: UpstreamDouble) -> None:
+    host = HostApp()
+    host.app.router.routes.insert(0, Route("/metrics", metrics_app()))
+    config = proxy_config(upstream, metrics={"enabled": True})
+    with serve(ImageGenProxy(host.app, config)) as url:
+        httpx.post(url + PATH, json={"prompt": "p"})
+        assert "imagegen_proxy_requests_total{" in httpx.get(url + "/metrics").text
+
+
+def test_metrics_without_prometheus_client_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_module, "prometheus_client", None)
+    monkeypatch.setattr(metrics_module.Metrics, "_instance", None)
+    config = ProxyConfig.model_validate(
+        {"openai": {"api_key": "k"}, "auth": {"open": True}, "metrics": {"enabled": True}}
+    )
+    with pytest.raises(ConfigError, match=r"imagegen-proxy\[metrics\]"):
+        create_app(config)
+
+
+@pytest.fixture
+def workers_config(tmp_path: Path) -> Iterator[Path]:
+    config = tmp_path / "proxy.toml"
+    config.write_text("[metrics]\nenabled = true\n[mock]\ndelay = 0.3\n")
+    yield config
+
+
+def test_worker_processes_add_up_their_metrics(workers_config: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    (directory / "counter_1.db").write_bytes(b"stale")  # a previous run's: must not count
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    args = ("--workers", "2", "--config", str(workers_config))
+    with running(*args, env=env, lines=7) as (url, _):
+
+        async def burst() -> None:
+            # 24 connections at once, each held 0.3 s by the mock: both workers take some.
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                calls = [client.post(PATH, json={"prompt": f"p{i}"}) for i in range(24)]
+                answers = await asyncio.gather(*calls)
+            assert all(answer.status_code == 200 for answer in answers)
+
+        asyncio.run(burst())
+        pids = {re.sub(r"\D", "", path.name) for path in directory.glob("counter_*.db")}
+        assert len(pids) == 2, "both workers should have served some of the burst"
+        for _ in range(6):  # each scrape is answered by whichever worker accepts it
+            with httpx.Client() as fresh:
+                text = fresh.get(url + "/metrics").text
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("imagegen_proxy_requests_total{")
+            )
+            assert total == 24
+            assert 'imagegen_proxy_in_flight{key="anonymous"} 0.0' in text
