@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -37,12 +38,19 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float =
 
 
 @contextlib.contextmanager
-def server(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
-    """Run `args` (which must contain "{port}"); yield its URL and pid."""
+def server(
+    args: list[str], env: dict[str, str] | None = None, stderr: IO[bytes] | None = None
+) -> Iterator[tuple[str, int]]:
+    """Run `args` (which must contain "{port}"); yield its URL and pid. Its stderr goes to
+    `stderr` if given, else to ours."""
     port = free_port()
     command = [arg.replace("{port}", str(port)) for arg in args]
     process = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, cwd=HERE
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        cwd=HERE,
     )
     try:
         wait_listening(port, process)
@@ -86,12 +94,16 @@ def mock(delay: float = 0.0, pad_to: int = 0) -> list[str]:
 
 
 @contextlib.contextmanager
-def imagegen_proxy(upstream: str) -> Iterator[tuple[str, int]]:
-    """The product as users run it: one key, the in-memory limiter doing real work."""
+def imagegen_proxy(
+    upstream: str, extra_config: str = "", stderr: IO[bytes] | None = None
+) -> Iterator[tuple[str, int]]:
+    """The product as users run it: one key, the in-memory limiter doing real work.
+    `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section)."""
     config = (
         f'[openai]\nbase_url = "{upstream}/v1"\n'
         f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n'
         "requests_per_minute = 100000000\nimages_per_minute = 100000000\nmax_concurrent = 100000\n"
+        f"{extra_config}"
     )
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
         file.write(config)
@@ -105,7 +117,7 @@ def imagegen_proxy(upstream: str) -> Iterator[tuple[str, int]]:
             "--log-level",
             "warning",
         ]
-        with server(command) as running:
+        with server(command, stderr=stderr) as running:
             yield running
     finally:
         os.unlink(file.name)
@@ -147,3 +159,39 @@ class Sampler:
     @property
     def growth_mb(self) -> float:
         return (self.peak_rss - self.baseline_rss) / 2**20
+
+
+class Series:
+    """Samples a process's RSS, open file descriptors and CPU share once a `every` seconds, in
+    a thread, for as long as it runs: rows of (monotonic time, RSS bytes, fds, CPU %)."""
+
+    def __init__(self, pid: int, every: float = 1.0) -> None:
+        self.process = psutil.Process(pid)
+        self.rows: list[tuple[float, int, int, float]] = []
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            # cpu_percent measures since its previous call: the first row reads 0.
+            cpu = self.process.cpu_percent()
+            rss = self.process.memory_info().rss
+            self.rows.append((time.monotonic(), rss, self.process.num_fds(), cpu))
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        ticks = 0
+        self._sample()
+        # On a fixed grid, not `every` after the last sample: sampling itself takes time.
+        while not self._stop.wait(max(0.0, start + (ticks + 1) * self._every - time.monotonic())):
+            ticks += 1
+            self._sample()
+
+    def __enter__(self) -> Series:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
