@@ -128,7 +128,7 @@ class ImageGenProxy:
         except ClientGone:
             entry.gone()
         except Exception:
-            # forward() answers its own failures once the response has started, so
+            # The relay answers its own failures once the response has started, so
             # anything that reaches here happened before: a 500 can still be sent.
             logger.exception("internal error while proxying %s", scope["path"])
             internal = ProxyError(
