@@ -179,12 +179,19 @@ class Relay:
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
         tail = Tail() if scanner is None and response.is_success else None
+        # With a content-length, the client has the whole answer with its last byte: that
+        # chunk waits until the generation is settled, as the final empty message does else.
+        length = None if scanner is not None else _content_length(response)
+        last = b""
         try:
             async for chunk in response.aiter_raw():
                 if scanner is None:
                     if tail is not None:
                         tail.feed(chunk)
                     self.outcome.bytes_out += len(chunk)
+                    if self.outcome.bytes_out == length:
+                        last = chunk
+                        continue  # to the end of the upstream body, so its connection is reused
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     continue
                 out = scanner.feed(chunk)
@@ -222,7 +229,7 @@ class Relay:
             self.outcome.usage = tokens_in(tail.data)
         self._finished = True  # settling must not be cancelled halfway
         await self.on_end()
-        await send(_END)
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def _fail(self, scanner: EventScanner | None, message: str) -> None:
         """Answer a failure after the response started: an SSE error event, or abort."""
@@ -241,3 +248,8 @@ class Relay:
         self._finished = True  # settling must not be cancelled halfway
         await self.on_end()
         await self.send(_END)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None

@@ -68,6 +68,32 @@ def test_a_body_sent_too_slowly_gets_408(
     assert upstream.requests == []
 
 
+def test_a_body_longer_than_declared_never_reaches_the_upstream_past_its_length(
+    proxy: str, upstream: UpstreamDouble
+) -> None:
+    body = b'{"prompt": "p"}'
+    smuggled = b'{"prompt": "smuggled", "n": 10}'
+    with raw_request(proxy, json_request_headers(body), body + smuggled) as sock:
+        reply = read_response(sock)
+    # The extra bytes are a malformed next request to the server: it refuses them (400),
+    # which may cut the first request short. Either way, only the declared body went on.
+    assert reply.status_code in (200, 400)
+    assert [request.json for request in upstream.requests] in ([], [{"prompt": "p"}])
+    assert httpx.post(proxy + PATH, json={"prompt": "p"}).status_code == 200
+
+
+def test_a_body_shorter_than_declared_gets_408(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = start_proxy(proxy={"body_timeout": 0.5})
+    body = b'{"prompt": "p"}'
+    headers = {"content-type": "application/json", "content-length": str(len(body) + 50)}
+    with raw_request(proxy, headers, body) as sock:
+        reply = read_response(sock)
+    assert reply.status_code == 408
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize(
     "reply",
     [

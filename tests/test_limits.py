@@ -328,3 +328,32 @@ def test_back_to_back_requests_find_their_slot_free(start_proxy: Callable[..., s
     with httpx.Client(headers=HEADERS) as client:  # one keep-alive connection, no pause
         statuses = [client.post(proxy + PATH, json={"prompt": "p"}).status_code for _ in range(30)]
     assert statuses == [200] * 30
+
+
+class SlowRelease(MemoryLimiter):
+    """Gives slots back after a network round trip, as the Redis limiter does."""
+
+    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
+        decision = await super().acquire(principal, request)
+        release = decision.release
+        if release is not None:
+
+            async def slow(ok: bool) -> None:
+                await asyncio.sleep(0.05)
+                await release(ok)
+
+            decision.release = slow
+        return decision
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_slot_is_free_before_the_answer_is_complete_even_when_release_is_slow(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble, stream: bool
+) -> None:
+    if stream:
+        upstream.answer = sse(partial(0), completed())
+    proxy = limited(start_proxy, SlowRelease(), max_concurrent=1)
+    # A new connection each time: on one keep-alive connection the server itself waits
+    # for the end of the previous response before it reads the next request.
+    statuses = [post(proxy, stream=stream).status_code for _ in range(10)]
+    assert statuses == [200] * 10

@@ -161,6 +161,19 @@ def test_a_dead_upstream_is_an_upstream_error(
     assert (line["outcome"], line["error"], line["ttfb_ms"]) == ("upstream_error", "connect", None)
 
 
+def test_an_internal_failure_is_logged_as_an_error(
+    start_proxy: Callable[..., str], access: Callable[[], list[dict[str, Any]]]
+) -> None:
+    class Broken:
+        async def authenticate(self, *args: object) -> None:
+            raise RuntimeError("boom")
+
+    proxy = start_proxy(hooks={"authenticator": Broken()})
+    assert httpx.post(proxy + PATH, json={"prompt": "p"}).status_code == 500
+    [line] = access()
+    assert (line["outcome"], line["status"], line["error"]) == ("error", 500, "internal_error")
+
+
 def test_prompts_are_logged_only_when_asked(
     start_proxy: Callable[..., str],
     upstream: UpstreamDouble,
