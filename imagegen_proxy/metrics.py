@@ -119,8 +119,15 @@ class Metrics:
         self._models = _Bounded(100)
         self._keys = _Bounded(10_000)
         if multiprocess_dir():
-            pid = os.getpid()  # a live gauge of a process that is gone must not count
-            atexit.register(multiprocess.mark_process_dead, pid)
+            atexit.register(self.process_ending)
+
+    def process_ending(self) -> None:
+        """In multiprocess mode, take this process's live gauges (`in_flight`) out of the
+        sum. Called on lifespan shutdown: uvicorn's workers end by re-raising the signal
+        that stopped them, so `atexit` alone would not run."""
+        directory = multiprocess_dir()
+        if directory:
+            multiprocess.mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
 
     def started(self, entry: Entry) -> None:
         self.in_flight.labels(self._keys(entry.key)).inc()

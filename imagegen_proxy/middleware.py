@@ -210,6 +210,8 @@ class ImageGenProxy:
         async def send_closing(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.aclose()
+                if self.metrics is not None:
+                    self.metrics.process_ending()
             await send(message)
 
         return send_closing

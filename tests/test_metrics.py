@@ -220,3 +220,6 @@ def test_worker_processes_add_up_their_metrics(workers_config: Path, tmp_path: P
             )
             assert total == sent
             assert 'imagegen_proxy_in_flight{key="anonymous"} 0.0' in text
+    # Stopped: each worker took its live gauge out of the sum; the counts stay.
+    assert not list(directory.glob("gauge_livesum_*.db"))
+    assert len(list(directory.glob("counter_*.db"))) == 2
