@@ -13,7 +13,7 @@ from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, send_error
 from .observe import AccessLog, Entry, client_request_id
 from .ratelimit import Decision, MemoryLimiter, RateLimiter
-from .relay import Relay
+from .relay import Outcome, Relay
 from .request import ImageRequest, check_content_type, parse_request, read_body
 from .routing import Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -163,15 +163,17 @@ class ImageGenProxy:
     ) -> None:
         settled = False
 
-        async def settle() -> None:
+        async def settle(outcome: Outcome) -> None:
             # Once: the slot goes back and usage is told whatever ended the generation (even
             # a cancellation). The relay calls it before the response's last byte, so a
-            # client's next request already finds its slot free.
+            # client's next request already finds its slot free. It takes the outcome
+            # rather than closing over the relay: a relay -> settle -> relay cycle would
+            # leave every request's objects to the cyclic GC, whose full passes then stall
+            # the event loop for milliseconds after a burst (bench/README.md).
             nonlocal settled
             if settled:
                 return
             settled = True
-            outcome = relay.outcome
             if decision.release is not None:
                 await decision.release(outcome.ok)
             if outcome.ok:
@@ -196,7 +198,7 @@ class ImageGenProxy:
             )
             await relay.run(upstream_request, receive)
         finally:
-            await settle()
+            await settle(relay.outcome)
             entry.relayed(relay.outcome, request.images)
 
     async def _record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:

@@ -47,7 +47,7 @@ _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _SSE_DROPPED = _DROPPED | {b"content-length", b"cache-control", b"x-accel-buffering"}
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
-OnEnd = Callable[[], Awaitable[None]]
+OnEnd = Callable[["Outcome"], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -127,7 +127,10 @@ class Relay:
         if outcome.client_gone:
             logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
         elif error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                error = None  # its traceback holds this frame: no frame -> error cycle
         return outcome
 
     async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
@@ -228,7 +231,7 @@ class Relay:
         elif tail is not None:
             self.outcome.usage = tokens_in(tail.data)
         self._finished = True  # settling must not be cancelled halfway
-        await self.on_end()
+        await self.on_end(self.outcome)
         await send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def _fail(self, scanner: EventScanner | None, message: str) -> None:
@@ -246,7 +249,7 @@ class Relay:
         self.outcome.bytes_out += len(frame)
         await self.send({"type": "http.response.body", "body": frame, "more_body": True})
         self._finished = True  # settling must not be cancelled halfway
-        await self.on_end()
+        await self.on_end(self.outcome)
         await self.send(_END)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -17,7 +18,16 @@ import httpx
 import openai
 import pytest
 from conftest import API_VERSION, CLIENT_KEY, UPSTREAM_KEY, HostApp, proxy_config
-from double import UpstreamDouble, completed, cut_json, error_json, partial, sse, stall
+from double import (
+    UpstreamDouble,
+    completed,
+    cut_json,
+    error_json,
+    json_image,
+    partial,
+    sse,
+    stall,
+)
 from support import json_request_headers, raw_request, read_response, serving
 
 from imagegen_proxy import ImageGenProxy
@@ -281,3 +291,42 @@ def recv_until(sock: socket.socket, marker: bytes) -> bool:
             return False
         data += more
     return True
+
+
+def test_requests_leave_no_reference_cycle_behind(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    """Objects in cycles wait for the cyclic GC, whose full passes stall the event loop for
+    milliseconds once a burst has filled the old generation: requests must free what they
+    made by reference counting alone."""
+    keys = [{"name": "team-a", "key": CLIENT_KEY, "requests_per_minute": 1000}]
+    proxy = start_proxy(auth={"open": False}, keys=keys)
+    dead = start_proxy(openai={"base_url": f"http://127.0.0.1:{closed_port()}/v1"})
+    answers = [
+        json_image(),
+        sse(partial(0), completed()),
+        error_json(500, {"message": "x"}),
+        stall(),  # with a client that leaves
+    ]
+    with httpx.Client(base_url=proxy, headers={"authorization": f"Bearer {CLIENT_KEY}"}) as c:
+        c.post(PATH, json={"prompt": "p"})  # first-use objects: the transport, caches
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for answer in answers * 5:
+                upstream.answer = answer
+                if answer is answers[3]:
+                    with pytest.raises(httpx.ReadTimeout):
+                        c.post(PATH, json={"prompt": "p"}, timeout=0.3)
+                    continue
+                c.post(PATH, json={"prompt": "p", "stream": answer is answers[1]})
+            c.post(PATH, json={"prompt": ""})  # 400
+            c.post(PATH, json={"prompt": "p"}, headers={"authorization": "Bearer wrong"})
+            assert httpx.post(dead + PATH, json={"prompt": "p"}).status_code == 502
+            time.sleep(0.5)  # the abandoned requests' cancellation runs its course
+            gc.collect()
+            ours = [o for o in gc.garbage if type(o).__module__.startswith("imagegen_proxy")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert sorted({type(o).__qualname__ for o in ours}) == []
