@@ -42,6 +42,9 @@ class ProxySettings(_Section):
     body_timeout: float = Field(30.0, gt=0)
     max_connections: int = Field(4096, gt=0)
     max_keepalive_connections: int = Field(512, ge=0)
+    # Below the upstream's own idle timeout (uvicorn's default is 5 s): a pooled connection
+    # the upstream closes just as a burst reuses it gets a reset, and that request a 502.
+    keepalive_expiry: float = Field(4.0, gt=0)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
     @field_validator("mount_prefix")

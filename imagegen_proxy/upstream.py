@@ -39,7 +39,7 @@ def create_transport(settings: ProxySettings) -> httpx.AsyncBaseTransport:
     limits = httpx.Limits(
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_keepalive_connections,
-        keepalive_expiry=30.0,
+        keepalive_expiry=settings.keepalive_expiry,
     )
     if settings.transport == "aiohttp":
         from .transport import AiohttpTransport
