@@ -27,6 +27,7 @@ class Recorded:
     query: str
     headers: list[tuple[str, str]]
     body: bytes
+    client: tuple[str, int] | None = None  # the proxy's end of the connection
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k == name]
@@ -99,6 +100,7 @@ class UpstreamDouble:
             query=scope["query_string"].decode(),
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
             body=b"".join(chunks),
+            client=scope.get("client"),
         )
         self.requests.append(request)
         self.arrived.set()

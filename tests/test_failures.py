@@ -200,3 +200,16 @@ def test_a_given_http_client_is_used_and_never_closed(upstream: UpstreamDouble) 
 def test_httpx_transport_can_be_chosen(start_proxy: Callable[..., str]) -> None:
     proxy = start_proxy(proxy={"transport": "httpx"})
     assert sdk(proxy).images.generate(prompt="p").data
+
+
+@pytest.mark.parametrize(("expiry", "reused"), [(0.3, False), (4.0, True)])
+def test_idle_upstream_connections_are_kept_for_keepalive_expiry(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble, expiry: float, reused: bool
+) -> None:
+    proxy = start_proxy(proxy={"keepalive_expiry": expiry})
+    client = sdk(proxy)
+    client.images.generate(prompt="p")
+    time.sleep(0.8)  # idle: longer than the short expiry, shorter than the upstream's 5 s
+    client.images.generate(prompt="p")
+    first, second = upstream.requests
+    assert (first.client == second.client) is reused
