@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 import psutil
 
@@ -129,26 +129,28 @@ def floor(upstream: str) -> Iterator[tuple[str, int]]:
         yield running
 
 
-class Sampler:
-    """Samples a process's RSS and open file descriptors in a thread: baseline and peak."""
+class _Polling:
+    """Calls `_sample()` in a thread every `every` seconds (on a fixed grid, not `every`
+    after the last sample: sampling itself takes time), from entering until leaving."""
 
-    def __init__(self, pid: int, every: float = 0.05) -> None:
+    def __init__(self, pid: int, every: float) -> None:
         self.process = psutil.Process(pid)
-        self.baseline_rss = self.process.memory_info().rss
-        self.baseline_fds = self.process.num_fds()
-        self.peak_rss = self.baseline_rss
-        self.peak_fds = self.baseline_fds
         self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            with contextlib.suppress(psutil.Error):
-                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-                self.peak_fds = max(self.peak_fds, self.process.num_fds())
+    def _sample(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> Sampler:
+    def _run(self) -> None:
+        start = time.monotonic()
+        ticks = 0
+        self._sample()
+        while not self._stop.wait(max(0.0, start + (ticks + 1) * self._every - time.monotonic())):
+            ticks += 1
+            self._sample()
+
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -156,21 +158,34 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
+
+class Sampler(_Polling):
+    """Samples a process's RSS and open file descriptors in a thread: baseline and peak."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        super().__init__(pid, every)
+        self.baseline_rss = self.process.memory_info().rss
+        self.baseline_fds = self.process.num_fds()
+        self.peak_rss = self.baseline_rss
+        self.peak_fds = self.baseline_fds
+
+    def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            self.peak_fds = max(self.peak_fds, self.process.num_fds())
+
     @property
     def growth_mb(self) -> float:
         return (self.peak_rss - self.baseline_rss) / 2**20
 
 
-class Series:
+class Series(_Polling):
     """Samples a process's RSS, open file descriptors and CPU share once a `every` seconds, in
     a thread, for as long as it runs: rows of (monotonic time, RSS bytes, fds, CPU %)."""
 
     def __init__(self, pid: int, every: float = 1.0) -> None:
-        self.process = psutil.Process(pid)
+        super().__init__(pid, every)
         self.rows: list[tuple[float, int, int, float]] = []
-        self._every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         with contextlib.suppress(psutil.Error):
@@ -178,20 +193,3 @@ class Series:
             cpu = self.process.cpu_percent()
             rss = self.process.memory_info().rss
             self.rows.append((time.monotonic(), rss, self.process.num_fds(), cpu))
-
-    def _run(self) -> None:
-        start = time.monotonic()
-        ticks = 0
-        self._sample()
-        # On a fixed grid, not `every` after the last sample: sampling itself takes time.
-        while not self._stop.wait(max(0.0, start + (ticks + 1) * self._every - time.monotonic())):
-            ticks += 1
-            self._sample()
-
-    def __enter__(self) -> Series:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
