@@ -37,9 +37,13 @@ class Principal:
 
 
 class Authenticator(Protocol):
-    """Turns credentials into a principal, or refuses with a `ProxyError` (401, 403)."""
+    """Turns credentials into a principal, or refuses with a `ProxyError` (401, 403).
 
-    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal: ...
+    It is asked before the request body is read: what the request asks for is checked
+    afterwards, against the principal's policy and limits.
+    """
+
+    async def authenticate(self, credentials: Credentials) -> Principal: ...
 
 
 def read_credentials(scope: Scope, key_headers: frozenset[bytes]) -> Credentials:
@@ -88,7 +92,7 @@ def unauthorized(message: str) -> ProxyError:
 class OpenAccess:
     """`[auth] open = true`: everybody is the unlimited principal "anonymous"."""
 
-    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal:
+    async def authenticate(self, credentials: Credentials) -> Principal:
         return Principal("anonymous")
 
 
@@ -117,7 +121,7 @@ class KeyTable:
             for entry in keys
         }
 
-    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal:
+    async def authenticate(self, credentials: Credentials) -> Principal:
         if credentials.malformed:
             raise unauthorized("Malformed credentials: use 'Authorization: Bearer KEY'.")
         if not credentials.keys:

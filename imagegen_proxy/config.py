@@ -8,6 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -19,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from .headers import HOP_BY_HOP, is_forwarded_upstream
 from .routing import API_VERSION, is_valid_deployment
 
 
@@ -31,9 +33,22 @@ class _Section(BaseModel):
 
 
 class ServerConfig(_Section):
+    """`[server]`: the bundled proxy's listener and its front door (uvicorn's protocol)."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     openapi_path: str = "/openapi.json"
+    # A request's line and headers, together; beyond either limit: 431 and close.
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_header_count: int = Field(100, ge=8)
+    # From a connection's start (or the end of its previous response) until a request's
+    # headers are complete; then 408 (or a silent close, if nothing came) and close.
+    header_timeout: float = Field(10.0, gt=0)
+    # Client connections held at once; None: sized to the open-files limit at start-up.
+    max_connections: int | None = Field(None, gt=0)
+    # A second listener for /healthz details and /metrics, without credentials.
+    ops_host: str = "127.0.0.1"
+    ops_port: int | None = Field(None, ge=0, le=65535)
 
 
 class ProxySettings(_Section):
@@ -46,6 +61,19 @@ class ProxySettings(_Section):
     # the upstream closes just as a burst reuses it gets a reset, and that request a 502.
     keepalive_expiry: float = Field(4.0, gt=0)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # An answer larger than this is cut (JSON) or ended with an error event (SSE).
+    max_response_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    # Upstream response headers to relay beyond the built-in allow-list (headers.py).
+    forward_response_headers: tuple[str, ...] = ()
+
+    @field_validator("forward_response_headers")
+    @classmethod
+    def _response_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(_header_name(name) for name in value)
+        hop = [name for name in names if name in HOP_BY_HOP or name == "set-cookie"]
+        if hop:
+            raise ValueError(f"{hop[0]!r} must not be relayed (hop-by-hop or a cookie)")
+        return names
 
     @field_validator("mount_prefix")
     @classmethod
@@ -63,6 +91,8 @@ class _Upstream(_Section):
     read_timeout: float = Field(600.0, gt=0)
     write_timeout: float = Field(60.0, gt=0)
     pool_timeout: float = Field(10.0, gt=0)
+    # The whole generation, however chatty the upstream: read_timeout bounds only silences.
+    total_timeout: float = Field(900.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -87,7 +117,34 @@ def _from_env(data: dict[str, Any], env_key: str, key: str) -> dict[str, Any]:
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")) or len(value) < 10:
         raise ValueError("must be an http:// or https:// URL")
+    if "@" in urlsplit(value).netloc:
+        # It would be printed in the banner, /healthz and logs, and httpx would not send it.
+        raise ValueError(
+            "must not contain credentials (user:password@): put the key in api_key or "
+            "api_key_env"
+        )
     return value.rstrip("/")
+
+
+def mask_url(url: str) -> str:
+    """`url` fit to print: a password in it replaced by asterisks."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":**********@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _header_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", value):
+        raise ValueError(f"{value!r} is not an HTTP header name")
+    return value.lower()
+
+
+# Headers the proxy reads for its own purposes: never a place for a client key.
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "host", "content-type", "content-length", "x-client-request-id"}
+)
 
 
 class OpenAIUpstream(_Upstream):
@@ -137,10 +194,14 @@ class AuthConfig(_Section):
 
     @field_validator("virtual_key_header")
     @classmethod
-    def _header_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9-]+", value):
-            raise ValueError("must be an HTTP header name")
-        return value.lower()
+    def _key_header(cls, value: str) -> str:
+        name = _header_name(value)
+        if is_forwarded_upstream(name):
+            # The client's key would travel to the upstream with it.
+            raise ValueError(f"{name!r} is forwarded to the upstream: choose another header")
+        if name in _RESERVED_HEADERS or name in HOP_BY_HOP or name == "x-request-id":
+            raise ValueError(f"{name!r} has another meaning: choose another header")
+        return name
 
 
 class Policy(_Section):
@@ -195,6 +256,34 @@ class KeyConfig(Policy):
         return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
 
+class AdminConfig(_Section):
+    """`[admin]`: the operator's key. It unlocks `/healthz` details and `/metrics`."""
+
+    key: SecretStr | None = None
+    key_env: str | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_env(cls, data: Any) -> Any:
+        return _from_env(data, "key_env", "key") if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _one_key(self) -> AdminConfig:
+        if self.key is not None and self.key_sha256 is not None:
+            raise ValueError("set one of key, key_sha256 or key_env")
+        return self
+
+    @property
+    def digest(self) -> bytes | None:
+        """SHA-256 of the admin key, or None when there is none."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        if self.key is None:
+            return None
+        return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+
+
 class LimitsConfig(_Section):
     storage: str = "memory"
     on_storage_error: Literal["deny", "allow"] = "deny"
@@ -245,6 +334,7 @@ class ProxyConfig(_Section):
     openai: OpenAIUpstream | None = None
     azure: AzureUpstream | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     keys: list[KeyConfig] = Field(default_factory=list)
     mock: MockConfig = Field(default_factory=MockConfig)
@@ -258,6 +348,8 @@ class ProxyConfig(_Section):
             raise ValueError("two [[keys]] entries have the same name")
         if len({key.digest for key in self.keys}) != len(self.keys):
             raise ValueError("two [[keys]] entries have the same key")
+        if self.admin.digest is not None and self.admin.digest in {k.digest for k in self.keys}:
+            raise ValueError("the [admin] key is also a client key: give them different keys")
         if self.auth.open and self.keys:
             raise ValueError("[auth] open = true serves without keys: remove it or the [[keys]]")
         return self

@@ -79,7 +79,7 @@ class Metrics:
         )
         self.images = p.Counter(
             "imagegen_proxy_images",
-            "Images generated (n of each successful generation).",
+            "Images charged (n of each generation that reached the upstream and got no error).",
             ["key", "model"],
         )
         self.ttfb = p.Histogram(
@@ -113,7 +113,7 @@ class Metrics:
         self.upstream_errors = p.Counter(
             "imagegen_proxy_upstream_errors",
             "Upstream failures: connect, timeout, pool, protocol, status (non-2xx), "
-            "mid_stream (after the answer started).",
+            "mid_stream (after the answer started), too_large (over max_response_bytes).",
             ["upstream", "kind"],
         )
         self._models = _Bounded(100)
@@ -155,7 +155,9 @@ class Metrics:
             self.upstream_errors.labels(upstream, entry.error).inc()
 
 
-_KINDS = frozenset({"connect", "timeout", "pool", "protocol", "status", "mid_stream"})
+_KINDS = frozenset(
+    {"connect", "timeout", "pool", "protocol", "status", "mid_stream", "too_large"}
+)
 
 
 class MetricsApp:

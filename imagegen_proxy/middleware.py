@@ -11,6 +11,7 @@ import httpx
 from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, send_error
+from .headers import ResponseHeaders
 from .observe import AccessLog, Entry, client_request_id
 from .ratelimit import Decision, MemoryLimiter, RateLimiter
 from .relay import Outcome, Relay
@@ -66,6 +67,7 @@ class ImageGenProxy:
         )
         self._max_body = config.proxy.max_body_bytes
         self._body_timeout = config.proxy.body_timeout
+        self._response_headers = ResponseHeaders(config.proxy.forward_response_headers)
         self._given_client = None if http_client is None else client_sender(http_client)
         self.transport: httpx.AsyncBaseTransport | None = None
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
@@ -109,13 +111,15 @@ class ImageGenProxy:
                     headers=[("allow", "POST")],
                 )
             check_route(route)
+            # Who is asking comes first, from the headers alone: nothing of a stranger's
+            # body is read, parsed or turned into a log field or metric label.
+            credentials = read_credentials(scope, self._key_headers)
+            principal = await self.authenticator.authenticate(credentials)
+            entry.key = principal.name
             check_content_type(scope)
             body = await read_body(scope, receive, self._max_body, self._body_timeout)
             request = parse_request(route, body)
             entry.describe(request)
-            credentials = read_credentials(scope, self._key_headers)
-            principal = await self.authenticator.authenticate(credentials, request)
-            entry.key = principal.name
             check_policy(principal, request)
             decision = await self.rate_limiter.acquire(principal, request)
             if not decision.allowed:
@@ -165,7 +169,8 @@ class ImageGenProxy:
 
         async def settle(outcome: Outcome) -> None:
             # Once: the slot goes back and usage is told whatever ended the generation (even
-            # a cancellation). The relay calls it before the response's last byte, so a
+            # a cancellation); what may have been billed upstream stays spent, even if the
+            # client left. The relay calls it before the response's last byte, so a
             # client's next request already finds its slot free. It takes the outcome
             # rather than closing over the relay: a relay -> settle -> relay cycle would
             # leave every request's objects to the cyclic GC, whose full passes then stall
@@ -175,12 +180,13 @@ class ImageGenProxy:
                 return
             settled = True
             if decision.release is not None:
-                await decision.release(outcome.ok)
-            if outcome.ok:
+                await decision.release(outcome.charged)
+            if outcome.charged:
                 spent = Usage(requests=1, images=request.images) + (outcome.usage or Usage())
                 await self._record(principal, request, spent)
 
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
+        target = self.upstreams.target(request)
         relay = Relay(
             self._sender(),
             send,
@@ -188,8 +194,11 @@ class ImageGenProxy:
             headers=headers,
             request_id=entry.id,
             on_end=settle,
+            response_headers=self._response_headers,
+            total_timeout=target.total_timeout,
+            max_bytes=self.config.proxy.max_response_bytes,
         )
-        entry.upstream, entry.admitted = self.upstreams.target(request), True
+        entry.upstream, entry.admitted = target.name, True
         if self.metrics is not None:
             self.metrics.started(entry)
         try:

@@ -68,7 +68,7 @@ class Entry:
     outcome: Result = "ok"
     error: str | None = None  # the error code the client got, or how the upstream failed
     limit: str | None = None  # the limit that refused the request
-    images: int = 0  # images generated and paid for
+    images: int = 0  # images charged: the request reached the upstream, which answered no error
     admitted: bool = False  # the limits let it through: it counts as in flight
 
     @property
@@ -105,7 +105,7 @@ class Entry:
             self.gone()
         elif outcome.failure is not None:
             self.outcome, self.error = "upstream_error", outcome.failure
-        elif outcome.ok:
+        if outcome.charged:
             self.images = images
 
     def fields(self, prompts: bool = False) -> dict[str, Any]:
@@ -119,6 +119,7 @@ class Entry:
             "key": self.key,
             "model": self.model,
             "n": self.n,
+            "images": self.images,
             "stream": self.stream,
             "status": self.status,
             "outcome": self.outcome,

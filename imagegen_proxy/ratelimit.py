@@ -36,8 +36,9 @@ class LimitStatus:
 
 @dataclass(slots=True)
 class Decision:
-    """A limiter's answer. When `allowed`, `release(ok)` must be awaited exactly once, when
-    the generation ends (`ok`: the upstream answered with success)."""
+    """A limiter's answer. When `allowed`, `release(charged)` must be awaited exactly once,
+    when the generation ends. `charged`: it counts as spent, because it may have reached the
+    upstream and the upstream answered no error (a client that left is still charged)."""
 
     allowed: bool
     limits: list[LimitStatus] = field(default_factory=list)
@@ -199,9 +200,9 @@ class MemoryLimiter:
         state.spent = state.spent + Usage(requests=1, images=n)
         admitted_day = day
 
-        async def release(ok: bool) -> None:
+        async def release(charged: bool) -> None:
             state.in_flight -= 1
-            if not ok and state.day == admitted_day:  # nothing was generated: give it back
+            if not charged and state.day == admitted_day:  # nothing was billed: give it back
                 state.spent = state.spent - Usage(requests=0, images=n)
 
         return Decision(True, statuses(rpm, used + 1, ipm, images + n), release=release)

@@ -107,7 +107,7 @@ redis.call('EXPIRE', KEYS[4], ARGV[10])
 return {'ok', requests, images}
 """
 
-# KEYS: leases in flight, the admitting day's spending. ARGV: request id, n, ok (1/0).
+# KEYS: leases in flight, the admitting day's spending. ARGV: request id, n, charged (1/0).
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[3] == '0' then redis.call('HINCRBY', KEYS[2], 'images', -tonumber(ARGV[2])) end
@@ -207,11 +207,11 @@ class RedisLimiter:
         )
 
     def _releaser(self, keys: list[str], request_id: str, n: int, leased: bool) -> Any:
-        async def release(ok: bool) -> None:
-            if ok and not leased:
+        async def release(charged: bool) -> None:
+            if charged and not leased:
                 return  # no slot to give back, nothing to refund: spare the round trip
             try:
-                await self._release([keys[2], keys[3]], [request_id, n, int(ok)])
+                await self._release([keys[2], keys[3]], [request_id, n, int(charged)])
             except Exception as exc:
                 # The lease expires by itself after lease_seconds.
                 logger.warning("could not release a concurrency slot in Redis: %s", exc)

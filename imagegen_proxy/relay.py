@@ -12,40 +12,29 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 
 from .errors import ProxyError
+from .headers import Headers, ResponseHeaders
 from .sse import EventScanner
 from .types import Message, Receive, Send
-from .upstream import Headers, SendUpstream, failure_kind, map_error
+from .upstream import INVALID_STATUS, SendUpstream, failure
 from .usage import Tail, Usage, tokens_in
 
 logger = logging.getLogger("imagegen_proxy")
 
-# Hop-by-hop headers (RFC 9110 7.6.1), plus what uvicorn sets itself and what must not
-# cross from the upstream to clients.
-_DROPPED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"server",
-        b"date",
-        b"set-cookie",
-    }
-)
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-_SSE_DROPPED = _DROPPED | {b"content-length", b"cache-control", b"x-accel-buffering"}
+# An event stream's length changes as events are held back or added, and it is relayed
+# decoded when it came compressed.
+_SSE_DROPPED = frozenset({b"content-length", b"content-encoding"})
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+# zlib's wbits: 47 takes a gzip or a zlib header (RFC 9110's "gzip" and "deflate").
+_DECODABLE = {b"gzip": 47, b"x-gzip": 47, b"deflate": 47}
+_INFLATE_STEP = 1024 * 1024  # output per step: a compressed answer is inflated in bounded steps
 
 OnEnd = Callable[["Outcome"], Awaitable[None]]
 
@@ -56,6 +45,7 @@ class Outcome:
 
     status: int | None = None  # the upstream's, once it answered
     usage: Usage | None = None  # token counts, when the answer was complete and had them
+    reached: bool = False  # the request may have reached the upstream (and be billed there)
     client_gone: bool = False
     failure: str | None = None  # how the upstream failed (see metrics.Metrics.upstream_errors)
     upstream_request_id: str | None = None
@@ -67,15 +57,25 @@ class Outcome:
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
 
+    @property
+    def charged(self) -> bool:
+        """Whether the generation counts as spent: it may have reached the upstream, and the
+        upstream did not answer an error. A client that left changes nothing: the upstream
+        may well finish the generation, and bill it."""
+        return self.reached if self.status is None else 200 <= self.status < 300
+
 
 class Relay:
     """One request's trip upstream and back.
 
     `headers` are added to the answer (replacing the upstream's of the same name), and
-    `request_id` as its `x-request-id` when the upstream sends none.
+    `request_id` as its `x-request-id` when the upstream sends none; of the upstream's own
+    headers, `response_headers` lets through its allow-list.
     `on_end` is awaited just before the response's last message, so that what it settles
     (a concurrency slot, the day's usage) is settled before the client can send its next
     request; where the response is cut instead, the caller settles afterwards.
+    `total_timeout` bounds the whole exchange and `max_bytes` the answer's size: past
+    either, the answer ends as any failure after the start does.
     """
 
     def __init__(
@@ -87,6 +87,9 @@ class Relay:
         headers: Headers,
         request_id: str,
         on_end: OnEnd,
+        response_headers: ResponseHeaders,
+        total_timeout: float,
+        max_bytes: int,
     ) -> None:
         self.send_upstream = send_upstream
         self.send = send
@@ -94,8 +97,12 @@ class Relay:
         self.headers = headers
         self.request_id = request_id.encode()
         self.on_end = on_end
+        self.response_headers = response_headers
+        self.total_timeout = total_timeout
+        self.max_bytes = max_bytes
         self.outcome = Outcome()
         self._finished = False
+        self._deadline = 0.0
 
     async def run(self, request: httpx.Request, receive: Receive) -> Outcome:
         """Send `request` upstream and relay the answer to the client.
@@ -108,6 +115,7 @@ class Relay:
         error: ProxyError | None = None
         task = asyncio.current_task()
         assert task is not None
+        self._deadline = asyncio.get_running_loop().time() + self.total_timeout
         # Plain asyncio, not an anyio task group: this runs for every request, and the
         # group's bookkeeping cost more than the rest of the proxy (see bench/README.md).
         watcher = asyncio.create_task(self._watch(receive, task))
@@ -144,19 +152,28 @@ class Relay:
     async def _exchange(self, request: httpx.Request) -> None:
         outcome = self.outcome
         started = time.perf_counter()
+        outcome.reached = True  # from here on it may have: count it unless proven otherwise
         try:
-            response = await self.send_upstream(request)
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout_at(self._deadline):
+                response = await self.send_upstream(request)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            row = failure(exc)
             logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
             outcome.elapsed = time.perf_counter() - started
-            outcome.failure = failure_kind(exc)
-            raise map_error(exc) from None
+            outcome.failure, outcome.reached = row.kind, row.reached
+            raise row.error() from None
         outcome.ttfb = time.perf_counter() - started
         outcome.status = response.status_code
         outcome.upstream_request_id = response.headers.get("x-request-id")
         if not response.is_success:
             outcome.failure = "status"
         try:
+            if not 200 <= response.status_code <= 599:
+                # Informational (101 included) and made-up statuses: nothing a client of
+                # this API can use, and uvicorn cannot even send the latter.
+                outcome.failure = INVALID_STATUS.kind
+                logger.warning("upstream answered status %d", response.status_code)
+                raise INVALID_STATUS.error()
             await self._relay(response)
         finally:
             # Closing is not interruptible: the watcher cancels only before this point.
@@ -170,9 +187,11 @@ class Relay:
         scanner = None
         if response.is_success and content_type.startswith("text/event-stream"):
             scanner = EventScanner(finals=self.images)
-        dropped = _DROPPED if scanner is None else _SSE_DROPPED
-        dropped |= {name for name, _ in self.headers}
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in dropped]
+        inflate = _inflater(response)
+        own = frozenset(name for name, _ in self.headers)
+        headers = self.response_headers.filter(
+            response.headers.raw, own if scanner is None else own | _SSE_DROPPED
+        )
         headers += self.headers
         if self.outcome.upstream_request_id is None:
             headers.append((b"x-request-id", self.request_id))
@@ -182,37 +201,18 @@ class Relay:
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
         tail = Tail() if scanner is None and response.is_success else None
-        # With a content-length, the client has the whole answer with its last byte: that
-        # chunk waits until the generation is settled, as the final empty message does else.
-        length = None if scanner is not None else _content_length(response)
-        last = b""
         try:
-            async for chunk in response.aiter_raw():
-                if scanner is None:
-                    if tail is not None:
-                        tail.feed(chunk)
-                    self.outcome.bytes_out += len(chunk)
-                    if self.outcome.bytes_out == length:
-                        last = chunk
-                        continue  # to the end of the upstream body, so its connection is reused
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    continue
-                out = scanner.feed(chunk)
-                if out:
-                    self.outcome.bytes_out += len(out)
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                if scanner.malformed:
-                    logger.warning("upstream sent a malformed event stream: %s", scanner.malformed)
-                    await self._fail(scanner, "The upstream sent a malformed event stream.")
-                    return
-                if scanner.done:
-                    # The SDK's loop ends only when the connection does: end the response
-                    # here even if the upstream keeps its connection open.
-                    break
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout_at(self._deadline):
+                last = await self._body(response, scanner, tail, inflate)
+        except TimeoutError:
+            logger.warning("upstream answer not complete after total_timeout: cut")
+            message = f"The upstream did not finish within {self.total_timeout:g} seconds."
+            await self._fail(scanner, message, "timeout")
+            return
+        except (httpx.HTTPError, zlib.error) as exc:
             logger.warning("upstream failed mid-response: %s", type(exc).__name__)
-            failure = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-            await self._fail(scanner, f"The upstream {failure} before the answer was complete.")
+            failed = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+            await self._fail(scanner, f"The upstream {failed} before the answer was complete.")
             return
         except OSError:
             raise
@@ -221,6 +221,8 @@ class Relay:
             logger.exception("relay failed mid-response")
             self.outcome.failure = "mid_stream"
             return
+        if last is None:
+            return  # failed, and answered so
         if scanner is not None and not scanner.done:
             await self._fail(
                 scanner, "The upstream ended the stream before the image was completed."
@@ -234,9 +236,59 @@ class Relay:
         await self.on_end(self.outcome)
         await send({"type": "http.response.body", "body": last, "more_body": False})
 
-    async def _fail(self, scanner: EventScanner | None, message: str) -> None:
+    async def _body(
+        self,
+        response: httpx.Response,
+        scanner: EventScanner | None,
+        tail: Tail | None,
+        inflate: zlib._Decompress | None,
+    ) -> bytes | None:
+        """Relay the body; return the chunk held back for the last message, or None when
+        the answer failed (and was answered so)."""
+        send = self.send
+        outcome = self.outcome
+        # With a content-length, the client has the whole answer with its last byte: that
+        # chunk waits until the generation is settled, as the final empty message does else.
+        length = None if scanner is not None else _content_length(response)
+        received = 0
+        last = b""
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received > self.max_bytes:
+                logger.warning("upstream answer over %d bytes: cut", self.max_bytes)
+                message = f"The upstream's answer exceeded {self.max_bytes} bytes."
+                await self._fail(scanner, message, "too_large")
+                return None
+            if scanner is None:
+                if tail is not None:
+                    for piece in _decoded(chunk, inflate):
+                        tail.feed(piece)
+                outcome.bytes_out += len(chunk)
+                if outcome.bytes_out == length:
+                    last = chunk
+                    continue  # to the end of the upstream body, so its connection is reused
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                continue
+            for piece in _decoded(chunk, inflate):
+                out = scanner.feed(piece)
+                if out:
+                    outcome.bytes_out += len(out)
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if scanner.malformed:
+                logger.warning("upstream sent a malformed event stream: %s", scanner.malformed)
+                await self._fail(scanner, "The upstream sent a malformed event stream.")
+                return None
+            if scanner.done:
+                # The SDK's loop ends only when the connection does: end the response here
+                # even if the upstream keeps its connection open.
+                break
+        return last
+
+    async def _fail(
+        self, scanner: EventScanner | None, message: str, kind: str = "mid_stream"
+    ) -> None:
         """Answer a failure after the response started: an SSE error event, or abort."""
-        self.outcome.failure = "mid_stream"
+        self.outcome.failure = kind
         if scanner is not None and scanner.completed:
             self.outcome.usage = scanner.usage  # the images completed before still cost
         if scanner is None or not scanner.at_boundary:
@@ -256,3 +308,34 @@ class Relay:
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length", "")
     return int(value) if value.isdigit() else None
+
+
+
+def _inflater(response: httpx.Response) -> zlib._Decompress | None:
+    """A decoder for a compressed answer (the proxy asks for none, but an upstream may
+    ignore that): the usage tail and the event scanner must read plain bytes."""
+    encoding = response.headers.get("content-encoding", "").strip().lower().encode()
+    if encoding in (b"", b"identity"):
+        return None
+    wbits = _DECODABLE.get(encoding)
+    if wbits is None:
+        # Neither its usage nor its events could be read: refuse it rather than let it
+        # pass uncounted. The generation is charged all the same.
+        logger.warning("upstream answered with content-encoding %r", encoding.decode())
+        raise ProxyError(
+            502,
+            f"The upstream answered with an unsupported content-encoding: {encoding.decode()!r}.",
+            type="server_error",
+            code="upstream_error",
+        )
+    return zlib.decompressobj(wbits)
+
+
+def _decoded(chunk: bytes, inflate: zlib._Decompress | None) -> Iterator[bytes]:
+    """`chunk` as plain bytes, in steps of bounded size."""
+    if inflate is None:
+        yield chunk
+        return
+    yield inflate.decompress(chunk, _INFLATE_STEP)
+    while inflate.unconsumed_tail:
+        yield inflate.decompress(inflate.unconsumed_tail, _INFLATE_STEP)

@@ -9,6 +9,7 @@ whatever it is called.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import httpx
@@ -16,16 +17,10 @@ from cachetools import LRUCache
 
 from .config import AzureUpstream, ConfigError, OpenAIUpstream, ProxyConfig, ProxySettings
 from .errors import ProxyError, server_error
+from .headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX, Headers
 from .request import ImageGenerationBody, ImageRequest
 from .routing import is_valid_deployment
 from .types import Scope
-
-Headers = list[tuple[bytes, bytes]]
-
-# What the client may tell the upstream about itself; everything else is dropped.
-_FORWARDED = frozenset({b"accept", b"user-agent"})
-_FORWARDED_PREFIX = b"x-stainless-"
-
 
 SendUpstream = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -64,16 +59,19 @@ _BASE_HEADERS: Headers = [
 ]
 
 
-class _Target:
-    """One configured upstream: its fixed headers and timeouts, computed once."""
+class Target:
+    """One configured upstream: its name, fixed headers and timeouts, computed once."""
 
     def __init__(
         self,
+        name: str,
         settings: OpenAIUpstream | AzureUpstream,
         key_header: bytes,
         prefix: bytes = b"",
         extra: Headers | None = None,
     ) -> None:
+        self.name = name
+        self.total_timeout = settings.total_timeout
         self._key_header, self._key_prefix = key_header, prefix
         self._fixed = _BASE_HEADERS + (extra or [])
         key = None if settings.api_key is None else settings.api_key.get_secret_value()
@@ -101,7 +99,7 @@ class _Target:
         headers = [
             (key, value)
             for key, value in scope["headers"]
-            if key in _FORWARDED or key.startswith(_FORWARDED_PREFIX)
+            if key in FORWARDED_REQUEST or key.startswith(FORWARDED_REQUEST_PREFIX)
         ]
         headers.append((b"x-client-request-id", request_id.encode()))
         if api_key is None:
@@ -130,9 +128,9 @@ class Upstreams:
             org, project = config.openai.organization, config.openai.project
             identity = [(b"openai-organization", org.encode())] if org else []
             identity += [(b"openai-project", project.encode())] if project else []
-            self._openai = _Target(config.openai, b"authorization", b"Bearer ", identity)
+            self._openai = Target("openai", config.openai, b"authorization", b"Bearer ", identity)
         if config.azure is not None:
-            self._azure = _Target(config.azure, b"api-key")
+            self._azure = Target("azure", config.azure, b"api-key")
             self._azure_base = config.azure.endpoint + "/openai/deployments/"
             self._azure_version = config.azure.api_version
             self._deployments = config.azure.deployments
@@ -158,11 +156,14 @@ class Upstreams:
         url = self._azure_url(self._deployment_for(body.model), None)
         return self._azure.request(url, body, scope, api_key, request_id)
 
-    def target(self, request: ImageRequest) -> str:
-        """Which upstream `build` sends `request` to: "openai" or "azure"."""
+    def target(self, request: ImageRequest) -> Target:
+        """The upstream `build` sends `request` to."""
         if request.form == "azure":
-            return "azure" if self._azure is not None else "openai"
-        return "openai" if self._openai is not None else "azure"
+            target = self._azure or self._openai
+        else:
+            target = self._openai or self._azure
+        assert target is not None
+        return target
 
     def _deployment_for(self, model: str | None) -> str:
         if model is None:
@@ -194,28 +195,81 @@ class Upstreams:
         return url
 
 
-def failure_kind(exc: httpx.HTTPError) -> str:
-    """How an upstream request failed before its response started, for logs and metrics."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return "pool"
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return "connect"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
-    return "protocol"
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How an upstream exchange failed before its answer started: one row of `FAILURES`."""
+
+    kind: str  # for the access log and metrics
+    status: int
+    code: str
+    message: str
+    retry: bool = True  # whether a client's retry may help (else x-should-retry: false)
+    reached: bool = True  # whether the request may have reached the upstream, and be billed there
+
+    def error(self) -> ProxyError:
+        return server_error(self.status, self.message, self.code, retry=self.retry)
 
 
-def map_error(exc: httpx.HTTPError) -> ProxyError:
-    """The answer for an upstream failure that happened before its response started."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return server_error(503, "The proxy has no free upstream connection.", "proxy_overloaded")
-    if isinstance(exc, httpx.ConnectTimeout):
-        return server_error(504, "Timed out connecting to the upstream.", "upstream_timeout")
-    if isinstance(exc, httpx.TimeoutException):
-        # A retry would most likely wait just as long, and may be billed again.
-        return server_error(
-            504, "The upstream did not answer in time.", "upstream_timeout", retry=False
-        )
-    if isinstance(exc, httpx.ConnectError):
-        return server_error(502, "Could not connect to the upstream.", "upstream_unreachable")
-    return server_error(502, "The upstream connection failed.", "upstream_error")
+TIMED_OUT = Failure(
+    "timeout",
+    504,
+    "upstream_timeout",
+    "The upstream did not answer in time.",
+    retry=False,  # a retry would most likely wait just as long, and may be billed again
+    reached=True,
+)
+BROKEN = Failure(
+    "protocol", 502, "upstream_error", "The upstream connection failed.", retry=True, reached=True
+)
+INVALID_STATUS = Failure(
+    "protocol",
+    502,
+    "upstream_error",
+    "The upstream answered with an invalid status.",
+    retry=True,
+    reached=True,
+)
+_NO_CONNECTION = Failure(
+    "pool",
+    503,
+    "proxy_overloaded",
+    "The proxy has no free upstream connection.",
+    retry=True,
+    reached=False,
+)
+_CONNECT_TIMEOUT = Failure(
+    "connect",
+    504,
+    "upstream_timeout",
+    "Timed out connecting to the upstream.",
+    retry=True,
+    reached=False,
+)
+_UNREACHABLE = Failure(
+    "connect",
+    502,
+    "upstream_unreachable",
+    "Could not connect to the upstream.",
+    retry=True,
+    reached=False,
+)
+
+# Each upstream failure once, most specific first (as httpx maps httpcore's exceptions).
+# Only a request that provably never left the proxy is free: anything that may have
+# reached the upstream may be generating there, and be billed.
+FAILURES: tuple[tuple[type[Exception], Failure], ...] = (
+    (httpx.PoolTimeout, _NO_CONNECTION),
+    (httpx.ConnectTimeout, _CONNECT_TIMEOUT),
+    (httpx.ConnectError, _UNREACHABLE),
+    (httpx.TimeoutException, TIMED_OUT),
+    (TimeoutError, TIMED_OUT),  # total_timeout, before the answer started
+    (Exception, BROKEN),
+)
+
+
+def failure(exc: Exception) -> Failure:
+    """The row of `FAILURES` for `exc`."""
+    for kind, row in FAILURES:
+        if isinstance(exc, kind):
+            return row
+    raise AssertionError("FAILURES ends with Exception")  # pragma: no cover

@@ -45,7 +45,8 @@ class Usage:
 
 
 class UsageObserver(Protocol):
-    """Told what each generation spent, once it has ended successfully."""
+    """Told what each generation spent, once it has ended: every generation that counts as
+    spent (see `Outcome.charged`), even when its client left before the answer."""
 
     async def record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None: ...
 

@@ -18,7 +18,6 @@ from imagegen_proxy import ConfigError, ImageGenProxy, ProxyConfig
 from imagegen_proxy.auth import Credentials, Principal
 from imagegen_proxy.config import Policy
 from imagegen_proxy.errors import ProxyError
-from imagegen_proxy.request import ImageRequest
 
 KEY_A = "sk-team-a-0123456789abcdef"
 KEY_B = "sk-team-b-fedcba9876543210"
@@ -220,7 +219,7 @@ def test_open_and_keys_together_are_a_config_error() -> None:
 class TeamHeader:
     """A user's own authenticator: trusts an upstream SSO gateway's team header."""
 
-    async def authenticate(self, credentials: Credentials, request: ImageRequest) -> Principal:
+    async def authenticate(self, credentials: Credentials) -> Principal:
         if b"sso-token-ok" not in credentials.keys:
             raise ProxyError(401, "SSO token required.", code="invalid_api_key")
         return Principal("sso-team", Policy(models=frozenset({"gpt-image-1"})))
@@ -238,3 +237,28 @@ def test_custom_authenticator_is_used(upstream: UpstreamDouble) -> None:
         refused = post(proxy, {"x-api-key": "sso-token-ok"}, {"prompt": "p", "model": "dall-e-2"})
         assert refused.status_code == 403
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer sk-forged-0123456789"}])
+def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble, headers: dict[str, str]
+) -> None:
+    from support import raw_request, read_response
+
+    proxy = keyed(start_proxy)
+    # 50 MB announced, none sent: the answer comes from the headers alone.
+    announced = {"content-type": "application/json", "content-length": "50000000", **headers}
+    with raw_request(proxy, announced) as sock:
+        sock.settimeout(10)  # generous: the answer needs no body, so it comes at once
+        answer = read_response(sock)
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == "invalid_api_key"
+    assert upstream.requests == []
+
+
+def test_a_keyless_request_is_refused_before_its_body_is_validated(
+    start_proxy: Callable[..., str],
+) -> None:
+    proxy = keyed(start_proxy)
+    answer = httpx.post(proxy + PATH, content=b"{not json", headers={"content-type": "text/x"})
+    assert answer.status_code == 401  # not 415 nor 400: a stranger learns nothing more

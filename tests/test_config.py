@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def test_keyword_construction_names_the_bad_key() -> None:
         ({"proxy": {"mount_prefix": "ai"}}, "proxy.mount_prefix: must start with '/'"),
         ({"proxy": {"max_body_bytes": 0}}, "proxy.max_body_bytes"),
         ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"max_header_bytes": 10}}, "server.max_header_bytes"),
+        ({"openai": {"total_timeout": 0}}, "openai.total_timeout"),
+        ({"proxy": {"forward_response_headers": ["Connection"]}}, "'connection' must not"),
+        ({"proxy": {"forward_response_headers": ["set-cookie"]}}, "'set-cookie' must not"),
+        ({"admin": {"key": "a", "key_sha256": "0" * 64}}, "admin: set one of"),
     ],
 )
 def test_mistakes_name_the_key(data: dict[str, object], message: str) -> None:
@@ -97,3 +103,41 @@ def test_add_middleware_form_works() -> None:
     config = ProxyConfig(openai={}, auth={"open": True})  # type: ignore[arg-type]
     app.add_middleware(ImageGenProxy, config=config)
     app.build_middleware_stack()
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"openai": {"base_url": "https://user:hunter2@api.example.com/v1"}},
+        {"openai": {"base_url": "https://hunter2@api.example.com/v1"}},
+        {"azure": {"endpoint": "https://u:hunter2@x.openai.azure.com"}},
+    ],
+)
+def test_credentials_in_an_upstream_url_are_refused_with_the_reason(
+    section: dict[str, object],
+) -> None:
+    with pytest.raises(ConfigError, match="must not contain credentials") as error:
+        ProxyConfig.from_mapping(section)
+    assert "api_key" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "header", ["x-stainless-lang", "User-Agent", "accept", "authorization", "x-request-id"]
+)
+def test_a_virtual_key_header_that_would_travel_upstream_is_refused(header: str) -> None:
+    with pytest.raises(ConfigError, match=r"auth\.virtual_key_header"):
+        ProxyConfig.from_mapping({"auth": {"virtual_key_header": header}})
+
+
+def test_the_admin_key_cannot_also_be_a_client_key() -> None:
+    with pytest.raises(ConfigError, match="also a client key"):
+        ProxyConfig.from_mapping(
+            {"admin": {"key": "same"}, "keys": [{"name": "a", "key": "same"}]}
+        )
+
+
+def test_check_config_masks_a_password_in_the_redis_url(tmp_path: Path) -> None:
+    from imagegen_proxy.app import resolved
+
+    config = ProxyConfig.from_mapping({"limits": {"storage": "redis://u:hunter2@127.0.0.1/0"}})
+    assert "hunter2" not in json.dumps(resolved(config))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import prometheus_client
 import pytest
 from conftest import CLIENT_KEY, HostApp, proxy_config
 from double import UpstreamDouble, error_json, held, partial, sse
@@ -95,7 +96,8 @@ def test_limits_and_upstream_failures_are_counted_by_kind(
     assert delta("imagegen_proxy_limited_total", **limit) == 1
     model = {"form": "openai", "key": "team-m", "model": ""}
     assert delta("imagegen_proxy_requests_total", **model, status="429") == 1
-    assert delta("imagegen_proxy_images_total", key="team-m", model="") == 0
+    # The two streams cut after their 200 were generated, and billed, upstream: spent.
+    assert delta("imagegen_proxy_images_total", key="team-m", model="") == 2
 
 
 def test_a_dead_upstream_counts_as_a_connect_error(metered: Callable[..., str]) -> None:
@@ -223,3 +225,13 @@ def test_worker_processes_add_up_their_metrics(workers_config: Path, tmp_path: P
     # Stopped: each worker took its live gauge out of the sum; the counts stay.
     assert not list(directory.glob("gauge_livesum_*.db"))
     assert len(list(directory.glob("counter_*.db"))) == 2
+
+
+def test_strangers_cannot_spend_the_model_label_slots(metered: Callable[..., str]) -> None:
+    proxy = metered(auth={"open": False}, keys=KEYS)
+    with httpx.Client(base_url=proxy) as client:
+        for i in range(150):
+            body = {"prompt": "p", "model": f"stranger-model-{i}"}
+            assert client.post(PATH, json=body).status_code == 401
+    scraped = prometheus_client.generate_latest(REGISTRY).decode()
+    assert "stranger-model" not in scraped  # before: 100 labels made, then "other"
