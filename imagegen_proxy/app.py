@@ -2,58 +2,57 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import sys
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from .config import OpenAIUpstream, ProxyConfig
+from .config import OpenAIUpstream, ProxyConfig, mask_url
+from .errors import ProxyError
 from .middleware import ImageGenProxy
 from .mock import MockUpstream
+from .types import ASGIApp, Receive, Scope, Send
 
 MOCK_PATH = "/_mock"
 
 
-def with_mock(config: ProxyConfig, self_url: str) -> ProxyConfig:
+def with_mock(config: ProxyConfig, self_url: str, key: str | None = None) -> ProxyConfig:
     """`config` with the embedded mock (served by the same app under /_mock) as its upstream.
 
-    The mock needs no upstream key. Without `[[keys]]` the proxy is open: this mode is for
-    trying things out; with them, clients need their keys as usual.
+    The mock wants `key` (by default `IMAGEGEN_PROXY_MOCK_KEY`, else a new random one) from
+    the proxy, so that nobody reaches it around the proxy's keys. Without `[[keys]]` the
+    proxy is open: this mode is for trying things out; with them, clients need their keys.
     """
-    mock = OpenAIUpstream(base_url=f"{self_url}{MOCK_PATH}/v1")
+    key = key or os.environ.get("IMAGEGEN_PROXY_MOCK_KEY") or secrets.token_urlsafe(24)
+    mock = OpenAIUpstream(base_url=f"{self_url}{MOCK_PATH}/v1", api_key=SecretStr(key))
     auth = config.auth if config.keys else config.auth.model_copy(update={"open": True})
     return config.model_copy(update={"openai": mock, "auth": auth})
 
 
 def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
-    """The app `imagegen-proxy` serves. `mock=True` also mounts the embedded mock upstream."""
+    """The app `imagegen-proxy` serves. `mock=True` also mounts the embedded mock upstream.
 
-    upstreams = describe_upstreams(config, mock)
-    missing = [name for name, upstream in upstreams.items() if not upstream["complete"]]
+    `/healthz` answers every caller with its status alone; its details (the upstreams) and
+    `/metrics` need the `[admin]` key, except in open mode, or come from `ops_app` on the
+    `[server] ops_port` listener.
+    """
+    ops = _Ops(config, mock)
+    admin = config.admin.digest
 
     async def healthz(request: Request) -> Response:
-        if missing:
-            status = f"incomplete: no api key for {', '.join(missing)}"
-            return JSONResponse({"status": status, "upstreams": upstreams}, status_code=503)
-        return JSONResponse({"status": "ok", "upstreams": upstreams})
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        error = {
-            "message": f"No route for {request.url.path}.",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "not_found" if status == 404 else None,
-        }
-        return JSONResponse({"error": error}, status_code=status)
+        details = config.auth.open or _is_admin(request.scope, admin)
+        return ops.health(details)
 
     routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
     if config.server.openapi_path:
@@ -66,13 +65,94 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
     if config.metrics.enabled:
         from .metrics import metrics_app
 
-        routes.append(Route(config.metrics.path, metrics_app(), methods=["GET"]))
+        scrape = metrics_app() if config.auth.open else _AdminOnly(metrics_app(), admin)
+        routes.append(Route(config.metrics.path, scrape, methods=["GET"]))
     if mock:
-        routes.append(
-            Mount(MOCK_PATH, app=MockUpstream(delay=config.mock.delay, pad_to=config.mock.pad_to))
+        assert config.openai is not None and config.openai.api_key is not None
+        upstream = MockUpstream(
+            delay=config.mock.delay,
+            pad_to=config.mock.pad_to,
+            api_key=config.openai.api_key.get_secret_value(),
         )
-    host = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+        routes.append(Mount(MOCK_PATH, app=upstream))
+    host = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
     return ImageGenProxy(host, config)
+
+
+def ops_app(config: ProxyConfig, *, mock: bool = False) -> Starlette:
+    """The `[server] ops_port` listener's app: `/healthz` with its details and `/metrics`,
+    without credentials. Bind it where only operators reach it."""
+    ops = _Ops(config, mock)
+
+    async def healthz(request: Request) -> Response:
+        return ops.health(True)
+
+    routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
+    if config.metrics.enabled:
+        from .metrics import metrics_app
+
+        routes.append(Route(config.metrics.path, metrics_app(), methods=["GET"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
+
+
+class _Ops:
+    """What `/healthz` says, computed once."""
+
+    def __init__(self, config: ProxyConfig, mock: bool) -> None:
+        self.upstreams = describe_upstreams(config, mock)
+        missing = [name for name, found in self.upstreams.items() if not found["complete"]]
+        self.summary = "incomplete" if missing else "ok"
+        self.status = f"incomplete: no api key for {', '.join(missing)}" if missing else "ok"
+        self.code = 503 if missing else 200
+
+    def health(self, details: bool) -> Response:
+        if not details:
+            return JSONResponse({"status": self.summary}, status_code=self.code)
+        body = {"status": self.status, "upstreams": self.upstreams}
+        return JSONResponse(body, status_code=self.code)
+
+
+def _is_admin(scope: Scope, digest: bytes | None) -> bool:
+    """Whether the request carries the `[admin]` key as `Authorization: Bearer`."""
+    if digest is None:
+        return False
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+            return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), digest)
+    return False
+
+
+class _AdminOnly:
+    """`app` for callers with the `[admin]` key; everyone else gets 401."""
+
+    def __init__(self, app: ASGIApp, digest: bytes | None) -> None:
+        self.app = app
+        self.digest = digest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _is_admin(scope, self.digest):
+            await self.app(scope, receive, send)
+            return
+        hint = "set [admin] key" if self.digest is None else "send the [admin] key as Bearer"
+        error = ProxyError(
+            401, f"The admin key is required here ({hint}).", code="invalid_api_key"
+        )
+        response = JSONResponse(error.envelope(), status_code=401)
+        await response(scope, receive, send)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    error = {
+        "message": f"No route for {request.url.path}.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found" if status == 404 else None,
+    }
+    return JSONResponse({"error": error}, status_code=status)
 
 
 def openapi_document(mount_prefix: str = "") -> dict[str, Any]:
@@ -90,13 +170,13 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
     upstreams: dict[str, Any] = {}
     if config.openai is not None:
         upstreams["openai"] = {
-            "base_url": "embedded mock" if mock else config.openai.base_url,
+            "base_url": "embedded mock" if mock else mask_url(config.openai.base_url),
             "api_key": config.openai.api_key is not None,
             "complete": mock or config.openai.api_key is not None,
         }
     if config.azure is not None:
         upstreams["azure"] = {
-            "endpoint": config.azure.endpoint,
+            "endpoint": mask_url(config.azure.endpoint),
             "api_version": config.azure.api_version,
             "api_key": config.azure.api_key is not None,
             "complete": config.azure.api_key is not None,
@@ -133,10 +213,9 @@ def configure_logging(level: str) -> None:
 def resolved(config: ProxyConfig) -> dict[str, Any]:
     """The configuration as the proxy will use it, every secret masked."""
     data = config.model_dump(mode="json")
-    storage = urlsplit(data["limits"]["storage"])
-    if storage.password:
-        netloc = storage.netloc.replace(f":{storage.password}@", ":**********@")
-        data["limits"]["storage"] = storage._replace(netloc=netloc).geturl()
+    data["limits"]["storage"] = mask_url(data["limits"]["storage"])
+    if data["admin"].get("key_sha256"):
+        data["admin"]["key_sha256"] = data["admin"]["key_sha256"][:8] + "…"
     for entry in data["keys"]:
         if entry.get("key_sha256"):
             entry["key_sha256"] = entry["key_sha256"][:8] + "…"

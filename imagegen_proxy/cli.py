@@ -6,17 +6,19 @@ import argparse
 import contextlib
 import json
 import os
-import resource
+import secrets
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
 
-from .app import configure_logging, create_app, describe_upstreams, resolved, with_mock
-from .config import ConfigError, ProxyConfig
+from .app import configure_logging, create_app, describe_upstreams, ops_app, resolved, with_mock
+from .config import ConfigError, ProxyConfig, mask_url
+from .server import raise_open_files_limit, uvicorn_options
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
@@ -61,22 +63,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"imagegen-proxy: cannot listen on {host}:{port}: {exc.strerror or exc}")
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
     mock_url = _self_url(host, sock.getsockname()[1]) if mock else ""
+    # The proxy's own key for its mock: worker processes must all know the same one.
+    mock_key = secrets.token_urlsafe(24) if mock else ""
     if mock:
-        config = with_mock(config, mock_url)
+        config = with_mock(config, mock_url, mock_key)
     try:
         app = create_app(config, mock=mock)
     except ConfigError as exc:
         sys.exit(f"imagegen-proxy: {exc}")
 
     configure_logging(args.log_level)
-    _raise_open_files_limit()
+    raise_open_files_limit()
+    ops_url = _serve_ops(config, mock, args.log_level)
     print(_banner(url, config, mock), flush=True)
+    if ops_url:
+        print(f"Operations (/healthz details, metrics) on {ops_url}", flush=True)
     # With our own access log, uvicorn's would only say the same thing twice, with less.
     options = {
         "log_level": args.log_level,
         "access_log": not config.access_log.enabled,
         "lifespan": "on",
         "timeout_graceful_shutdown": 5,
+        # After raise_open_files_limit: the connection cap is sized to the raised limit.
+        **uvicorn_options(config.server),
     }
     if args.workers > 1:
         print(_workers_note(config, args.workers), flush=True)
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update(
             IMAGEGEN_PROXY_CONFIG=args.config or "",
             IMAGEGEN_PROXY_MOCK_URL=mock_url,
+            IMAGEGEN_PROXY_MOCK_KEY=mock_key,
             IMAGEGEN_PROXY_LOG_LEVEL=args.log_level.upper(),
         )
         with _metrics_directory(config.metrics.enabled):
@@ -97,6 +107,26 @@ def main(argv: list[str] | None = None) -> None:
         return
     server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=[sock])
+
+
+def _serve_ops(config: ProxyConfig, mock: bool, log_level: str) -> str:
+    """Start the `[server] ops_port` listener, if configured, in a thread of this process
+    (with `--workers`, the supervisor's: metrics add up every worker's values anyway)."""
+    server = config.server
+    if server.ops_port is None:
+        return ""
+    try:
+        sock = _bind(server.ops_host, server.ops_port)
+    except OSError as exc:
+        sys.exit(
+            f"imagegen-proxy: cannot listen on {server.ops_host}:{server.ops_port}: "
+            f"{exc.strerror or exc}"
+        )
+    app = ops_app(config, mock=mock)
+    options = uvicorn_options(server)  # the same front door
+    ops = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", **options))
+    threading.Thread(target=ops.run, kwargs={"sockets": [sock]}, name="ops", daemon=True).start()
+    return f"http://{_url_host(server.ops_host)}:{sock.getsockname()[1]}"
 
 
 @contextlib.contextmanager
@@ -169,22 +199,15 @@ def _self_url(host: str, port: int) -> str:
     return f"http://{_url_host(target)}:{port}"
 
 
-def _raise_open_files_limit() -> None:
-    # Each generation in flight holds two sockets for minutes; 1024 would cap it near 500.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
     if mock:
         upstream = "embedded mock upstream (no upstream key needed)"
     else:
         names = []
         if config.openai is not None:
-            names.append(f"openai {config.openai.base_url}")
+            names.append(f"openai {mask_url(config.openai.base_url)}")
         if config.azure is not None:
-            names.append(f"azure {config.azure.endpoint}")
+            names.append(f"azure {mask_url(config.azure.endpoint)}")
         upstream = ", ".join(names)
     save = (
         "python3 -c 'import sys,json,base64; "

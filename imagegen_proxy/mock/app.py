@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import time
 from collections.abc import Awaitable
@@ -29,14 +30,17 @@ class MockUpstream:
     """An OpenAI-compatible image-generation service answering on any `.../images/generations`.
 
     `delay` is how long a generation takes (spread over the events when streaming); `pad_to`
-    pads every PNG to at least that many bytes.
+    pads every PNG to at least that many bytes. With `api_key`, generations need it as
+    `Authorization: Bearer`: the bundled proxy serves its mock on its own listener, and only
+    the proxy, not a client going around its keys and limits, may use it.
     """
 
-    def __init__(self, *, delay: float = 0.0, pad_to: int = 0) -> None:
+    def __init__(self, *, delay: float = 0.0, pad_to: int = 0, api_key: str | None = None) -> None:
         if delay < 0 or pad_to < 0:
             raise ValueError("delay and pad_to must not be negative")
         self.delay = delay
         self.pad_to = pad_to
+        self._authorization = None if api_key is None else b"Bearer " + api_key.encode()
         # Encoding a padded multi-megabyte PNG costs milliseconds per request; keep the results.
         self._b64 = BytesLRU(max_bytes=128 * 1024 * 1024)
 
@@ -58,6 +62,10 @@ class MockUpstream:
         if path.endswith(GENERATIONS_SUFFIX):
             if method != "POST":
                 await _method_not_allowed(send, request_id, method, path, b"POST")
+                return
+            if not self._authorized(scope):
+                error = ProxyError(401, "Incorrect API key provided.", code="invalid_api_key")
+                await _respond(send, 401, error_body(error), [_JSON, (b"x-request-id", request_id)])
                 return
             try:
                 gen = parse_generation(await read_body(scope, receive, MAX_BODY))
@@ -83,6 +91,14 @@ class MockUpstream:
                 ProxyError(404, f"Invalid URL ({method} {path})", code="unknown_url")
             )
             await _respond(send, 404, payload, [_JSON, (b"x-request-id", request_id)])
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._authorization is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self._authorization)
+        return False
 
     def _image(self, gen: Generation, index: int, detail: float) -> bytes:
         key = (gen.prompt, gen.width, gen.height, index, detail, self.pad_to)
