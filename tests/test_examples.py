@@ -43,6 +43,7 @@ def test_example_config_is_valid_and_shows_every_key(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("OPENAI_API_KEY", "sk-1")
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-1")
     monkeypatch.setenv("TEAM_A_KEY", "team-a-key")
+    monkeypatch.setenv("IMAGEGEN_ADMIN_KEY", "admin-key")
     config = ProxyConfig.from_toml(EXAMPLES / "config.example.toml")
     assert config.openai is not None and config.azure is not None
     text = (EXAMPLES / "config.example.toml").read_text()
