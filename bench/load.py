@@ -100,3 +100,56 @@ def slow_generations(url: str, count: int) -> dict[str, float]:
 
     ok, elapsed = asyncio.run(run())
     return {"ok": ok, "failed": count - ok, "seconds": elapsed}
+
+
+def side_by_side(
+    started: dict[str, tuple[str, int]], rounds: int, seconds: float
+) -> dict[str, dict[str, float]]:
+    """wrk at c=1 (latency) and c=20 (throughput) on each started proxy, alternating within
+    a round and rotating the order between rounds; medians per proxy. The steadiest figure
+    on a shared 2-core machine is the proxy process's own CPU time per request (user +
+    system, from psutil) during the c=20 runs."""
+    import psutil
+
+    names = list(started)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for url, _ in started.values():
+        wrk(url, 20, 1)  # warm up
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            url, pid = started[name]
+            c1 = wrk(url, 1, seconds, threads=1)
+            cpu = psutil.Process(pid).cpu_times()
+            c20 = wrk(url, 20, seconds)
+            after = psutil.Process(pid).cpu_times()
+            spent = after.user + after.system - cpu.user - cpu.system
+            requests = c20["rps"] * max(1, round(seconds))
+            runs[name].append(
+                {
+                    "c1_p50_ms": c1["p50_ms"],
+                    "c1_p99_ms": c1["p99_ms"],
+                    "c20_rps": c20["rps"],
+                    "cpu_us_per_request": spent / requests * 1e6,
+                }
+            )
+    return {
+        name: {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]}
+        for name in names
+    }
+
+
+def cpu_table(result: dict[str, dict[str, float]], base: str, label: str) -> str:
+    """`result` as a Markdown table, each row's CPU per request against `base`'s."""
+    lines = [
+        f"| {label} | proxy CPU per request (µs) | vs {base} | c=1 p50 (ms) | c=1 p99 (ms) "
+        "| c=20 (req/s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in result.items():
+        extra = row["cpu_us_per_request"] - result[base]["cpu_us_per_request"]
+        lines.append(
+            f"| {name} | {row['cpu_us_per_request']:.0f} | {extra:+.0f} µs | "
+            f"{row['c1_p50_ms']:.2f} | {row['c1_p99_ms']:.2f} | {row['c20_rps']:.0f} |"
+        )
+    return "\n".join(lines)

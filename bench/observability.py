@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import load
 import procs
-import psutil
 
 VARIANTS = {
     "off": "[access_log]\nenabled = false\n",
@@ -45,51 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 3, 2.0
-    names = list(VARIANTS)
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
         upstream, _ = stack.enter_context(procs.server(procs.mock()))
         started = {
             name: stack.enter_context(procs.imagegen_proxy(upstream, extra))
             for name, extra in VARIANTS.items()
         }
-        for url, _ in started.values():
-            load.wrk(url, 20, 1)  # warm up
-        for index in range(args.rounds):
-            for name in names[index % 3 :] + names[: index % 3]:
-                url, pid = started[name]
-                c1 = load.wrk(url, 1, args.seconds, threads=1)
-                cpu = psutil.Process(pid).cpu_times()
-                c20 = load.wrk(url, 20, args.seconds)
-                after = psutil.Process(pid).cpu_times()
-                spent = after.user + after.system - cpu.user - cpu.system
-                requests = c20["rps"] * max(1, round(args.seconds))
-                runs[name].append(
-                    {
-                        "c1_p50_ms": c1["p50_ms"],
-                        "c1_p99_ms": c1["p99_ms"],
-                        "c20_rps": c20["rps"],
-                        "cpu_us_per_request": spent / requests * 1e6,
-                    }
-                )
-    result = {
-        name: {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]}
-        for name in names
-    }
-    base = result["off"]
-    lines = [
-        "| variant | proxy CPU per request (µs) | vs off | c=1 p50 (ms) | c=1 p99 (ms) "
-        "| c=20 (req/s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        row = result[name]
-        extra = row["cpu_us_per_request"] - base["cpu_us_per_request"]
-        lines.append(
-            f"| {name} | {row['cpu_us_per_request']:.0f} | {extra:+.0f} µs | "
-            f"{row['c1_p50_ms']:.2f} | {row['c1_p99_ms']:.2f} | {row['c20_rps']:.0f} |"
-        )
-    table = "\n".join(lines)
+        result = load.side_by_side(started, args.rounds, args.seconds)
+    table = load.cpu_table(result, "off", "variant")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "observability.json").write_text(json.dumps({"settings": vars(args), **result}))

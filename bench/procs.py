@@ -95,10 +95,14 @@ def mock(delay: float = 0.0, pad_to: int = 0) -> list[str]:
 
 @contextlib.contextmanager
 def imagegen_proxy(
-    upstream: str, extra_config: str = "", stderr: IO[bytes] | None = None
+    upstream: str,
+    extra_config: str = "",
+    stderr: IO[bytes] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """The product as users run it: one key, the in-memory limiter doing real work.
-    `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section)."""
+    `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section); `env`
+    is added to its environment (`PYTHONPATH` runs another checkout's code)."""
     config = (
         f'[openai]\nbase_url = "{upstream}/v1"\n'
         f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n'
@@ -117,7 +121,7 @@ def imagegen_proxy(
             "--log-level",
             "warning",
         ]
-        with server(command, stderr=stderr) as running:
+        with server(command, env=env, stderr=stderr) as running:
             yield running
     finally:
         os.unlink(file.name)
