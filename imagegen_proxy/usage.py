@@ -7,7 +7,9 @@ event), so only a bounded tail of the bytes going past is kept and parsed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -21,27 +23,29 @@ _decoder = json.JSONDecoder()
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Requests, images and tokens spent; added up per key."""
+    """Requests, images, tokens and micro-USD spent; added up per key."""
 
     requests: int = 0
     images: int = 0
     tokens: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    input_text_tokens: int = 0  # the parts of input_tokens, when the answer gives them
+    input_image_tokens: int = 0
+    output_text_tokens: int = 0  # the text part of output_tokens, when the answer gives it
+    cost_micros: int = 0  # what the generation cost, once the proxy has priced it
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.requests + other.requests,
-            self.images + other.images,
-            self.tokens + other.tokens,
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-        )
+        return self._combine(other, operator.add)
 
     def __sub__(self, other: Usage) -> Usage:
-        return self + Usage(
-            -other.requests, -other.images, -other.tokens, -other.input_tokens, -other.output_tokens
-        )
+        return self._combine(other, operator.sub)
+
+    def _combine(self, other: Usage, op: Callable[[int, int], int]) -> Usage:
+        return Usage(*[op(getattr(self, name), getattr(other, name)) for name in _FIELDS])
+
+
+_FIELDS = tuple(field.name for field in fields(Usage))
 
 
 class UsageObserver(Protocol):
@@ -81,11 +85,20 @@ def tokens_in(tail: bytes) -> Usage | None:
         return None
     if not isinstance(value, dict):
         return None
+    details = _dict(value, "input_tokens_details")
     return Usage(
         tokens=_int(value, "total_tokens"),
         input_tokens=_int(value, "input_tokens"),
         output_tokens=_int(value, "output_tokens"),
+        input_text_tokens=_int(details, "text_tokens"),
+        input_image_tokens=_int(details, "image_tokens"),
+        output_text_tokens=_int(_dict(value, "output_tokens_details"), "text_tokens"),
     )
+
+
+def _dict(value: dict[str, Any], key: str) -> dict[str, Any]:
+    found = value.get(key)
+    return found if isinstance(found, dict) else {}
 
 
 def _int(value: dict[str, Any], key: str) -> int:
