@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import KeyConfig, Policy
+from .config import KeyConfig, Policy, ProjectConfig
 from .errors import ProxyError
 from .request import ImageRequest
 from .types import Scope
@@ -28,12 +28,22 @@ class Credentials:
 
 
 @dataclass(frozen=True, slots=True)
+class Project:
+    """A group of keys with shared limits and budget."""
+
+    name: str
+    policy: Policy = _UNLIMITED
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller: a name (for limits and logs, never the key) and its policy."""
+    """An authenticated caller: a name (for limits and logs, never the key), its policy, and
+    the project whose limits apply too."""
 
     name: str
     policy: Policy = _UNLIMITED
     upstream_api_key: str | None = None  # spend on this upstream key instead of the proxy's
+    project: Project | None = None
 
 
 class Authenticator(Protocol):
@@ -105,17 +115,19 @@ class KeyTable:
     the caller's own guesses, which says nothing about any key.
     """
 
-    def __init__(self, keys: Sequence[KeyConfig]) -> None:
+    def __init__(self, keys: Sequence[KeyConfig], projects: Sequence[ProjectConfig] = ()) -> None:
+        groups = {entry.name: Project(entry.name, _policy(entry)) for entry in projects}
         self._by_digest = {
             entry.digest: (
                 entry.digest,  # computed once here, not per request
                 entry,
                 Principal(
                     entry.name,
-                    Policy.model_validate(entry.model_dump(include=set(Policy.model_fields))),
+                    _policy(entry),
                     None
                     if entry.upstream_api_key is None
                     else entry.upstream_api_key.get_secret_value(),
+                    None if entry.project is None else groups[entry.project],
                 ),
             )
             for entry in keys
@@ -144,18 +156,25 @@ class KeyTable:
         return principal
 
 
+def _policy(entry: Policy) -> Policy:
+    return Policy.model_validate(entry.model_dump(include=set(Policy.model_fields)))
+
+
 def check_policy(principal: Principal, request: ImageRequest) -> None:
-    """Refuse (403) a model or deployment outside the principal's allow-list."""
-    allowed = principal.policy.models
-    if allowed is None:
-        return
-    name = request.deployment if request.form == "azure" else request.body.model
-    if name is None or name not in allowed:
-        raise ProxyError(
-            403,
-            f"The key '{principal.name}' may not use model {name!r}; "
-            f"allowed: {', '.join(sorted(allowed))}.",
-            type="invalid_request_error",
-            param="model",
-            code="model_not_allowed",
-        )
+    """Refuse (403) a model or deployment outside the allow-list of the principal or of
+    its project."""
+    name = request.model
+    holders = [(f"key '{principal.name}'", principal.policy)]
+    if principal.project is not None:
+        holders.append((f"project '{principal.project.name}'", principal.project.policy))
+    for holder, policy in holders:
+        allowed = policy.models
+        if allowed is not None and (name is None or name not in allowed):
+            raise ProxyError(
+                403,
+                f"The {holder} may not use model {name!r}; "
+                f"allowed: {', '.join(sorted(allowed))}.",
+                type="invalid_request_error",
+                param="model",
+                code="model_not_allowed",
+            )

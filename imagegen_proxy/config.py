@@ -204,8 +204,12 @@ class AuthConfig(_Section):
         return name
 
 
+BudgetPeriod = Literal["day", "week", "month", "total"]
+
+
 class Policy(_Section):
-    """What a client may do; absent limits are unlimited."""
+    """What a client (a key, or a project's keys together) may do; absent limits are
+    unlimited."""
 
     models: frozenset[str] | None = None
     requests_per_minute: int | None = Field(None, gt=0)
@@ -213,19 +217,35 @@ class Policy(_Section):
     max_concurrent: int | None = Field(None, gt=0)
     images_per_day: int | None = Field(None, gt=0)
     tokens_per_day: int | None = Field(None, gt=0)
+    budget_usd: float | None = Field(None, gt=0)
+    budget_period: BudgetPeriod = "month"  # calendar periods in UTC; weeks start on Monday
 
     @property
     def limited(self) -> bool:
-        """Whether any count-based limit is set (the model allow-list is not one)."""
-        return any(
-            getattr(self, name) is not None for name in Policy.model_fields if name != "models"
-        )
+        """Whether any count-based limit or a budget is set (the model allow-list is not
+        one)."""
+        return any(getattr(self, name) is not None for name in _LIMITS)
+
+    @property
+    def budget_micros(self) -> int | None:
+        """The budget in millionths of a dollar, the unit every cost is counted in."""
+        return None if self.budget_usd is None else round(self.budget_usd * 1_000_000)
+
+
+_LIMITS = [name for name in Policy.model_fields if name not in ("models", "budget_period")]
+
+
+class ProjectConfig(Policy):
+    """`[[projects]]`: a group of keys sharing limits and a budget (OpenAI's word for it)."""
+
+    name: str = Field(min_length=1)
 
 
 class KeyConfig(Policy):
     """`[[keys]]`: one client key, its name, and its policy."""
 
     name: str = Field(min_length=1)
+    project: str | None = None  # a [[projects]] name: its limits apply too
     key: SecretStr | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     key_env: str | None = None
@@ -284,9 +304,44 @@ class AdminConfig(_Section):
         return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
 
+_PRICE_KEY = re.compile(r"\d{2,5}x\d{2,5}/[a-z0-9_-]+")
+
+
+class PriceConfig(_Section):
+    """`[prices."MODEL"]`: what a model's images cost, in USD. Token-priced (per 1M tokens,
+    with the output tokens of one image by "WIDTHxHEIGHT/quality"), priced per image, or
+    `same_as` another model. Over a shipped entry of the same name, the fields given win."""
+
+    same_as: str | None = None
+    input_text_per_mtok: float | None = Field(None, ge=0)
+    input_image_per_mtok: float | None = Field(None, ge=0)
+    output_image_per_mtok: float | None = Field(None, ge=0)
+    output_tokens: dict[str, int] = Field(default_factory=dict)
+    partial_image_tokens: int = Field(100, ge=0)
+    # Text the model writes besides the image (gpt-image-1.5): its price (absent: the image
+    # output price) and the tokens of it to reserve per image.
+    output_text_per_mtok: float | None = Field(None, ge=0)
+    output_text_tokens: int = Field(0, ge=0)
+    per_image: dict[str, float] = Field(default_factory=dict)
+    source: str | None = None  # where the figures come from, and when they were checked
+
+    @field_validator("output_tokens", "per_image")
+    @classmethod
+    def _keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [key for key in value if _PRICE_KEY.fullmatch(key) is None]
+        if bad:
+            raise ValueError(f'{bad[0]!r}: keys are "WIDTHxHEIGHT/quality", e.g. "1024x1024/high"')
+        if any(number < 0 for number in value.values()):
+            raise ValueError("must not be negative")
+        return value
+
+
 class LimitsConfig(_Section):
     storage: str = "memory"
     on_storage_error: Literal["deny", "allow"] = "deny"
+    # A model without a price, asked for by a key or project with a budget: refused (403
+    # model_not_priced) or served with its cost unknown.
+    unpriced: Literal["deny", "allow"] = "deny"
     concurrency_lease_seconds: float = Field(3600.0, gt=0)
 
     @field_validator("storage")
@@ -337,6 +392,8 @@ class ProxyConfig(_Section):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     keys: list[KeyConfig] = Field(default_factory=list)
+    projects: list[ProjectConfig] = Field(default_factory=list)
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
     mock: MockConfig = Field(default_factory=MockConfig)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -348,6 +405,12 @@ class ProxyConfig(_Section):
             raise ValueError("two [[keys]] entries have the same name")
         if len({key.digest for key in self.keys}) != len(self.keys):
             raise ValueError("two [[keys]] entries have the same key")
+        projects = [project.name for project in self.projects]
+        if len(set(projects)) != len(projects):
+            raise ValueError("two [[projects]] entries have the same name")
+        for key in self.keys:
+            if key.project is not None and key.project not in projects:
+                raise ValueError(f"key {key.name!r}: no [[projects]] entry named {key.project!r}")
         if self.admin.digest is not None and self.admin.digest in {k.digest for k in self.keys}:
             raise ValueError("the [admin] key is also a client key: give them different keys")
         if self.auth.open and self.keys:

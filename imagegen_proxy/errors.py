@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .types import Send
+from .types import Scope, Send
 
 
 class ProxyError(Exception):
@@ -47,6 +47,17 @@ class ProxyError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected; there is nobody left to answer."""
+
+
+def expect_method(scope: Scope, method: str) -> None:
+    """Refuse (405) a request whose method is not `method`."""
+    if scope["method"] != method:
+        raise ProxyError(
+            405,
+            f"Method {scope['method']} not allowed: use {method}.",
+            code="method_not_allowed",
+            headers=[("allow", method)],
+        )
 
 
 def server_error(status: int, message: str, code: str, *, retry: bool = True) -> ProxyError:

@@ -82,6 +82,11 @@ class Metrics:
             "Images charged (n of each generation that reached the upstream and got no error).",
             ["key", "model"],
         )
+        self.cost = p.Counter(
+            "imagegen_proxy_cost_usd",
+            "What generations cost, in USD, from the price table and the upstream's usage.",
+            ["key", "project", "model"],
+        )
         self.ttfb = p.Histogram(
             "imagegen_proxy_upstream_ttfb_seconds",
             "Time from sending the upstream request to its response headers.",
@@ -140,6 +145,9 @@ class Metrics:
         self.requests.labels(entry.form, key, model, str(entry.status)).inc()
         if entry.images:
             self.images.labels(key, model).inc(entry.images)
+        if entry.cost_micros:
+            project = self._keys(entry.project)
+            self.cost.labels(key, project, model).inc(entry.cost_micros / 1_000_000)
         if entry.bytes_out:
             self.bytes.labels(key).inc(entry.bytes_out)
         if entry.limit:

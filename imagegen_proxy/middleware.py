@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -10,10 +12,12 @@ import httpx
 
 from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
 from .config import ConfigError, ProxyConfig
-from .errors import ClientGone, ProxyError, send_error
+from .errors import ClientGone, ProxyError, expect_method, send_error
 from .headers import ResponseHeaders
+from .memory_limiter import MemoryLimiter
 from .observe import AccessLog, Entry, client_request_id
-from .ratelimit import Decision, MemoryLimiter, RateLimiter
+from .pricing import Price, Prices
+from .ratelimit import Decision, RateLimiter
 from .relay import Outcome, Relay
 from .request import ImageRequest, check_content_type, parse_request, read_body
 from .routing import Router, check_route
@@ -30,9 +34,9 @@ logger = logging.getLogger("imagegen_proxy")
 class ImageGenProxy:
     """Serves `POST .../images/generations` in front of `app`; everything else goes to `app`.
 
-    The hooks default to what `config` describes: `authenticator` to the `[[keys]]` table
-    (or open access), `rate_limiter` to the `[limits]` storage. The rate limiter, when it
-    has a `record` method, is told usage too, after `usage_observers`.
+    The hooks default to what `config` describes: `authenticator` to the `[[keys]]` and
+    `[[projects]]` tables (or open access), `rate_limiter` to the `[limits]` storage, which
+    also keeps the budgets. Costs come from the shipped price table and `[prices]`.
 
     `http_client` replaces the default upstream transport (the proxy then never closes it).
     Without one, the transport is created on first use (Django never sends lifespan) and
@@ -60,8 +64,9 @@ class ImageGenProxy:
         self.rate_limiter = rate_limiter or _rate_limiter(config)
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
-        if hasattr(self.rate_limiter, "record"):
-            self.usage_observers.append(self.rate_limiter)  # type: ignore[arg-type]
+        self.prices = Prices(config.prices)
+        self._unpriced = config.limits.unpriced
+        self._unpriced_seen: set[str] = set()
         self._key_headers = frozenset(
             {b"x-api-key", b"api-key", config.auth.virtual_key_header.encode()}
         )
@@ -90,9 +95,8 @@ class ImageGenProxy:
         transport, self.transport = self.transport, None
         if transport is not None:
             await transport.aclose()
-        close = getattr(self.rate_limiter, "aclose", None)
-        if self._owns_limiter and close is not None:
-            await close()
+        if self._owns_limiter:
+            await self.rate_limiter.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.router.match(scope) if scope["type"] == "http" else None
@@ -101,31 +105,29 @@ class ImageGenProxy:
                 send = self._closing_on_shutdown(send)
             await self.app(scope, receive, send)
             return
+        if route.operation == "budget":
+            await self._budget(scope, send)
+            return
         entry = Entry(route.form, client_request_id=client_request_id(scope))
         try:
-            if scope["method"] != "POST":
-                raise ProxyError(
-                    405,
-                    f"Method {scope['method']} not allowed: use POST.",
-                    code="method_not_allowed",
-                    headers=[("allow", "POST")],
-                )
+            expect_method(scope, "POST")
             check_route(route)
             # Who is asking comes first, from the headers alone: nothing of a stranger's
             # body is read, parsed or turned into a log field or metric label.
             credentials = read_credentials(scope, self._key_headers)
             principal = await self.authenticator.authenticate(credentials)
-            entry.key = principal.name
+            entry.identify(principal)
             check_content_type(scope)
             body = await read_body(scope, receive, self._max_body, self._body_timeout)
             request = parse_request(route, body)
             entry.describe(request)
             check_policy(principal, request)
-            decision = await self.rate_limiter.acquire(principal, request)
+            price, reservation = self._price(principal, request)
+            decision = await self.rate_limiter.acquire(principal, request, reservation)
             if not decision.allowed:
                 entry.limit = decision.limit or decision.code
                 raise decision.refusal()
-            await self._generate(principal, request, decision, entry, scope, receive, send)
+            await self._generate(principal, request, price, decision, entry, scope, receive, send)
         except ProxyError as error:
             entry.refused(error)
             entry.bytes_out = await send_error(send, error, entry.id)
@@ -146,6 +148,53 @@ class ImageGenProxy:
         finally:
             self._observe(entry)
 
+    def _price(self, principal: Principal, request: ImageRequest) -> tuple[Price | None, int]:
+        """The request's price and the worst-case cost to reserve against its budgets (0
+        without a budget): a budget is never spent on a model whose price is unknown,
+        unless `[limits] unpriced = "allow"` says so."""
+        price = self.prices.get(request.model)
+        project = principal.project
+        budgeted = principal.policy.budget_usd is not None or (
+            project is not None and project.policy.budget_usd is not None
+        )
+        if not budgeted:
+            return price, 0
+        if price is not None:
+            return price, price.estimate(request)
+        if self._unpriced == "deny":
+            raise ProxyError(
+                403,
+                f"The model {request.model!r} has no price, and this key spends on a budget: "
+                "name a priced model (or ask the operator to add its price).",
+                param="model",
+                code="model_not_priced",
+            )
+        if request.model not in self._unpriced_seen and len(self._unpriced_seen) < 1000:
+            self._unpriced_seen.add(str(request.model))
+            logger.warning("model %r has no price: served on a budget at no cost", request.model)
+        return None, 0
+
+    async def _budget(self, scope: Scope, send: Send) -> None:
+        """`GET /v1/imagegen/budget`: a client's own limits, spending and budgets."""
+        try:
+            expect_method(scope, "GET")
+            credentials = read_credentials(scope, self._key_headers)
+            principal = await self.authenticator.authenticate(credentials)
+            now = time.time()
+            standing = [one.json(now) for one in await self.rate_limiter.standing(principal)]
+        except ProxyError as error:
+            await send_error(send, error)
+            return
+        view = {
+            "object": "imagegen.budget",
+            "key": standing[0] if standing else {"name": principal.name},
+            "project": standing[1] if len(standing) > 1 else None,
+        }
+        body = json.dumps(view).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
     def _observe(self, entry: Entry) -> None:
         try:
             if self.access_log is not None:
@@ -159,6 +208,7 @@ class ImageGenProxy:
         self,
         principal: Principal,
         request: ImageRequest,
+        price: Price | None,
         decision: Decision,
         entry: Entry,
         scope: Scope,
@@ -179,10 +229,18 @@ class ImageGenProxy:
             if settled:
                 return
             settled = True
-            if decision.release is not None:
-                await decision.release(outcome.charged)
+            spent = None
             if outcome.charged:
-                spent = Usage(requests=1, images=request.images) + (outcome.usage or Usage())
+                # Without the upstream's usage (the client left before it came), the
+                # reservation is what it cost: the upstream may well bill it.
+                cost = 0 if price is None else price.cost(request, outcome.usage)
+                spent = (outcome.usage or Usage()) + Usage(
+                    requests=1, images=request.images, cost_micros=cost
+                )
+                entry.cost_micros = None if price is None else cost
+            if decision.release is not None:
+                await decision.release(spent)
+            if spent is not None:
                 await self._record(principal, request, spent)
 
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
@@ -236,7 +294,7 @@ def _authenticator(config: ProxyConfig) -> Authenticator:
             'no client keys: add [[keys]] entries (name = "team-a", key_env = "TEAM_A_KEY") '
             "or set [auth] open = true to serve without keys"
         )
-    return KeyTable(config.keys)
+    return KeyTable(config.keys, config.projects)
 
 
 def _rate_limiter(config: ProxyConfig) -> RateLimiter:

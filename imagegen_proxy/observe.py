@@ -18,6 +18,7 @@ from .request import ImageRequest
 from .types import Scope
 
 if TYPE_CHECKING:
+    from .auth import Principal
     from .relay import Outcome
 
 access_logger = logging.getLogger("imagegen_proxy.access")
@@ -55,6 +56,7 @@ class Entry:
     started: float = field(default_factory=time.perf_counter)
     client_request_id: str | None = None
     key: str | None = None  # the principal's name, never its key
+    project: str | None = None  # the key's project
     model: str | None = None  # the model, or the Azure deployment
     n: int | None = None
     stream: bool | None = None
@@ -69,16 +71,20 @@ class Entry:
     error: str | None = None  # the error code the client got, or how the upstream failed
     limit: str | None = None  # the limit that refused the request
     images: int = 0  # images charged: the request reached the upstream, which answered no error
+    cost_micros: int | None = None  # what was charged, in micro-USD; None: no price known
     admitted: bool = False  # the limits let it through: it counts as in flight
 
     @property
     def duration(self) -> float:
         return time.perf_counter() - self.started
 
+    def identify(self, principal: Principal) -> None:
+        self.key = principal.name
+        self.project = None if principal.project is None else principal.project.name
+
     def describe(self, request: ImageRequest) -> None:
-        body = request.body
-        self.model = body.model if request.deployment is None else request.deployment
-        self.n, self.stream, self.prompt = request.images, request.stream, body.prompt
+        self.model, self.n = request.model, request.images
+        self.stream, self.prompt = request.stream, request.body.prompt
 
     def refused(self, error: ProxyError) -> None:
         """The proxy answered `error` itself (an upstream failure is already known)."""
@@ -117,9 +123,11 @@ class Entry:
             "client_request_id": self.client_request_id,
             "form": self.form,
             "key": self.key,
+            "project": self.project,
             "model": self.model,
             "n": self.n,
             "images": self.images,
+            "cost_usd": None if self.cost_micros is None else self.cost_micros / 1_000_000,
             "stream": self.stream,
             "status": self.status,
             "outcome": self.outcome,

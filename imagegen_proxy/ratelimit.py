@@ -1,27 +1,53 @@
-"""Limits: the `RateLimiter` hook, its decisions, and the in-memory (per-process) limiter.
+"""Limits: the `RateLimiter` hook, its decisions, and the rules both built-in limiters share.
 
-"N per minute" is exact: no more than N in any 60 seconds (a sliding log, not a token
-bucket that admits extra). Quotas count per UTC day. The answer tells the client the
-real time until a slot frees, so the SDK's own retries wait just long enough.
+A request must fit every limit of its key and, when the key belongs to a project, every
+limit of the project: each is a *subject* with a policy. "N per minute" is exact: no more
+than N in any 60 seconds (a sliding log, not a token bucket that admits extra). Quotas count
+per UTC day; budgets per UTC calendar day, week, month, or in total. A budget is hard: the
+request's worst-case cost is reserved before anything goes upstream, and settled to the
+actual cost when the generation ends. The answer tells the client the real time until a
+slot frees, so the SDK's own retries wait just long enough.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .auth import Principal
+from .config import BudgetPeriod, Policy
 from .errors import ProxyError
+from .pricing import usd
 from .request import ImageRequest
 from .usage import Usage
 
 WINDOW = 60.0
-Release = Callable[[bool], Awaitable[None]]
+# Awaited once when an admitted generation ends: with what it spent when it counts as spent
+# (its images, tokens and cost), or None when it does not (nothing reached the upstream,
+# or the upstream answered an error): then its images and its reservation go back.
+Release = Callable[[Usage | None], Awaitable[None]]
+# A total budget never renews: a refusal's retry-after says "not soon".
+_NEVER = 365 * 86400.0
+
+
+class Subject(NamedTuple):
+    """One holder of limits: a key, or the project its key belongs to."""
+
+    id: str  # where its counts live: the key's name, or "project:" + the project's
+    label: str  # for messages: "key 'a'" or "project 'growth'"
+    policy: Policy
+
+
+def subjects(principal: Principal) -> list[Subject]:
+    found = [Subject(principal.name, f"key '{principal.name}'", principal.policy)]
+    project = principal.project
+    if project is not None:
+        label = f"project '{project.name}'"
+        found.append(Subject(f"project:{project.name}", label, project.policy))
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +60,19 @@ class LimitStatus:
     reset: float  # seconds until the window is back to its full limit
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """A budget as the `x-budget-*` headers report it, after this request's reservation."""
+
+    limit: int  # micro-USD
+    remaining: int
+    reset: datetime | None  # the period's end; None for a total budget
+
+
 @dataclass(slots=True)
 class Decision:
-    """A limiter's answer. When `allowed`, `release(charged)` must be awaited exactly once,
-    when the generation ends. `charged`: it counts as spent, because it may have reached the
-    upstream and the upstream answered no error (a client that left is still charged)."""
+    """A limiter's answer. When `allowed`, `release(spent)` must be awaited exactly once,
+    when the generation ends (see `Release`)."""
 
     allowed: bool
     limits: list[LimitStatus] = field(default_factory=list)
@@ -47,7 +81,8 @@ class Decision:
     message: str = ""
     retry: bool = True  # False: waiting will not help (x-should-retry: false)
     release: Release | None = None
-    limit: str = ""  # the limit that refused: "requests_per_minute", "images_per_day", ...
+    limit: str = ""  # the limit that refused: "requests_per_minute", "budget_usd", ...
+    budget: BudgetStatus | None = None  # the tighter of the key's and its project's
 
     def headers(self) -> list[tuple[str, str]]:
         headers = []
@@ -57,6 +92,13 @@ class Decision:
                 (f"x-ratelimit-remaining-{status.name}", str(status.remaining)),
                 (f"x-ratelimit-reset-{status.name}", duration(status.reset)),
             ]
+        if self.budget is not None:
+            headers += [
+                ("x-budget-limit-usd", usd(self.budget.limit)),
+                ("x-budget-remaining-usd", usd(max(0, self.budget.remaining))),
+            ]
+            if self.budget.reset is not None:
+                headers.append(("x-budget-reset", rfc3339(self.budget.reset)))
         return headers
 
     def refusal(self) -> ProxyError:
@@ -75,10 +117,50 @@ class Decision:
         )
 
 
-class RateLimiter(Protocol):
-    """Admits or refuses a request for a principal, counting it when admitted."""
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where one subject stands now: today's spending, and its budget period's."""
 
-    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision: ...
+    subject: Subject
+    today: Usage
+    committed: int  # micro-USD spent or reserved in the budget's current period
+
+    def json(self, now: float) -> dict[str, Any]:
+        """For the client's own view (`GET /v1/imagegen/budget`)."""
+        policy = self.subject.policy
+        limits = policy.model_dump(exclude_none=True, exclude={"budget_usd", "budget_period"})
+        if "models" in limits:
+            limits["models"] = sorted(limits["models"])
+        budget = None
+        if policy.budget_micros is not None:
+            _, ends = budget_period(policy.budget_period, now)
+            budget = {
+                "limit_usd": policy.budget_micros / 1_000_000,
+                "period": policy.budget_period,
+                "spent_usd": self.committed / 1_000_000,  # reservations in flight included
+                "remaining_usd": max(0, policy.budget_micros - self.committed) / 1_000_000,
+                "resets_at": None if ends is None else rfc3339(ends),
+            }
+        name = self.subject.id.removeprefix("project:")
+        today = {"requests": self.today.requests, "images": self.today.images}
+        today["tokens"] = self.today.tokens
+        return {"name": name, "limits": limits, "today": today, "budget": budget}
+
+
+class RateLimiter(Protocol):
+    """Admits or refuses a request for a principal, counting it (and reserving
+    `reservation` micro-USD against its budgets) when admitted."""
+
+    async def acquire(
+        self, principal: Principal, request: ImageRequest, reservation: int
+    ) -> Decision: ...
+
+    async def standing(self, principal: Principal) -> list[Standing]:
+        """Where the principal and its project stand (for the client's own view)."""
+        return []
+
+    async def aclose(self) -> None:
+        """Release what the limiter holds (connections); called on shutdown."""
 
 
 def duration(seconds: float) -> str:
@@ -89,6 +171,10 @@ def duration(seconds: float) -> str:
     return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
 
 
+def rfc3339(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def utc_day(now: float) -> tuple[str, float]:
     """Today's UTC date and the seconds until tomorrow."""
     today = datetime.fromtimestamp(now, UTC)
@@ -96,138 +182,117 @@ def utc_day(now: float) -> tuple[str, float]:
     return today.date().isoformat(), midnight.timestamp() - now
 
 
-def quota_refusal(what: str, limit: int, until_tomorrow: float) -> Decision:
+def budget_period(period: BudgetPeriod, now: float) -> tuple[str, datetime | None]:
+    """The calendar period (UTC) `now` falls in, as an id, and when it ends."""
+    moment = datetime.fromtimestamp(now, UTC)
+    day = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    if period == "day":
+        return day.date().isoformat(), day + timedelta(days=1)
+    if period == "week":  # ISO weeks: Monday to Sunday
+        year, week, weekday = moment.isocalendar()
+        return f"{year}-W{week:02d}", day + timedelta(days=8 - weekday)
+    if period == "month":
+        following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+        return f"{moment.year}-{moment.month:02d}", following
+    return "total", None
+
+
+def seconds_until(moment: datetime | None, now: float) -> float:
+    return _NEVER if moment is None else max(0.0, moment.timestamp() - now)
+
+
+def quota_refusal(subject: Subject, what: str, limit: int, until_tomorrow: float) -> Decision:
     return Decision(
         False,
         retry_after=until_tomorrow,
         code="insufficient_quota",
         retry=False,
-        message=f"Daily quota of {limit} {what} is spent; it renews at 00:00 UTC.",
+        message=f"Daily quota of {limit} {what} of the {subject.label} is spent; "
+        "it renews at 00:00 UTC.",
         limit=f"{what}_per_day",
     )
 
 
-def rate_refusal(name: str, limit: int, retry_after: float, limits: list[LimitStatus]) -> Decision:
+def budget_refusal(
+    subject: Subject, committed: int, reservation: int, now: float
+) -> Decision:
+    policy = subject.policy
+    assert policy.budget_micros is not None
+    _, ends = budget_period(policy.budget_period, now)
+    renews = "It does not renew." if ends is None else f"It renews at {rfc3339(ends)}."
+    this = "in total" if ends is None else f"this {policy.budget_period}"
     return Decision(
         False,
-        limits,
+        retry_after=seconds_until(ends, now),
+        code="insufficient_quota",
+        retry=False,
+        message=f"The budget of the {subject.label} (${usd(policy.budget_micros)} {this}) "
+        f"cannot cover this request: ${usd(committed)} is spent or reserved, and it may "
+        f"cost up to ${usd(reservation)}. {renews}",
+        limit="budget_usd",
+    )
+
+
+def rate_refusal(
+    subject: Subject, name: str, limit: int, retry_after: float, remaining: int = 0
+) -> Decision:
+    return Decision(
+        False,
+        [LimitStatus(name, limit, remaining, retry_after)],
         retry_after=retry_after,
-        message=f"Rate limit of {limit} {name} per minute reached: retry in "
-        f"{math.ceil(retry_after * 1000)} ms.",
+        message=f"Rate limit of {limit} {name} per minute of the {subject.label} reached: "
+        f"retry in {math.ceil(retry_after * 1000)} ms.",
         limit=f"{name}_per_minute",
     )
 
 
-def too_many_images(n: int, limit: int) -> Decision:
+def too_many_images(subject: Subject, n: int, limit: int) -> Decision:
     return Decision(
         False,
         retry_after=WINDOW,
         retry=False,
-        message=f"n={n} can never fit this key's limit of {limit} images per minute.",
+        message=f"n={n} can never fit the limit of {limit} images per minute of the "
+        f"{subject.label}.",
         limit="images_per_minute",
     )
 
 
-def concurrency_refusal(limit: int) -> Decision:
+def concurrency_refusal(subject: Subject, limit: int) -> Decision:
     return Decision(
         False,
         retry_after=1.0,
-        message=f"Too many generations in flight: at most {limit} at a time for this key.",
+        message=f"Too many generations in flight: at most {limit} at a time for the "
+        f"{subject.label}.",
         limit="max_concurrent",
     )
 
 
-@dataclass
-class _State:
-    requests: deque[float] = field(default_factory=deque)
-    images: deque[tuple[float, int]] = field(default_factory=deque)
-    images_in_window: int = 0
-    in_flight: int = 0
-    day: str = ""
-    spent: Usage = field(default_factory=Usage)  # today's
+@dataclass(slots=True)
+class Admitted:
+    """What one subject's counts were once a request was admitted: for the headers."""
+
+    subject: Subject
+    requests: int  # in the window, this request included
+    images: int
+    committed: int  # micro-USD spent or reserved in the budget's period, this one included
+    budget_reset: datetime | None = None
 
 
-class MemoryLimiter:
-    """Limits held in this process: exact for one process, not shared between several."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._states: dict[str, _State] = {}
-
-    async def spent(self, name: str) -> Usage:
-        """What `name` spent today (requests, images, tokens)."""
-        state = self._states.get(name)
-        return Usage() if state is None else state.spent
-
-    async def in_flight(self, name: str) -> int:
-        state = self._states.get(name)
-        return 0 if state is None else state.in_flight
-
-    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
-        policy, n, now = principal.policy, request.images, self._clock()
-        state = self._states.setdefault(principal.name, _State())
-        day, until_tomorrow = utc_day(now)
-        if state.day != day:
-            state.day, state.spent = day, Usage()
-        if policy.tokens_per_day is not None and state.spent.tokens >= policy.tokens_per_day:
-            return quota_refusal("tokens", policy.tokens_per_day, until_tomorrow)
-        if policy.images_per_day is not None and state.spent.images + n > policy.images_per_day:
-            return quota_refusal("images", policy.images_per_day, until_tomorrow)
-        if policy.max_concurrent is not None and state.in_flight >= policy.max_concurrent:
-            return concurrency_refusal(policy.max_concurrent)
-
-        while state.requests and state.requests[0] <= now - WINDOW:
-            state.requests.popleft()
-        while state.images and state.images[0][0] <= now - WINDOW:
-            state.images_in_window -= state.images.popleft()[1]
+def admitted(found: list[Admitted], release: Release) -> Decision:
+    """The decision for an admitted request: each rate limit reported once (the key's
+    before its project's), and the tighter budget."""
+    limits: dict[str, LimitStatus] = {}
+    budget: BudgetStatus | None = None
+    for one in found:
+        policy = one.subject.policy
         rpm, ipm = policy.requests_per_minute, policy.images_per_minute
-        used = len(state.requests)
-        if rpm is not None and used >= rpm:
-            retry = state.requests[used - rpm] + WINDOW - now
-            return rate_refusal("requests", rpm, retry, [LimitStatus("requests", rpm, 0, retry)])
-        images = state.images_in_window
-        if ipm is not None and n > ipm:
-            return too_many_images(n, ipm)
-        if ipm is not None and images + n > ipm:
-            retry = _images_free_at(state.images, images + n - ipm, now)
-            status = LimitStatus("images", ipm, ipm - images, retry)
-            return rate_refusal("images", ipm, retry, [status])
-
-        state.requests.append(now)
-        state.images.append((now, n))
-        state.images_in_window += n
-        state.in_flight += 1
-        state.spent = state.spent + Usage(requests=1, images=n)
-        admitted_day = day
-
-        async def release(charged: bool) -> None:
-            state.in_flight -= 1
-            if not charged and state.day == admitted_day:  # nothing was billed: give it back
-                state.spent = state.spent - Usage(requests=0, images=n)
-
-        return Decision(True, statuses(rpm, used + 1, ipm, images + n), release=release)
-
-    async def record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
-        state = self._states.get(principal.name)
-        if state is not None:
-            state.spent = state.spent + Usage(tokens=usage.tokens)
-
-
-def statuses(rpm: int | None, requests: int, ipm: int | None, images: int) -> list[LimitStatus]:
-    """The limit headers after admitting: `requests` and `images` now in the window."""
-    found = []
-    if rpm is not None:
-        found.append(LimitStatus("requests", rpm, rpm - requests, WINDOW))
-    if ipm is not None:
-        found.append(LimitStatus("images", ipm, ipm - images, WINDOW))
-    return found
-
-
-def _images_free_at(log: deque[tuple[float, int]], excess: int, now: float) -> float:
-    """Seconds until enough images leave the window for `n` more to fit."""
-    freed = 0
-    for at, count in log:
-        freed += count
-        if freed >= excess:
-            return at + WINDOW - now
-    return WINDOW
+        if rpm is not None and "requests" not in limits:
+            limits["requests"] = LimitStatus("requests", rpm, rpm - one.requests, WINDOW)
+        if ipm is not None and "images" not in limits:
+            limits["images"] = LimitStatus("images", ipm, ipm - one.images, WINDOW)
+        limit = policy.budget_micros
+        if limit is not None:
+            status = BudgetStatus(limit, limit - one.committed, one.budget_reset)
+            if budget is None or status.remaining < budget.remaining:
+                budget = status
+    return Decision(True, list(limits.values()), release=release, budget=budget)

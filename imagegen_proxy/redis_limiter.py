@@ -1,9 +1,14 @@
 """Limits shared by every proxy process through Redis (`pip install 'imagegen-proxy[redis]'`).
 
-One Lua script checks every limit and, only when all pass, counts the request in all of
-them: atomic, so a burst spread over many processes admits exactly N, and a request
-refused on images is not counted against requests. Time is Redis's own clock, so the
-proxies' clocks need not agree.
+One Lua script checks every limit of the key and of its project and, only when all pass,
+counts the request in all of them and reserves its worst-case cost against their budgets:
+atomic, so a burst spread over many processes admits exactly N (and spends no more than a
+budget), and a request refused on images is not counted against requests. Windows run on
+Redis's own clock, so the proxies' clocks need not agree; days and budget periods are the
+calendar's, from the proxy's clock, as the counters' names.
+
+A key and its project are counted in one script, so their counters must live on one Redis
+node (Redis Cluster is not supported).
 """
 
 from __future__ import annotations
@@ -11,18 +16,26 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from .auth import Principal
 from .errors import ProxyError
 from .ratelimit import (
     WINDOW,
+    Admitted,
     Decision,
-    LimitStatus,
+    RateLimiter,
+    Release,
+    Standing,
+    Subject,
+    admitted,
+    budget_period,
+    budget_refusal,
     concurrency_refusal,
     quota_refusal,
     rate_refusal,
-    statuses,
+    subjects,
     too_many_images,
     utc_day,
 )
@@ -34,90 +47,128 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("imagegen_proxy")
 
-# KEYS: requests log, images log, leases in flight, today's spending (a hash), images sum.
-# ARGV: n, window ms, requests/min, images/min, max concurrent, images/day, tokens/day
-#       (-1: no limit), lease ms, request id, day ttl s.
+# Per subject, 6 KEYS: requests log, images log, leases in flight, today's spending (a
+# hash), images sum, the budget period's micro-USD spent or reserved; and 7 ARGV: requests/
+# min, images/min, max concurrent, images/day, tokens/day, budget (-1: no limit), budget
+# ttl s. Before them, ARGV: n, window ms, lease ms, request id, day ttl s, reservation,
+# subjects. The reply says which subject refused (0-based), or each one's counts.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local rpm, ipm, conc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local ipd, tpd = tonumber(ARGV[6]), tonumber(ARGV[7])
-local id = ARGV[9]
-if tpd >= 0 and tonumber(redis.call('HGET', KEYS[4], 'tokens') or '0') >= tpd then
-  return {'quota', 'tokens', tpd}
-end
-if ipd >= 0 and tonumber(redis.call('HGET', KEYS[4], 'images') or '0') + n > ipd then
-  return {'quota', 'images', ipd}
-end
-if conc >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= conc then return {'concurrent', conc} end
-end
-local requests = 0
-if rpm >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-  requests = redis.call('ZCARD', KEYS[1])
-  if requests >= rpm then
-    local at = redis.call('ZRANGE', KEYS[1], requests - rpm, requests - rpm, 'WITHSCORES')
-    return {'requests', rpm, tonumber(at[2]) + window - now, 0}
+local n, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local id, dayttl = ARGV[4], tonumber(ARGV[5])
+local reserve, count = tonumber(ARGV[6]), tonumber(ARGV[7])
+local seen = {}
+for s = 0, count - 1 do
+  local k, a = s * 6, 7 + s * 7
+  local rpm, ipm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local ipd, tpd, budget = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  if tpd >= 0 and tonumber(redis.call('HGET', KEYS[k + 4], 'tokens') or '0') >= tpd then
+    return {'quota', s, 'tokens', tpd}
   end
-end
-local images = 0
-if ipm >= 0 then
-  if n > ipm then return {'too_many', ipm} end
-  -- A running sum (KEYS[5]): each entry is subtracted once, when it leaves the window.
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - window)
-  if #expired > 0 then
-    local gone = 0
-    for i = 1, #expired do gone = gone + tonumber(string.match(expired[i], ':(%d+)$')) end
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-    images = redis.call('DECRBY', KEYS[5], gone)
-  else
-    images = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if ipd >= 0 and tonumber(redis.call('HGET', KEYS[k + 4], 'images') or '0') + n > ipd then
+    return {'quota', s, 'images', ipd}
   end
-  if images + n > ipm then
-    local log = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-    local freed = 0
-    for i = 1, #log, 2 do
-      freed = freed + tonumber(string.match(log[i], ':(%d+)$'))
-      if freed >= images + n - ipm then
-        return {'images', ipm, tonumber(log[i + 1]) + window - now, ipm - images}
+  local committed = 0
+  if budget >= 0 then
+    committed = tonumber(redis.call('GET', KEYS[k + 6]) or '0')
+    if committed + reserve > budget then return {'budget', s, committed} end
+  end
+  if conc >= 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now)
+    if redis.call('ZCARD', KEYS[k + 3]) >= conc then return {'concurrent', s, conc} end
+  end
+  local requests = 0
+  if rpm >= 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', now - window)
+    requests = redis.call('ZCARD', KEYS[k + 1])
+    if requests >= rpm then
+      local at = redis.call('ZRANGE', KEYS[k + 1], requests - rpm, requests - rpm, 'WITHSCORES')
+      return {'requests', s, rpm, tonumber(at[2]) + window - now, 0}
+    end
+  end
+  local images = 0
+  if ipm >= 0 then
+    if n > ipm then return {'too_many', s, ipm} end
+    -- A running sum: each entry is subtracted once, when it leaves the window.
+    local expired = redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', now - window)
+    if #expired > 0 then
+      local gone = 0
+      for i = 1, #expired do gone = gone + tonumber(string.match(expired[i], ':(%d+)$')) end
+      redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', now - window)
+      images = redis.call('DECRBY', KEYS[k + 5], gone)
+    else
+      images = tonumber(redis.call('GET', KEYS[k + 5]) or '0')
+    end
+    if images + n > ipm then
+      local log = redis.call('ZRANGE', KEYS[k + 2], 0, -1, 'WITHSCORES')
+      local freed = 0
+      for i = 1, #log, 2 do
+        freed = freed + tonumber(string.match(log[i], ':(%d+)$'))
+        if freed >= images + n - ipm then
+          return {'images', s, ipm, tonumber(log[i + 1]) + window - now, ipm - images}
+        end
       end
     end
   end
+  seen[#seen + 1] = requests
+  seen[#seen + 1] = images
+  seen[#seen + 1] = committed
 end
-if rpm >= 0 then
-  redis.call('ZADD', KEYS[1], now, id)
-  redis.call('PEXPIRE', KEYS[1], window)
+for s = 0, count - 1 do
+  local k, a = s * 6, 7 + s * 7
+  if tonumber(ARGV[a + 1]) >= 0 then
+    redis.call('ZADD', KEYS[k + 1], now, id)
+    redis.call('PEXPIRE', KEYS[k + 1], window)
+  end
+  if tonumber(ARGV[a + 2]) >= 0 then
+    redis.call('ZADD', KEYS[k + 2], now, id .. ':' .. n)
+    redis.call('INCRBY', KEYS[k + 5], n)
+    redis.call('PEXPIRE', KEYS[k + 2], window)
+    redis.call('PEXPIRE', KEYS[k + 5], window)
+  end
+  if tonumber(ARGV[a + 3]) >= 0 then
+    redis.call('ZADD', KEYS[k + 3], now + lease, id)
+    redis.call('PEXPIRE', KEYS[k + 3], lease)
+  end
+  redis.call('HINCRBY', KEYS[k + 4], 'requests', 1)
+  redis.call('HINCRBY', KEYS[k + 4], 'images', n)
+  redis.call('EXPIRE', KEYS[k + 4], dayttl)
+  if tonumber(ARGV[a + 6]) >= 0 then
+    seen[s * 3 + 3] = redis.call('INCRBY', KEYS[k + 6], reserve)
+    local ttl = tonumber(ARGV[a + 7])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[k + 6], ttl) end
+  end
 end
-if ipm >= 0 then
-  redis.call('ZADD', KEYS[2], now, id .. ':' .. n)
-  redis.call('INCRBY', KEYS[5], n)
-  redis.call('PEXPIRE', KEYS[2], window)
-  redis.call('PEXPIRE', KEYS[5], window)
-end
-if conc >= 0 then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), id)
-  redis.call('PEXPIRE', KEYS[3], ARGV[8])
-end
-redis.call('HINCRBY', KEYS[4], 'requests', 1)
-redis.call('HINCRBY', KEYS[4], 'images', n)
-redis.call('EXPIRE', KEYS[4], ARGV[10])
-return {'ok', requests, images}
+return {'ok', unpack(seen)}
 """
 
-# KEYS: leases in flight, the admitting day's spending. ARGV: request id, n, charged (1/0).
+# Per subject, 3 KEYS: leases in flight, the admitting day's spending, the admitting budget
+# period's (or a key never written, without a budget). ARGV: request id, n, charged (1/0),
+# tokens, cost - reservation (charged) or -reservation (not), subjects.
 _RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[3] == '0' then redis.call('HINCRBY', KEYS[2], 'images', -tonumber(ARGV[2])) end
+for s = 0, tonumber(ARGV[6]) - 1 do
+  local k = s * 3
+  redis.call('ZREM', KEYS[k + 1], ARGV[1])
+  if ARGV[3] == '0' then
+    redis.call('HINCRBY', KEYS[k + 2], 'images', -tonumber(ARGV[2]))
+  elseif ARGV[4] ~= '0' then
+    redis.call('HINCRBY', KEYS[k + 2], 'tokens', ARGV[4])
+  end
+  if ARGV[5] ~= '0' and redis.call('EXISTS', KEYS[k + 3]) == 1 then
+    redis.call('INCRBY', KEYS[k + 3], ARGV[5])
+  end
+end
 """
 
 _DAY_TTL = 3 * 86400
+# A period's counter outlives the period a little, for the settlements still on their way.
+_PERIOD_TTL = {"day": 3 * 86400, "week": 15 * 86400, "month": 65 * 86400, "total": 0}
 
 
-class RedisLimiter:
-    """The `RateLimiter` (and `UsageObserver`) whose counts live in Redis."""
+class RedisLimiter(RateLimiter):
+    """The `RateLimiter` whose counts live in Redis. `clock` (epoch seconds) names the day
+    and the budget period; it may be injected for tests."""
 
     def __init__(
         self,
@@ -128,6 +179,7 @@ class RedisLimiter:
         prefix: str = "imagegen_proxy",
         max_connections: int = 64,
         client: Redis | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         try:
             from redis.asyncio import BlockingConnectionPool, Redis
@@ -153,68 +205,92 @@ class RedisLimiter:
         self._on_error = on_storage_error
         self._lease_ms = int(lease_seconds * 1000)
         self._prefix = prefix
+        self._clock = clock
 
-    def _keys(self, name: str, day: str) -> list[str]:
-        # One hash tag per principal: all of its keys live in the same cluster slot.
-        base = f"{self._prefix}:{{{name}}}"
+    def _keys(self, subject: Subject, day: str, period: str) -> list[str]:
+        # One hash tag per subject: all of its keys live in the same cluster slot.
+        base = f"{self._prefix}:{{{subject.id}}}"
         return [
             f"{base}:requests",
             f"{base}:images",
             f"{base}:leases",
             f"{base}:day:{day}",
             f"{base}:images-sum",
+            f"{base}:budget:{period}",
         ]
 
-    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
-        policy, n = principal.policy, request.images
-        day, until_tomorrow = utc_day(time.time())
-        keys = self._keys(principal.name, day)
+    async def acquire(
+        self, principal: Principal, request: ImageRequest, reservation: int = 0
+    ) -> Decision:
+        n, now = request.images, self._clock()
+        day, until_tomorrow = utc_day(now)
+        found = subjects(principal)
+        keys: list[str] = []
+        args: list[Any] = []
+        resets = []
+        for subject in found:
+            policy = subject.policy
+            period, reset = budget_period(policy.budget_period, now)
+            budgeted = policy.budget_micros is not None
+            keys += self._keys(subject, day, period if budgeted else "none")
+            resets.append(reset if budgeted else None)
+            limits = [
+                policy.requests_per_minute,
+                policy.images_per_minute,
+                policy.max_concurrent,
+                policy.images_per_day,
+                policy.tokens_per_day,
+                policy.budget_micros,
+            ]
+            args += [-1 if v is None else v for v in limits]
+            args.append(_PERIOD_TTL[policy.budget_period])
         request_id = uuid.uuid4().hex
-        limits = [
-            policy.requests_per_minute,
-            policy.images_per_minute,
-            policy.max_concurrent,
-            policy.images_per_day,
-            policy.tokens_per_day,
-        ]
-        args = [n, int(WINDOW * 1000), *(-1 if v is None else v for v in limits)]
+        head: list[Any] = [n, int(WINDOW * 1000), self._lease_ms, request_id, _DAY_TTL]
+        head += [reservation, len(found)]
         try:
-            reply = await self._acquire(keys, [*args, self._lease_ms, request_id, _DAY_TTL])
+            reply = await self._acquire(keys, head + args)
         except Exception as exc:  # any storage failure goes through the same policy
             return self._storage_failed(exc)
         verdict = _text(reply[0])
         if verdict == "ok":
-            return Decision(
-                True,
-                statuses(
-                    policy.requests_per_minute,
-                    int(reply[1]) + 1,
-                    policy.images_per_minute,
-                    int(reply[2]) + n,
-                ),
-                release=self._releaser(keys, request_id, n, policy.max_concurrent is not None),
-            )
-        limit = int(reply[1] if verdict != "quota" else reply[2])
+            counts = [int(value) for value in reply[1:]]
+            each = [
+                Admitted(subject, requests + 1, images + n, committed, reset)
+                for subject, reset, requests, images, committed in zip(
+                    found, resets, counts[0::3], counts[1::3], counts[2::3], strict=True
+                )
+            ]
+            return admitted(each, self._releaser(keys, len(found), request_id, n, reservation))
+        subject = found[int(reply[1])]
         if verdict == "quota":
-            return quota_refusal(_text(reply[1]), limit, until_tomorrow)
+            return quota_refusal(subject, _text(reply[2]), int(reply[3]), until_tomorrow)
+        if verdict == "budget":
+            return budget_refusal(subject, int(reply[2]), reservation, now)
         if verdict == "concurrent":
-            return concurrency_refusal(limit)
+            return concurrency_refusal(subject, int(reply[2]))
         if verdict == "too_many":
-            return too_many_images(n, limit)
-        retry = int(reply[2]) / 1000
-        return rate_refusal(
-            verdict, limit, retry, [LimitStatus(verdict, limit, int(reply[3]), retry)]
-        )
+            return too_many_images(subject, n, int(reply[2]))
+        limit, retry = int(reply[2]), int(reply[3]) / 1000
+        return rate_refusal(subject, verdict, limit, retry, int(reply[4]))
 
-    def _releaser(self, keys: list[str], request_id: str, n: int, leased: bool) -> Any:
-        async def release(charged: bool) -> None:
-            if charged and not leased:
-                return  # no slot to give back, nothing to refund: spare the round trip
+    def _releaser(
+        self, keys: list[str], count: int, request_id: str, n: int, reservation: int
+    ) -> Release:
+        # Per subject: its leases, its day's hash, its budget period's counter.
+        settled = [keys[6 * i + j] for i in range(count) for j in (2, 3, 5)]
+
+        async def release(spent: Usage | None) -> None:
+            args: list[Any]
+            if spent is None:
+                args = [request_id, n, 0, 0, -reservation, count]
+            else:
+                args = [request_id, n, 1, spent.tokens, spent.cost_micros - reservation, count]
             try:
-                await self._release([keys[2], keys[3]], [request_id, n, int(charged)])
+                await self._release(settled, args)
             except Exception as exc:
-                # The lease expires by itself after lease_seconds.
-                logger.warning("could not release a concurrency slot in Redis: %s", exc)
+                # A concurrency lease expires by itself after lease_seconds; the rest stays
+                # counted as admitted: never under what was spent.
+                logger.warning("could not settle a generation in Redis: %s", type(exc).__name__)
 
         return release
 
@@ -229,28 +305,46 @@ class RedisLimiter:
             code="limits_unavailable",
         )
 
-    async def record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
-        day, _ = utc_day(time.time())
-        key = self._keys(principal.name, day)[3]
-        try:
-            await self._redis.hincrby(key, "tokens", usage.tokens)
-            await self._redis.expire(key, _DAY_TTL)
-        except Exception as exc:
-            logger.warning("could not record usage in Redis: %s", type(exc).__name__)
-
     async def spent(self, name: str) -> Usage:
-        """What `name` spent today, across every process."""
-        day, _ = utc_day(time.time())
-        values = await self._redis.hgetall(self._keys(name, day)[3])
+        """What the key (or "project:NAME") spent today, across every process."""
+        day, _ = utc_day(self._clock())
+        values = await self._redis.hgetall(f"{self._prefix}:{{{name}}}:day:{day}")
         count = {_text(k): int(v) for k, v in values.items()}
-        return Usage(count.get("requests", 0), count.get("images", 0), count.get("tokens", 0))
+        return _day_usage(count)
+
+    async def committed(self, name: str, period: str) -> int:
+        """Micro-USD the key (or "project:NAME") spent or reserved in `period` (an id of
+        `ratelimit.budget_period`), across every process."""
+        value = await self._redis.get(f"{self._prefix}:{{{name}}}:budget:{period}")
+        return int(value or 0)
+
+    async def standing(self, principal: Principal) -> list[Standing]:
+        now = self._clock()
+        day, _ = utc_day(now)
+        found = []
+        for subject in subjects(principal):
+            period = budget_period(subject.policy.budget_period, now)[0]
+            keys = self._keys(subject, day, period)
+            values = await self._redis.hgetall(keys[3])
+            count = {_text(k): int(v) for k, v in values.items()}
+            today = _day_usage(count)
+            found.append(Standing(subject, today, int(await self._redis.get(keys[5]) or 0)))
+        return found
 
     async def in_flight(self, name: str) -> int:
-        leases = self._keys(name, "")[2]
+        leases = f"{self._prefix}:{{{name}}}:leases"
         return int(await self._redis.zcount(leases, f"({int(time.time() * 1000)}", "+inf"))
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _day_usage(count: dict[str, int]) -> Usage:
+    return Usage(
+        requests=count.get("requests", 0),
+        images=count.get("images", 0),
+        tokens=count.get("tokens", 0),
+    )
 
 
 def _text(value: Any) -> str:

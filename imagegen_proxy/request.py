@@ -63,6 +63,11 @@ class ImageRequest(BaseModel):
     body: ImageGenerationBody
 
     @property
+    def model(self) -> str | None:
+        """The model asked for: the deployment, for the Azure form (it names the model)."""
+        return self.deployment if self.deployment is not None else self.body.model
+
+    @property
     def stream(self) -> bool:
         return self.body.stream is True
 

@@ -10,6 +10,7 @@ from .errors import ProxyError
 from .types import Scope
 
 Form = Literal["openai", "azure"]
+Operation = Literal["generation", "budget"]
 
 OPENAI_PATHS = (
     "/v1/images/generations",
@@ -17,6 +18,8 @@ OPENAI_PATHS = (
     "/openai/v1/images/generations",
     "/openai/images/generations",
 )
+# A client's own view of its limits, budgets and spending (GET).
+BUDGET_PATHS = ("/v1/imagegen/budget", "/imagegen/budget")
 # Deliberately loose: anything between the fixed parts is captured, so that a bad
 # deployment id (empty, "a/b" decoded from "a%2Fb", "..") is refused with a 400
 # instead of silently falling through to the host app.
@@ -38,6 +41,7 @@ class Route(NamedTuple):
     form: Form
     deployment: str | None = None
     api_version: str | None = None
+    operation: Operation = "generation"
 
 
 class Router:
@@ -46,6 +50,7 @@ class Router:
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix.rstrip("/")
         self._openai = {self.prefix + path for path in OPENAI_PATHS}
+        self._budget = {self.prefix + path for path in BUDGET_PATHS}
         self._azure = re.compile(re.escape(self.prefix) + _AZURE_PATH.pattern, re.DOTALL)
 
     def match(self, scope: Scope) -> Route | None:
@@ -55,11 +60,17 @@ class Router:
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
         if path in self._openai:
-            return Route("openai")
+            return _GENERATION
+        if path in self._budget:
+            return _BUDGET
         found = self._azure.fullmatch(path)
         if found is None:
             return None
         return Route("azure", found.group(1), _api_version(scope.get("query_string", b"")))
+
+
+_GENERATION = Route("openai")
+_BUDGET = Route("openai", operation="budget")
 
 
 def check_route(route: Route) -> None:

@@ -31,7 +31,7 @@ from double import (
 from support import json_request_headers, raw_request, read_response, serving
 
 from imagegen_proxy import ImageGenProxy
-from imagegen_proxy.ratelimit import MemoryLimiter
+from imagegen_proxy.memory_limiter import MemoryLimiter
 from imagegen_proxy.transport import AiohttpTransport
 
 PATH = "/v1/images/generations"

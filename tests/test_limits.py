@@ -25,7 +25,8 @@ from double import (
 from support import json_request_headers, raw_request
 
 from imagegen_proxy.auth import Principal
-from imagegen_proxy.ratelimit import Decision, MemoryLimiter
+from imagegen_proxy.memory_limiter import MemoryLimiter
+from imagegen_proxy.ratelimit import Decision, RateLimiter
 from imagegen_proxy.request import ImageRequest
 from imagegen_proxy.usage import Usage
 
@@ -282,8 +283,10 @@ def test_usage_behind_megabytes_of_base64_is_found(
     assert recorder.seen[0][1].tokens == 10
 
 
-class DenyAll:
-    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
+class DenyAll(RateLimiter):
+    async def acquire(
+        self, principal: Principal, request: ImageRequest, reservation: int
+    ) -> Decision:
         return Decision(False, retry_after=2.5, message="Maintenance window.")
 
 
@@ -298,13 +301,15 @@ def test_custom_rate_limiter_is_used(
     assert upstream.requests == []
 
 
-class RefuseOnce:
+class RefuseOnce(RateLimiter):
     """Refuses the first request for 0.3 s, as a limiter whose slot frees then would."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
+    async def acquire(
+        self, principal: Principal, request: ImageRequest, reservation: int
+    ) -> Decision:
         self.calls += 1
         if self.calls == 1:
             return Decision(False, retry_after=0.3, message="Slot frees in 300 ms.")
@@ -333,14 +338,16 @@ def test_back_to_back_requests_find_their_slot_free(start_proxy: Callable[..., s
 class SlowRelease(MemoryLimiter):
     """Gives slots back after a network round trip, as the Redis limiter does."""
 
-    async def acquire(self, principal: Principal, request: ImageRequest) -> Decision:
-        decision = await super().acquire(principal, request)
+    async def acquire(
+        self, principal: Principal, request: ImageRequest, reservation: int = 0
+    ) -> Decision:
+        decision = await super().acquire(principal, request, reservation)
         release = decision.release
         if release is not None:
 
-            async def slow(ok: bool) -> None:
+            async def slow(spent: Usage | None) -> None:
                 await asyncio.sleep(0.05)
-                await release(ok)
+                await release(spent)
 
             decision.release = slow
         return decision
