@@ -3,7 +3,9 @@ configuration's `[prices]`), the worst case reserved before a request goes upstr
 what it cost once it is answered.
 
 A dollar per 1M tokens is a micro-dollar per token, so token prices need no scaling. Every
-figure is an exact `Fraction`, and only a total is rounded, up, to the micro-dollar.
+figure is held in millionths of a micro-dollar (`SCALE`), exact for any price written with up
+to 12 decimals of a dollar (finer ones round up, once, at start-up), so each request's
+arithmetic is on integers; only a total is rounded, up, to the micro-dollar.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _TOKEN_FIELDS = (
     "output_image_per_mtok",
     "output_tokens",
 )
-_ZERO = Fraction(0)
+SCALE = 1_000_000  # prices are held in micro-USD * SCALE
 
 
 def usd(micros: int) -> str:
@@ -49,16 +51,16 @@ class _ImagePrices:
     """What one image costs by size and quality, with the dearest per size, per quality and
     overall at hand: a size or quality the table lacks costs the most it could."""
 
-    exact: Mapping[tuple[str, str], Fraction]
-    by_size: Mapping[str, Fraction]
-    by_quality: Mapping[str, Fraction]
-    dearest: Fraction
+    exact: Mapping[tuple[str, str], int]
+    by_size: Mapping[str, int]
+    by_quality: Mapping[str, int]
+    dearest: int
 
     @classmethod
-    def of(cls, table: Mapping[str, Fraction]) -> _ImagePrices:
-        exact: dict[tuple[str, str], Fraction] = {}
-        by_size: dict[str, Fraction] = {}
-        by_quality: dict[str, Fraction] = {}
+    def of(cls, table: Mapping[str, int]) -> _ImagePrices:
+        exact: dict[tuple[str, str], int] = {}
+        by_size: dict[str, int] = {}
+        by_quality: dict[str, int] = {}
         for key, micros in table.items():
             size, quality = key.split("/", 1)
             exact[size, quality] = micros
@@ -66,7 +68,7 @@ class _ImagePrices:
             by_quality[quality] = max(micros, by_quality.get(quality, micros))
         return cls(exact, by_size, by_quality, max(exact.values()))
 
-    def at(self, size: str | None, quality: str | None) -> Fraction:
+    def at(self, size: str | None, quality: str | None) -> int:
         """One image of `size` and `quality`; None, "auto" or a value not in the table is
         unknown."""
         if size is not None and size in self.by_size:
@@ -86,12 +88,12 @@ class Price:
 
     images: _ImagePrices
     per_image: bool = False
-    text_in: Fraction = _ZERO
-    image_in: Fraction = _ZERO
-    image_out: Fraction = _ZERO
-    partial_image: Fraction = _ZERO  # one streamed partial image
-    text_out: Fraction = _ZERO  # a token of text written besides the image
-    text_per_image: Fraction = _ZERO  # the text output reserved for one image
+    text_in: int = 0
+    image_in: int = 0
+    image_out: int = 0
+    partial_image: int = 0  # one streamed partial image
+    text_out: int = 0  # a token of text written besides the image
+    text_per_image: int = 0  # the text output reserved for one image
 
     def estimate(self, request: ImageRequest) -> int:
         """The most `request` can cost, known before it is sent: its dearest images, their
@@ -104,13 +106,13 @@ class Price:
                 one += (body.partial_images or 0) * self.partial_image
             # Each of the n images is billed its own prompt.
             one += (len(body.prompt.encode()) + PROMPT_OVERHEAD_TOKENS) * self.text_in
-        return math.ceil(request.images * one)
+        return _micros(request.images * one)
 
     def cost(self, request: ImageRequest, usage: Usage | None) -> int:
         """What `request` cost: the tokens `usage` reports, or the estimate when it reports
         none (the upstream may have billed them); per image, from the request alone."""
         if self.per_image:
-            return math.ceil(request.images * self._image(request))
+            return _micros(request.images * self._image(request))
         if usage is None or usage.input_tokens + usage.output_tokens == 0:
             return self.estimate(request)
         return self.spent(usage)
@@ -126,9 +128,9 @@ class Price:
             + (usage.output_tokens - written) * self.image_out
             + written * self.text_out
         )
-        return math.ceil(micros)
+        return _micros(micros)
 
-    def _image(self, request: ImageRequest) -> Fraction:
+    def _image(self, request: ImageRequest) -> int:
         size, quality = request.body.size, request.body.quality
         if self.per_image:
             size = _PER_IMAGE_DEFAULTS[0] if size is None else size
@@ -209,7 +211,7 @@ def _price(model: str, entry: PriceConfig) -> Price:
     if per_token and entry.per_image:
         raise ConfigError(f"prices.{model}: priced both per token and per_image: keep one")
     if entry.per_image:
-        table = {key: _exact(dollars) * MICROS for key, dollars in entry.per_image.items()}
+        table = {key: _scaled(dollars, MICROS) for key, dollars in entry.per_image.items()}
         return Price(_ImagePrices.of(table), per_image=True)
     text = entry.input_text_per_mtok
     image = entry.input_image_per_mtok
@@ -220,13 +222,13 @@ def _price(model: str, entry: PriceConfig) -> Price:
         raise ConfigError(
             f"prices.{model}: no price: set {', '.join(_TOKEN_FIELDS)}; or per_image; or same_as"
         )
-    image_out = _exact(out)
+    image_out = _scaled(out)
     written = entry.output_text_per_mtok
-    text_out = image_out if written is None else _exact(written)
+    text_out = image_out if written is None else _scaled(written)
     return Price(
         _ImagePrices.of({key: tokens * image_out for key, tokens in entry.output_tokens.items()}),
-        text_in=_exact(text),
-        image_in=_exact(image),
+        text_in=_scaled(text),
+        image_in=_scaled(image),
         image_out=image_out,
         partial_image=entry.partial_image_tokens * image_out,
         text_out=text_out,
@@ -234,6 +236,12 @@ def _price(model: str, entry: PriceConfig) -> Price:
     )
 
 
-def _exact(value: float) -> Fraction:
-    # The decimal written in the table, not the binary float nearest to it.
-    return Fraction(repr(value))
+def _scaled(value: float, unit: int = 1) -> int:
+    """`value` (USD, or USD per 1M tokens: micro-USD per token) * `unit` in micro-USD *
+    SCALE. From the decimal written in the table, not the binary float nearest to it."""
+    return math.ceil(Fraction(repr(value)) * unit * SCALE)
+
+
+def _micros(scaled: int) -> int:
+    """Micro-USD * SCALE to micro-USD, rounded up."""
+    return -(-scaled // SCALE)
