@@ -164,7 +164,7 @@ def _check(config: ProxyConfig, mock: bool, path: str | None) -> str | int:
 
 def _workers_note(config: ProxyConfig, workers: int) -> str:
     note = f"{workers} worker processes"
-    limited = any(key.limited for key in config.keys)
+    limited = any(holder.limited for holder in [*config.keys, *config.projects])
     if limited and config.limits.storage == "memory":
         note += (
             ': limits are counted per process with [limits] storage = "memory"; '
