@@ -36,7 +36,8 @@ def with_mock(config: ProxyConfig, self_url: str, key: str | None = None) -> Pro
     """
     key = key or os.environ.get("IMAGEGEN_PROXY_MOCK_KEY") or secrets.token_urlsafe(24)
     mock = OpenAIUpstream(base_url=f"{self_url}{MOCK_PATH}/v1", api_key=SecretStr(key))
-    auth = config.auth if config.keys else config.auth.model_copy(update={"open": True})
+    keyed = config.keys or config.store.url
+    auth = config.auth if keyed else config.auth.model_copy(update={"open": True})
     return config.model_copy(update={"openai": mock, "auth": auth})
 
 

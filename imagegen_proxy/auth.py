@@ -134,26 +134,38 @@ class KeyTable:
         }
 
     async def authenticate(self, credentials: Credentials) -> Principal:
-        if credentials.malformed:
-            raise unauthorized("Malformed credentials: use 'Authorization: Bearer KEY'.")
-        if not credentials.keys:
-            raise unauthorized(
-                "Missing API key: send it as 'Authorization: Bearer KEY' (or Basic, "
-                "x-api-key, api-key)."
-            )
-        if len(credentials.keys) > 1:
-            raise unauthorized("Several different API keys were sent: send one.")
-        (key,) = credentials.keys
-        digest = hashlib.sha256(key).digest()
-        found = self._by_digest.get(digest)
-        if found is None or not hmac.compare_digest(found[0], digest):
-            raise unauthorized("Incorrect API key provided.")
-        _, entry, principal = found
-        if entry.username is not None and not hmac.compare_digest(
-            credentials.username or b"", entry.username.encode()
-        ):
+        principal = self.find(presented_digest(credentials), credentials.username)
+        if principal is None:
             raise unauthorized("Incorrect API key provided.")
         return principal
+
+    def find(self, digest: bytes, username: bytes | None = None) -> Principal | None:
+        """The principal of the configured key whose SHA-256 is `digest`, if any."""
+        found = self._by_digest.get(digest)
+        if found is None or not hmac.compare_digest(found[0], digest):
+            return None
+        _, entry, principal = found
+        if entry.username is not None and not hmac.compare_digest(
+            username or b"", entry.username.encode()
+        ):
+            return None
+        return principal
+
+
+def presented_digest(credentials: Credentials) -> bytes:
+    """The SHA-256 of the one key `credentials` present; 401 for none, several or a
+    malformed one."""
+    if credentials.malformed:
+        raise unauthorized("Malformed credentials: use 'Authorization: Bearer KEY'.")
+    if not credentials.keys:
+        raise unauthorized(
+            "Missing API key: send it as 'Authorization: Bearer KEY' (or Basic, "
+            "x-api-key, api-key)."
+        )
+    if len(credentials.keys) > 1:
+        raise unauthorized("Several different API keys were sent: send one.")
+    (key,) = credentials.keys
+    return hashlib.sha256(key).digest()
 
 
 def _policy(entry: Policy) -> Policy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
+from . import manage
 from .app import configure_logging, create_app, describe_upstreams, ops_app, resolved, with_mock
 from .config import ConfigError, ProxyConfig, mask_url
 from .server import raise_open_files_limit, uvicorn_options
@@ -45,6 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in manage.COMMANDS:
+        manage.main(argv)
+        return
     args = parse_args(argv)
     try:
         config = ProxyConfig.from_toml(args.config) if args.config else ProxyConfig()
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"imagegen-proxy: {exc}")
 
     configure_logging(args.log_level)
+    if config.store.url is not None:
+        _upgrade_store(config.store.url)
     raise_open_files_limit()
     ops_url = _serve_ops(config, mock, args.log_level)
     print(_banner(url, config, mock), flush=True)
@@ -107,6 +115,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=[sock])
+
+
+def _upgrade_store(url: str) -> None:
+    """Migrate the store before serving: once, before any worker process starts."""
+    from .store import Store
+
+    async def upgrade() -> None:
+        store = Store(url)
+        try:
+            await store.upgrade()
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(upgrade())
+    except Exception as exc:
+        sys.exit(f"imagegen-proxy: cannot migrate the store at {mask_url(url)}: {exc}")
 
 
 def _serve_ops(config: ProxyConfig, mock: bool, log_level: str) -> str:

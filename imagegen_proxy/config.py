@@ -374,6 +374,22 @@ class MetricsConfig(_Section):
         return value
 
 
+class StoreConfig(_Section):
+    """`[store]`: a database of projects and keys, changed while the proxy runs (the `store`
+    extra). `sqlite:///path/proxy.db` or `postgresql://user@host/db`."""
+
+    url: str | None = None
+    # How long what the store says of a key is kept: a revoked key stops working within it.
+    cache_seconds: float = Field(1.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:///", "postgresql://")):
+            raise ValueError('must be "sqlite:///PATH" or "postgresql://USER@HOST/DB"')
+        return value
+
+
 class MockConfig(_Section):
     """`[mock]`: the embedded mock upstream the bundled proxy serves when no upstream is set."""
 
@@ -394,6 +410,7 @@ class ProxyConfig(_Section):
     keys: list[KeyConfig] = Field(default_factory=list)
     projects: list[ProjectConfig] = Field(default_factory=list)
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     mock: MockConfig = Field(default_factory=MockConfig)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -413,8 +430,10 @@ class ProxyConfig(_Section):
                 raise ValueError(f"key {key.name!r}: no [[projects]] entry named {key.project!r}")
         if self.admin.digest is not None and self.admin.digest in {k.digest for k in self.keys}:
             raise ValueError("the [admin] key is also a client key: give them different keys")
-        if self.auth.open and self.keys:
-            raise ValueError("[auth] open = true serves without keys: remove it or the [[keys]]")
+        if self.auth.open and (self.keys or self.store.url):
+            raise ValueError(
+                "[auth] open = true serves without keys: remove it, or the [[keys]] and [store]"
+            )
         return self
 
     @property

@@ -27,6 +27,7 @@ from .usage import Usage, UsageObserver
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .store import Store
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -60,7 +61,8 @@ class ImageGenProxy:
         self.config = config
         self.router = Router(config.proxy.mount_prefix)
         self.upstreams = Upstreams(config)
-        self.authenticator = authenticator or _authenticator(config)
+        self.store = _store(config)
+        self.authenticator = authenticator or _authenticator(config, self.store)
         self.rate_limiter = rate_limiter or _rate_limiter(config)
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
@@ -97,6 +99,8 @@ class ImageGenProxy:
             await transport.aclose()
         if self._owns_limiter:
             await self.rate_limiter.aclose()
+        if self.store is not None:
+            await self.store.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.router.match(scope) if scope["type"] == "http" else None
@@ -286,15 +290,28 @@ class ImageGenProxy:
         return send_closing
 
 
-def _authenticator(config: ProxyConfig) -> Authenticator:
+def _store(config: ProxyConfig) -> Store | None:
+    if config.store.url is None:
+        return None
+    from .store import Store
+
+    return Store(config.store.url)
+
+
+def _authenticator(config: ProxyConfig, store: Store | None) -> Authenticator:
     if config.auth.open:
         return OpenAccess()
+    table = KeyTable(config.keys, config.projects)
+    if store is not None:
+        from .store.keys import StoreKeys
+
+        return StoreKeys(table, store, cache_seconds=config.store.cache_seconds)
     if not config.keys:
         raise ConfigError(
-            'no client keys: add [[keys]] entries (name = "team-a", key_env = "TEAM_A_KEY") '
-            "or set [auth] open = true to serve without keys"
+            'no client keys: add [[keys]] entries (name = "team-a", key_env = "TEAM_A_KEY"), '
+            "a [store], or set [auth] open = true to serve without keys"
         )
-    return KeyTable(config.keys, config.projects)
+    return table
 
 
 def _rate_limiter(config: ProxyConfig) -> RateLimiter:

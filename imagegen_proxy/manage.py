@@ -1,0 +1,214 @@
+"""`imagegen-proxy db|projects|keys ...`: the store, from the shell.
+
+For bootstrapping before anything else exists, and for scripts: every command works on the
+store of `--config FILE`'s `[store] url`, or of `--store URL`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, Policy, ProxyConfig
+
+if TYPE_CHECKING:
+    from .store import KeyRecord, ProjectRecord, Store
+
+COMMANDS = ("db", "projects", "keys")
+_LIMITS = (
+    ("requests_per_minute", int),
+    ("images_per_minute", int),
+    ("max_concurrent", int),
+    ("images_per_day", int),
+    ("tokens_per_day", int),
+    ("budget_usd", float),
+)
+
+
+def main(argv: Sequence[str]) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        url = _store_url(args)
+        policy = _policy(args)
+    except ConfigError as exc:
+        sys.exit(f"imagegen-proxy: {exc}")
+    try:
+        from .store import Store, StoreError
+    except ImportError:
+        sys.exit("imagegen-proxy: the store needs its extra: pip install 'imagegen-proxy[store]'")
+
+    async def run() -> Any:
+        store = Store(url)
+        try:
+            await store.upgrade()
+            return await args.action(store, args, policy)
+        finally:
+            await store.aclose()
+
+    try:
+        result = asyncio.run(run())
+    except StoreError as exc:
+        sys.exit(f"imagegen-proxy: {exc}")
+    except OSError as exc:
+        sys.exit(f"imagegen-proxy: cannot reach the store: {exc}")
+    if result is not None:
+        print(json.dumps(result, indent=2) if args.json else _table(result))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen-proxy", description=__doc__)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--config", metavar="FILE", help="TOML configuration with a [store] url")
+    where.add_argument("--store", metavar="URL", help="sqlite:///PATH or postgresql://...")
+    where.add_argument("--json", action="store_true", help="print JSON")
+    limits = argparse.ArgumentParser(add_help=False)
+    limits.add_argument("--models", help="allow-list, comma-separated")
+    for name, kind in _LIMITS:
+        limits.add_argument("--" + name.replace("_", "-"), type=kind)
+    limits.add_argument("--budget-period", choices=["day", "week", "month", "total"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    db = commands.add_parser("db", help="the schema").add_subparsers(dest="verb", required=True)
+    db.add_parser("upgrade", parents=[where], help="migrate to the newest schema").set_defaults(
+        action=_upgraded
+    )
+
+    projects = commands.add_parser("projects", help="groups of keys sharing limits and a budget")
+    verbs = projects.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", parents=[where, limits], help="a new project")
+    create.add_argument("name")
+    create.set_defaults(action=_create_project)
+    verbs.add_parser("list", parents=[where]).set_defaults(action=_list_projects)
+    archive = verbs.add_parser("archive", parents=[where], help="its keys stop working")
+    archive.add_argument("ref", metavar="ID_OR_NAME")
+    archive.set_defaults(action=_archive_project)
+
+    keys = commands.add_parser("keys", help="client keys")
+    verbs = keys.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", parents=[where, limits], help="a new key, shown once")
+    create.add_argument("name")
+    create.add_argument("--project", metavar="ID_OR_NAME")
+    create.add_argument("--expires-in", type=float, metavar="SECONDS")
+    create.set_defaults(action=_create_key)
+    verbs.add_parser("list", parents=[where]).set_defaults(action=_list_keys)
+    for verb, action, text in (
+        ("revoke", _revoke_key, "it stops working"),
+        ("rotate", _rotate_key, "a new secret, shown once; the old one stops working"),
+    ):
+        parser_ = verbs.add_parser(verb, parents=[where], help=text)
+        parser_.add_argument("ref", metavar="ID_OR_NAME")
+        parser_.set_defaults(action=action)
+    return parser
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    if args.store:
+        return str(args.store)
+    if not args.config:
+        raise ConfigError("name the store: --store URL, or --config FILE with a [store] url")
+    url = ProxyConfig.from_toml(args.config).store.url
+    if url is None:
+        raise ConfigError(f"{args.config}: no [store] url")
+    return url
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    given: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name, _ in _LIMITS
+        if getattr(args, name, None) is not None
+    }
+    if getattr(args, "models", None):
+        given["models"] = frozenset(part.strip() for part in args.models.split(","))
+    if getattr(args, "budget_period", None):
+        given["budget_period"] = args.budget_period
+    try:
+        return Policy.model_validate(given)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _upgraded(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    return {"status": "the store's schema is up to date"}
+
+
+async def _create_project(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    return _project(await store.create_project(args.name, policy))
+
+
+async def _list_projects(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    return [_project(project) for project in await store.projects()]
+
+
+async def _archive_project(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    return _project(await store.archive_project(args.ref))
+
+
+async def _create_key(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    record, secret = await store.create_key(
+        args.name, project=args.project, policy=policy, expires_in=args.expires_in
+    )
+    return {**_key(record), "key": secret}
+
+
+async def _list_keys(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    return [_key(key) for key in await store.keys()]
+
+
+async def _revoke_key(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    return _key(await store.revoke_key(args.ref))
+
+
+async def _rotate_key(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    record, secret = await store.rotate_key(args.ref)
+    return {**_key(record), "key": secret}
+
+
+def _limits(policy: Policy) -> dict[str, Any]:
+    return policy.model_dump(mode="json", exclude_unset=True)
+
+
+def _project(project: ProjectRecord) -> dict[str, Any]:
+    return {
+        "id": project.id,
+        "name": project.name,
+        "status": "archived" if project.archived_at is not None else "active",
+        "created_at": project.created_at,
+        "limits": _limits(project.policy),
+    }
+
+
+def _key(key: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "project_id": key.project_id,
+        "redacted": key.redacted,
+        "status": key.state(time.time()),
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "limits": _limits(key.policy),
+    }
+
+
+def _table(result: Any) -> str:
+    """One line per record, `field: value`, records apart by a blank line."""
+    rows = result if isinstance(result, list) else [result]
+    if not rows:
+        return "(none)"
+    return "\n\n".join(
+        "\n".join(f"{name}: {_text(value)}" for name, value in row.items()) for row in rows
+    )
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{name}={_text(item)}" for name, item in value.items())
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return "" if value is None else str(value)

@@ -1,0 +1,275 @@
+"""The store: projects and client keys kept in a database, changed while the proxy runs.
+
+SQLite (`sqlite:///path/to/proxy.db`, embedded, one host) or PostgreSQL
+(`postgresql://user@host/db`, several hosts), through SQLAlchemy's asyncio engine (aiosqlite,
+asyncpg); the schema is versioned with Alembic (`upgrade()`). Keys are kept as SHA-256
+digests only: a new key is shown once, when it is made. Needs the `store` extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, event, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..auth import Principal, Project
+from ..config import Policy
+from .schema import api_keys, projects
+
+KEY_PREFIX = "sk-igp-"
+_MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
+
+
+class StoreError(ValueError):
+    """A request the store cannot carry out (an unknown or duplicate name), said for people."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRecord:
+    id: str
+    name: str
+    created_at: int
+    archived_at: int | None
+    policy: Policy
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    name: str
+    project_id: str | None
+    redacted: str
+    created_at: int
+    expires_at: int | None
+    revoked_at: int | None
+    policy: Policy
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+def engine_url(url: str) -> str:
+    """`sqlite:///…` and `postgresql://…` with the asyncio driver each needs."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url.removeprefix(plain)
+    return url
+
+
+class Store:
+    """Projects and keys in the database at `url`. `clock` (Unix seconds) may be injected."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.engine: AsyncEngine = create_async_engine(engine_url(url))
+        self._clock = clock
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def upgrade(self) -> None:
+        """Bring the schema to the newest version (Alembic's `upgrade head`)."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(_upgrade)
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    # --- projects ----------------------------------------------------------------------
+
+    async def create_project(self, name: str, policy: Policy | None = None) -> ProjectRecord:
+        if any(p.name == name and p.archived_at is None for p in await self.projects()):
+            raise StoreError(f"a project named {name!r} exists already")
+        row = {
+            "id": "proj_" + secrets.token_hex(12),
+            "name": name,
+            "created_at": int(self._clock()),
+            "archived_at": None,
+            "policy": _dump(policy),
+        }
+        async with self.engine.begin() as connection:
+            await connection.execute(insert(projects).values(**row))
+        return _project(row)
+
+    async def projects(self) -> list[ProjectRecord]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(select(projects).order_by(projects.c.created_at))
+            return [_project(row._mapping) for row in rows]
+
+    async def project(self, ref: str) -> ProjectRecord:
+        """The project with id `ref`, or the active one named `ref`."""
+        every = await self.projects()
+        found = [p for p in every if p.id == ref] or [
+            p for p in every if p.name == ref and p.archived_at is None
+        ]
+        if not found:
+            raise StoreError(f"no project {ref!r}")
+        return found[0]
+
+    async def archive_project(self, ref: str) -> ProjectRecord:
+        """Archive a project: its keys stop working."""
+        project = await self.project(ref)
+        now = int(self._clock())
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(projects).where(projects.c.id == project.id).values(archived_at=now)
+            )
+        return await self.project(project.id)
+
+    # --- keys --------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        name: str,
+        *,
+        project: str | None = None,
+        policy: Policy | None = None,
+        expires_in: float | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """A new key: its record, and the key itself, which nothing keeps."""
+        if any(k.name == name and k.revoked_at is None for k in await self.keys()):
+            raise StoreError(f"a key named {name!r} exists already")
+        project_id = None if project is None else (await self.project(project)).id
+        secret, fields = _new_secret()
+        now = int(self._clock())
+        row = {
+            "id": "key_" + secrets.token_hex(12),
+            "name": name,
+            "project_id": project_id,
+            "created_at": now,
+            "expires_at": None if expires_in is None else now + int(expires_in),
+            "revoked_at": None,
+            "policy": _dump(policy),
+            **fields,
+        }
+        async with self.engine.begin() as connection:
+            await connection.execute(insert(api_keys).values(**row))
+        return _key(row), secret
+
+    async def keys(self) -> list[KeyRecord]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(select(api_keys).order_by(api_keys.c.created_at))
+            return [_key(row._mapping) for row in rows]
+
+    async def key(self, ref: str) -> KeyRecord:
+        """The key with id `ref`, or the unrevoked one named `ref`."""
+        every = await self.keys()
+        found = [k for k in every if k.id == ref] or [
+            k for k in every if k.name == ref and k.revoked_at is None
+        ]
+        if not found:
+            raise StoreError(f"no key {ref!r}")
+        return found[0]
+
+    async def revoke_key(self, ref: str) -> KeyRecord:
+        key = await self.key(ref)
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key.id)
+                .values(revoked_at=int(self._clock()))
+            )
+        return await self.key(key.id)
+
+    async def rotate_key(self, ref: str) -> tuple[KeyRecord, str]:
+        """A new secret for the key (same id, name, project and limits): the old one stops
+        working."""
+        key = await self.key(ref)
+        if key.revoked_at is not None:
+            raise StoreError(f"key {ref!r} is revoked")
+        secret, fields = _new_secret()
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(api_keys).where(api_keys.c.id == key.id).values(**fields)
+            )
+        return await self.key(key.id), secret
+
+    async def find(self, digest: bytes) -> Principal | None:
+        """The principal of the key whose SHA-256 is `digest`, if it works now: not revoked,
+        not expired, and its project (if any) not archived."""
+        query = (
+            select(
+                api_keys,
+                projects.c.name.label("project_name"),
+                projects.c.archived_at,
+                projects.c.policy.label("project_policy"),
+            )
+            .outerjoin(projects, api_keys.c.project_id == projects.c.id)
+            .where(api_keys.c.digest == digest.hex())
+        )
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(query)).first()
+        if row is None:
+            return None
+        found = row._mapping
+        key = _key(found)
+        if key.state(self._clock()) != "active" or found["archived_at"] is not None:
+            return None
+        project = None
+        if key.project_id is not None:
+            project = Project(found["project_name"], Policy.model_validate(found["project_policy"]))
+        return Principal(key.name, key.policy, project=project)
+
+
+def _new_secret() -> tuple[str, dict[str, str]]:
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return secret, {"digest": digest, "redacted": f"{secret[:10]}...{secret[-4:]}"}
+
+
+def _dump(policy: Policy | None) -> dict[str, Any]:
+    return (policy or Policy()).model_dump(mode="json", exclude_unset=True)
+
+
+def _project(row: Mapping[Any, Any]) -> ProjectRecord:
+    return ProjectRecord(
+        row["id"],
+        row["name"],
+        row["created_at"],
+        row["archived_at"],
+        Policy.model_validate(row["policy"]),
+    )
+
+
+def _key(row: Mapping[Any, Any]) -> KeyRecord:
+    return KeyRecord(
+        row["id"],
+        row["name"],
+        row["project_id"],
+        row["redacted"],
+        row["created_at"],
+        row["expires_at"],
+        row["revoked_at"],
+        Policy.model_validate(row["policy"]),
+    )
+
+
+def _upgrade(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", _MIGRATIONS)
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _sqlite_pragmas(connection: Any, record: Any) -> None:
+    # WAL: readers (every proxy process) never wait for a writer (the CLI, the admin API).
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,198 @@
+"""Keys and projects in a database, changed while the proxy runs: SQLite and a real
+PostgreSQL server, through the proxy with the official SDK and through the shell commands."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import HostApp, proxy_config
+from double import UpstreamDouble
+from postgres_server import create_database, postgres_server
+from sqlalchemy import text
+from support import serve
+from test_cli import run, running
+
+from imagegen_proxy import ImageGenProxy
+from imagegen_proxy.config import Policy
+from imagegen_proxy.store import Store
+
+PATH = "/v1/images/generations"
+TOML_KEY = "sk-toml-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/proxy.db"
+    return create_database(request.getfixturevalue("postgres_url"))
+
+
+def on(url: str, work: Callable[[Store], Any]) -> Any:
+    """Run `work` on the store at `url`, from the test's own event loop."""
+
+    async def main() -> Any:
+        store = Store(url)
+        try:
+            await store.upgrade()
+            return await work(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+def proxy_on(url: str, upstream: UpstreamDouble, cache_seconds: float = 1.0) -> Any:
+    config = proxy_config(
+        upstream,
+        auth={"open": False},
+        store={"url": url, "cache_seconds": cache_seconds},
+        keys=[{"name": "toml-team", "key": TOML_KEY}],
+    )
+    return serve(ImageGenProxy(HostApp().app, config))
+
+
+def generate(proxy: str, key: str) -> int:
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key=key, max_retries=0)
+    try:
+        client.images.generate(prompt="p", model="dall-e-3", size="1024x1024")
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    return 200
+
+
+def until(condition: Callable[[], bool], within: float) -> float:
+    """Seconds until `condition` held; fails past `within`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, "not within the bound"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_key_made_at_run_time_works_and_a_revoked_one_stops_on_every_process(
+    store_url: str, upstream: UpstreamDouble
+) -> None:
+    with proxy_on(store_url, upstream) as first, proxy_on(store_url, upstream) as second:
+        _, key = on(store_url, lambda store: store.create_key("checkout-bot"))
+        assert generate(first, key) == 200 and generate(second, key) == 200
+        on(store_url, lambda store: store.revoke_key("checkout-bot"))
+        # The promise is 2 s; 3 s leaves room for a loaded CI machine's scheduling.
+        for proxy in (first, second):
+            until(lambda proxy=proxy: generate(proxy, key) == 401, within=3.0)
+        assert generate(first, TOML_KEY) == 200  # the configuration's keys work alongside
+
+
+def test_an_archived_projects_keys_stop_working(store_url: str, upstream: UpstreamDouble) -> None:
+    async def make(store: Store) -> str:
+        await store.create_project("growth")
+        return (await store.create_key("web", project="growth"))[1]
+
+    key = on(store_url, make)
+    with proxy_on(store_url, upstream) as proxy:
+        assert generate(proxy, key) == 200
+        on(store_url, lambda store: store.archive_project("growth"))
+        until(lambda: generate(proxy, key) == 401, within=3.0)
+
+
+def test_an_expired_key_is_refused(store_url: str, upstream: UpstreamDouble) -> None:
+    _, key = on(store_url, lambda store: store.create_key("short", expires_in=1))
+    with proxy_on(store_url, upstream, cache_seconds=0) as proxy:
+        assert generate(proxy, key) == 200
+        until(lambda: generate(proxy, key) == 401, within=5.0)
+
+
+def test_a_stored_key_carries_its_limits_and_its_projects_budget(
+    store_url: str, upstream: UpstreamDouble
+) -> None:
+    async def make(store: Store) -> str:
+        await store.create_project("growth", Policy(budget_usd=0.08))
+        policy = Policy(models=frozenset({"dall-e-3"}), budget_usd=20.0, budget_period="day")
+        return (await store.create_key("bot", project="growth", policy=policy))[1]
+
+    key = on(store_url, make)
+    with proxy_on(store_url, upstream) as proxy:
+        body = {"prompt": "p", "model": "dall-e-3", "size": "1024x1024"}
+        answer = httpx.post(proxy + PATH, json=body, headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+        assert answer.headers["x-budget-remaining-usd"] == "0.04"  # the project's, tighter
+        assert generate(proxy, key) == 200
+        assert generate(proxy, key) == 429  # the project's $0.08 is spent
+        other = {**body, "model": "gpt-image-1"}
+        refused = httpx.post(proxy + PATH, json=other, headers={"authorization": f"Bearer {key}"})
+        assert refused.status_code == 403
+
+
+def test_keys_are_stored_as_digests_only(store_url: str) -> None:
+    async def make(store: Store) -> tuple[str, list[Any]]:
+        _, key = await store.create_key("bot")
+        async with store.engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT * FROM api_keys"))).all()
+        return key, [list(row) for row in rows]
+
+    key, rows = on(store_url, make)
+    stored = repr(rows)
+    assert key not in stored and key[7:] not in stored
+    assert hashlib.sha256(key.encode()).hexdigest() in stored
+
+
+def test_migrations_build_an_empty_database_and_run_again_harmlessly(store_url: str) -> None:
+    async def twice(store: Store) -> list[Any]:
+        await store.upgrade()
+        async with store.engine.connect() as connection:
+            return list((await connection.execute(text("SELECT * FROM alembic_version"))).all())
+
+    assert on(store_url, twice) == [("0001",)]
+
+
+def test_a_store_that_cannot_be_reached_is_a_503(
+    upstream: UpstreamDouble, tmp_path: Path
+) -> None:
+    gone = f"sqlite:///{tmp_path}/no/such/directory/proxy.db"
+    with proxy_on(gone, upstream) as proxy:
+        answer = httpx.post(proxy + PATH, json={"prompt": "p"}, headers={"x-api-key": "sk-x"})
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "store_unavailable"
+        assert generate(proxy, TOML_KEY) == 200  # the configuration's keys need no store
+
+
+def test_the_shell_commands_manage_the_store_a_running_proxy_uses(
+    upstream: UpstreamDouble, tmp_path: Path
+) -> None:
+    database = f"sqlite:///{tmp_path}/proxy.db"
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[openai]\nbase_url = "{upstream.url}/v1"\napi_key = "sk-upstream"\n'
+        f'[store]\nurl = "{database}"\n'
+    )
+    with running("--config", str(config)) as (proxy, _):
+        assert (tmp_path / "proxy.db").exists()  # migrated at start-up
+        made = run("projects", "create", "growth", "--budget-usd", "500", "--config", str(config))
+        assert made.returncode == 0, made.stderr
+        made = run("keys", "create", "bot", "--project", "growth", "--json", "--store", database)
+        assert made.returncode == 0, made.stderr
+        key = json.loads(made.stdout)["key"]
+        assert generate(proxy, key) == 200
+        rotated = run("keys", "rotate", "bot", "--json", "--store", database)
+        new = json.loads(rotated.stdout)["key"]
+        until(lambda: generate(proxy, key) == 401, within=3.0)
+        assert generate(proxy, new) == 200
+        listed = run("keys", "list", "--store", database)
+        assert "bot" in listed.stdout and new not in listed.stdout and key not in listed.stdout
+        refused = run("keys", "revoke", "nobody", "--store", database)
+        assert refused.returncode == 1 and "no key 'nobody'" in refused.stderr
