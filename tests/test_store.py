@@ -157,7 +157,33 @@ def test_migrations_build_an_empty_database_and_run_again_harmlessly(store_url: 
         async with store.engine.connect() as connection:
             return list((await connection.execute(text("SELECT * FROM alembic_version"))).all())
 
-    assert on(store_url, twice) == [("0001",)]
+    assert on(store_url, twice) == [("0002",)]
+
+
+def test_a_database_of_the_previous_schema_is_migrated_with_its_keys(
+    store_url: str, upstream: UpstreamDouble
+) -> None:
+    key = "sk-igp-made-under-schema-0001"
+
+    async def main() -> None:
+        store = Store(store_url)
+        try:
+            await store.upgrade("0001")
+            async with store.engine.begin() as connection:  # as the code of 0001 wrote it
+                await connection.execute(
+                    text(
+                        "INSERT INTO api_keys (id, name, project_id, digest, redacted, "
+                        "created_at, expires_at, revoked_at, policy) VALUES ('key_old', "
+                        "'old-timer', NULL, :digest, 'sk-igp-mad...0001', 0, NULL, NULL, '{}')"
+                    ),
+                    {"digest": hashlib.sha256(key.encode()).hexdigest()},
+                )
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+    with proxy_on(store_url, upstream) as proxy:  # migrates to the newest on first use
+        assert generate(proxy, key) == 200
 
 
 def test_a_store_that_cannot_be_reached_is_a_503(

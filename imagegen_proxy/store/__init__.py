@@ -79,10 +79,10 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
-    async def upgrade(self) -> None:
-        """Bring the schema to the newest version (Alembic's `upgrade head`)."""
+    async def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to `revision`, the newest by default (Alembic's `upgrade`)."""
         async with self.engine.begin() as connection:
-            await connection.run_sync(_upgrade)
+            await connection.run_sync(_upgrade, revision)
 
     async def aclose(self) -> None:
         await self.engine.dispose()
@@ -256,14 +256,14 @@ def _key(row: Mapping[Any, Any]) -> KeyRecord:
     )
 
 
-def _upgrade(connection: Connection) -> None:
+def _upgrade(connection: Connection, revision: str) -> None:
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", _MIGRATIONS)
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)
 
 
 def _sqlite_pragmas(connection: Any, record: Any) -> None:
