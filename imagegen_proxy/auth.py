@@ -6,8 +6,8 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .config import KeyConfig, Policy, ProjectConfig
@@ -29,10 +29,12 @@ class Credentials:
 
 @dataclass(frozen=True, slots=True)
 class Project:
-    """A group of keys with shared limits and budget."""
+    """A group of keys with shared limits and budget, and limits for some models alone."""
 
     name: str
     policy: Policy = _UNLIMITED
+    per_model: Mapping[str, Policy] = field(default_factory=dict)
+    id: str | None = None  # the store's id, for a project kept there
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ class Principal:
     policy: Policy = _UNLIMITED
     upstream_api_key: str | None = None  # spend on this upstream key instead of the proxy's
     project: Project | None = None
+    id: str | None = None  # the store's id, for a key kept there
 
 
 class Authenticator(Protocol):
@@ -88,6 +91,20 @@ def _basic(token: bytes) -> tuple[bytes, bytes] | None:
         return None
     user, colon, password = decoded.partition(b":")
     return (user, password) if colon and password else None
+
+
+def is_admin(scope: Scope, digest: bytes | None) -> bool:
+    """Whether the request carries the `[admin]` key (its SHA-256 is `digest`) as
+    `Authorization: Bearer`, what the SDK's `admin_api_key` sends."""
+    if digest is None:
+        return False
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+            return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), digest)
+    return False
 
 
 def unauthorized(message: str) -> ProxyError:
@@ -180,13 +197,17 @@ def check_policy(principal: Principal, request: ImageRequest) -> None:
     if principal.project is not None:
         holders.append((f"project '{principal.project.name}'", principal.project.policy))
     for holder, policy in holders:
-        allowed = policy.models
+        allowed, denied = policy.models, policy.denied_models
         if allowed is not None and (name is None or name not in allowed):
-            raise ProxyError(
-                403,
-                f"The {holder} may not use model {name!r}; "
-                f"allowed: {', '.join(sorted(allowed))}.",
-                type="invalid_request_error",
-                param="model",
-                code="model_not_allowed",
-            )
+            refusal = f"allowed: {', '.join(sorted(allowed))}"
+        elif denied is not None and (name is None or name in denied):
+            refusal = f"denied: {', '.join(sorted(denied))}"
+        else:
+            continue
+        raise ProxyError(
+            403,
+            f"The {holder} may not use model {name!r}; {refusal}.",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_allowed",
+        )

@@ -212,6 +212,7 @@ class Policy(_Section):
     unlimited."""
 
     models: frozenset[str] | None = None
+    denied_models: frozenset[str] | None = None  # a deny-list, checked after `models`
     requests_per_minute: int | None = Field(None, gt=0)
     images_per_minute: int | None = Field(None, gt=0)
     max_concurrent: int | None = Field(None, gt=0)
@@ -232,7 +233,9 @@ class Policy(_Section):
         return None if self.budget_usd is None else round(self.budget_usd * 1_000_000)
 
 
-_LIMITS = [name for name in Policy.model_fields if name not in ("models", "budget_period")]
+_LIMITS = [
+    name for name in Policy.model_fields if name not in ("models", "denied_models", "budget_period")
+]
 
 
 class ProjectConfig(Policy):

@@ -84,7 +84,7 @@ class MemoryLimiter(RateLimiter):
         n, now = request.images, self._clock()
         day, until_tomorrow = utc_day(now)
         checked: list[tuple[Subject, _State]] = []
-        for subject in subjects(principal):
+        for subject in subjects(principal, request.model):
             state = self._states.setdefault(subject.id, _State())
             refusal = self._check(subject, state, n, reservation, now, day, until_tomorrow)
             if refusal is not None:

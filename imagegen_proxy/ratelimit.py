@@ -41,12 +41,18 @@ class Subject(NamedTuple):
     policy: Policy
 
 
-def subjects(principal: Principal) -> list[Subject]:
+def subjects(principal: Principal, model: str | None = None) -> list[Subject]:
+    """Who holds limits over a request for `model`: the key, its project, and the
+    project's limits for that model alone (OpenAI's project rate limits)."""
     found = [Subject(principal.name, f"key '{principal.name}'", principal.policy)]
     project = principal.project
     if project is not None:
         label = f"project '{project.name}'"
         found.append(Subject(f"project:{project.name}", label, project.policy))
+        alone = None if model is None else project.per_model.get(model)
+        if alone is not None:
+            label = f"project '{project.name}' for {model}"
+            found.append(Subject(f"project:{project.name}:model:{model}", label, alone))
     return found
 
 

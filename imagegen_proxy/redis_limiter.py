@@ -224,7 +224,7 @@ class RedisLimiter(RateLimiter):
     ) -> Decision:
         n, now = request.images, self._clock()
         day, until_tomorrow = utc_day(now)
-        found = subjects(principal)
+        found = subjects(principal, request.model)
         keys: list[str] = []
         args: list[Any] = []
         resets = []

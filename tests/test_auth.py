@@ -262,3 +262,15 @@ def test_a_keyless_request_is_refused_before_its_body_is_validated(
     proxy = keyed(start_proxy)
     answer = httpx.post(proxy + PATH, content=b"{not json", headers={"content-type": "text/x"})
     assert answer.status_code == 401  # not 415 nor 400: a stranger learns nothing more
+
+
+def test_a_denied_model_is_403_and_others_pass(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    keys = [{"name": "team-a", "key": KEY_A, "denied_models": ["dall-e-2"]}]
+    proxy = keyed(start_proxy, keys=keys)
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    refused = post(proxy, headers, {"prompt": "p", "model": "dall-e-2"})
+    assert refused.status_code == 403 and "denied: dall-e-2" in refused.json()["error"]["message"]
+    assert post(proxy, headers, {"prompt": "p", "model": "gpt-image-1"}).status_code == 200
+    assert len(upstream.requests) == 1

@@ -235,3 +235,16 @@ def test_budget_periods_follow_the_utc_calendar() -> None:
     december = datetime(2026, 12, 31, 23, tzinfo=UTC).timestamp()
     assert budget_period("month", december) == ("2026-12", datetime(2027, 1, 1, tzinfo=UTC))
     assert budget_period("total", december) == ("total", None)
+
+
+def test_a_projects_limits_for_one_model_apply_to_that_model_alone(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        per_model = {"gpt-image-1": Policy(requests_per_minute=1)}
+        bot = key("bot", Project("growth", Policy(), per_model))
+        other = ImageRequest(form="openai", body=ImageGenerationBody(prompt="p", model="dall-e-3"))
+        assert (await admit(limiter, bot, 0)).allowed
+        refused = await admit(limiter, bot, 0)
+        assert not refused.allowed and "project 'growth' for gpt-image-1" in refused.message
+        assert (await limiter.acquire(bot, other, 0)).allowed
+
+    run(make, test)
