@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import secrets
@@ -18,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from .auth import is_admin
 from .config import OpenAIUpstream, ProxyConfig, mask_url
 from .errors import ProxyError
 from .middleware import ImageGenProxy
@@ -52,7 +51,7 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
     admin = config.admin.digest
 
     async def healthz(request: Request) -> Response:
-        details = config.auth.open or _is_admin(request.scope, admin)
+        details = config.auth.open or is_admin(request.scope, admin)
         return ops.health(details)
 
     routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
@@ -113,19 +112,6 @@ class _Ops:
         return JSONResponse(body, status_code=self.code)
 
 
-def _is_admin(scope: Scope, digest: bytes | None) -> bool:
-    """Whether the request carries the `[admin]` key as `Authorization: Bearer`."""
-    if digest is None:
-        return False
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() != b"bearer":
-                return False
-            return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), digest)
-    return False
-
-
 class _AdminOnly:
     """`app` for callers with the `[admin]` key; everyone else gets 401."""
 
@@ -134,7 +120,7 @@ class _AdminOnly:
         self.digest = digest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _is_admin(scope, self.digest):
+        if is_admin(scope, self.digest):
             await self.app(scope, receive, send)
             return
         hint = "set [admin] key" if self.digest is None else "send the [admin] key as Bearer"

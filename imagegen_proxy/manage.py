@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import datetime
 import json
 import sys
 import time
@@ -19,7 +21,7 @@ from .config import ConfigError, Policy, ProxyConfig
 if TYPE_CHECKING:
     from .store import KeyRecord, ProjectRecord, Store
 
-COMMANDS = ("db", "projects", "keys")
+COMMANDS = ("db", "projects", "keys", "usage")
 _LIMITS = (
     ("requests_per_minute", int),
     ("images_per_minute", int),
@@ -103,6 +105,24 @@ def _parser() -> argparse.ArgumentParser:
         parser_ = verbs.add_parser(verb, parents=[where], help=text)
         parser_.add_argument("ref", metavar="ID_OR_NAME")
         parser_.set_defaults(action=action)
+
+    usage = commands.add_parser(
+        "usage", parents=[where], help="what was spent, from the ledger: CSV or JSON rows"
+    )
+    usage.add_argument("--since", required=True, type=_moment, metavar="DATE")
+    usage.add_argument("--until", type=_moment, metavar="DATE", help="exclusive; default: now")
+    usage.add_argument(
+        "--group-by",
+        type=_usage_groups,
+        default=[],
+        metavar="FIELDS",
+        help="comma-separated: " + ", ".join(_USAGE_GROUPS),
+    )
+    usage.add_argument(
+        "--bucket", choices=["1m", "1h", "1d"], help="a row per (UTC) bucket, not per range"
+    )
+    usage.add_argument("--format", choices=["csv", "json"], default="csv")
+    usage.set_defaults(action=_usage)
     return parser
 
 
@@ -167,6 +187,76 @@ async def _revoke_key(store: Store, args: argparse.Namespace, policy: Policy) ->
 async def _rotate_key(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
     record, secret = await store.rotate_key(args.ref)
     return {**_key(record), "key": secret}
+
+
+_USAGE_GROUPS = {
+    "project": ("project_id", "project_name"),
+    "key": ("api_key_id", "key_name"),
+    "model": ("model",),
+    "size": ("size",),
+    "quality": ("quality",),
+    "source": ("source",),
+}
+
+
+async def _usage(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    """One row per group (and bucket, with --bucket); CSV or JSON on stdout."""
+    from .pricing import usd
+    from .store import StoreError
+    from .store.ledger import WIDTHS, usage_lines
+
+    until = int(time.time()) if args.until is None else args.until
+    if until <= args.since:
+        raise StoreError("--until must be after --since")
+    groups = [field for group in args.group_by for field in _USAGE_GROUPS[group]]
+    width = WIDTHS[args.bucket] if args.bucket else None
+    lines = await usage_lines(store, args.since, until, width=width, group_by=groups)
+    as_json = args.json or args.format == "json"
+    rows = [
+        {
+            **({"start": _iso(line.start)} if args.bucket else {}),
+            **line.group,
+            "requests": line.requests,
+            "images": line.images,
+            "input_tokens": line.input_tokens,
+            "output_tokens": line.output_tokens,
+            "cost_usd": line.cost_micros / 1_000_000 if as_json else usd(line.cost_micros),
+        }
+        for line in lines
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return None
+    columns = ["start"] if args.bucket else []
+    columns += [*groups, "requests", "images", "input_tokens", "output_tokens", "cost_usd"]
+    output = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
+    output.writeheader()
+    output.writerows(rows)
+    return None
+
+
+def _moment(text: str) -> int:
+    """Unix seconds, or an ISO date or time (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (2026-11-01, ...)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp())
+
+
+def _usage_groups(text: str) -> list[str]:
+    groups = [part.strip() for part in text.split(",") if part.strip()]
+    if unknown := [group for group in groups if group not in _USAGE_GROUPS]:
+        raise argparse.ArgumentTypeError(f"cannot group by {', '.join(unknown)}")
+    return groups
+
+
+def _iso(moment: int) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _limits(policy: Policy) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from .admin import AdminPlane
 from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, expect_method, send_error
@@ -28,6 +29,7 @@ from .usage import Usage, UsageObserver
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .store import Store
+    from .store.ledger import LedgerRow, LedgerWriter
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -63,6 +65,12 @@ class ImageGenProxy:
         self.upstreams = Upstreams(config)
         self.store = _store(config)
         self.authenticator = authenticator or _authenticator(config, self.store)
+        self.admin = AdminPlane(config.proxy.mount_prefix, config.admin.digest, self.store)
+        self.ledger: LedgerWriter | None = None
+        if self.store is not None:
+            from .store.ledger import LedgerWriter
+
+            self.ledger = LedgerWriter(self.store)
         self.rate_limiter = rate_limiter or _rate_limiter(config)
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
@@ -99,6 +107,8 @@ class ImageGenProxy:
             await transport.aclose()
         if self._owns_limiter:
             await self.rate_limiter.aclose()
+        if self.ledger is not None:
+            await self.ledger.aclose()
         if self.store is not None:
             await self.store.aclose()
 
@@ -111,6 +121,9 @@ class ImageGenProxy:
             return
         if route.operation == "budget":
             await self._budget(scope, send)
+            return
+        if route.operation == "admin":
+            await self.admin(scope, receive, send)
             return
         entry = Entry(route.form, client_request_id=client_request_id(scope))
         try:
@@ -205,6 +218,8 @@ class ImageGenProxy:
                 self.access_log.emit(entry)
             if self.metrics is not None:
                 self.metrics.ended(entry)
+            if self.ledger is not None and entry.reached:
+                self.ledger.add(ledger_row(entry))
         except Exception:
             logger.exception("recording request %s failed", entry.id)
 
@@ -288,6 +303,32 @@ class ImageGenProxy:
             await send(message)
 
         return send_closing
+
+
+def ledger_row(entry: Entry) -> LedgerRow:
+    """The ledger's line for a generation that reached the upstream."""
+    from .store.ledger import LedgerRow
+
+    return LedgerRow(
+        at=int(time.time()),
+        request_id=entry.id,
+        key_id=entry.key_id,
+        key_name=entry.key or "",
+        project_id=entry.project_id,
+        project_name=entry.project,
+        model=entry.model,
+        source="image.generation",
+        size=entry.size,
+        quality=entry.quality,
+        n=entry.n or 1,
+        images=entry.images,
+        status=entry.status,
+        outcome=entry.outcome,
+        input_tokens=entry.input_tokens,
+        output_tokens=entry.output_tokens,
+        cost_micros=entry.cost_micros,
+        duration_ms=round(entry.duration * 1000),
+    )
 
 
 def _store(config: ProxyConfig) -> Store | None:

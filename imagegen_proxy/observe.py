@@ -56,7 +56,9 @@ class Entry:
     started: float = field(default_factory=time.perf_counter)
     client_request_id: str | None = None
     key: str | None = None  # the principal's name, never its key
+    key_id: str | None = None  # the store's id of the key, for a key kept there
     project: str | None = None  # the key's project
+    project_id: str | None = None
     model: str | None = None  # the model, or the Azure deployment
     n: int | None = None
     stream: bool | None = None
@@ -72,6 +74,11 @@ class Entry:
     limit: str | None = None  # the limit that refused the request
     images: int = 0  # images charged: the request reached the upstream, which answered no error
     cost_micros: int | None = None  # what was charged, in micro-USD; None: no price known
+    size: str | None = None
+    quality: str | None = None
+    reached: bool = False  # the request may have reached the upstream (a ledger line)
+    input_tokens: int = 0
+    output_tokens: int = 0
     admitted: bool = False  # the limits let it through: it counts as in flight
 
     @property
@@ -79,12 +86,14 @@ class Entry:
         return time.perf_counter() - self.started
 
     def identify(self, principal: Principal) -> None:
-        self.key = principal.name
-        self.project = None if principal.project is None else principal.project.name
+        self.key, self.key_id = principal.name, principal.id
+        if principal.project is not None:
+            self.project, self.project_id = principal.project.name, principal.project.id
 
     def describe(self, request: ImageRequest) -> None:
         self.model, self.n = request.model, request.images
         self.stream, self.prompt = request.stream, request.body.prompt
+        self.size, self.quality = request.body.size, request.body.quality
 
     def refused(self, error: ProxyError) -> None:
         """The proxy answered `error` itself (an upstream failure is already known)."""
@@ -105,6 +114,10 @@ class Entry:
         self.upstream_request_id = outcome.upstream_request_id
         self.ttfb, self.upstream_time = outcome.ttfb, outcome.elapsed
         self.bytes_out = outcome.bytes_out
+        self.reached = outcome.reached
+        if outcome.usage is not None:
+            self.input_tokens = outcome.usage.input_tokens
+            self.output_tokens = outcome.usage.output_tokens
         if outcome.status is not None:
             self.status = outcome.status
         if outcome.client_gone:

@@ -10,7 +10,7 @@ from .errors import ProxyError
 from .types import Scope
 
 Form = Literal["openai", "azure"]
-Operation = Literal["generation", "budget"]
+Operation = Literal["generation", "budget", "admin"]
 
 OPENAI_PATHS = (
     "/v1/images/generations",
@@ -20,6 +20,8 @@ OPENAI_PATHS = (
 )
 # A client's own view of its limits, budgets and spending (GET).
 BUDGET_PATHS = ("/v1/imagegen/budget", "/imagegen/budget")
+# OpenAI's Admin API, for the admin key.
+ADMIN_PATHS = ("/v1/organization/", "/organization/")
 # Deliberately loose: anything between the fixed parts is captured, so that a bad
 # deployment id (empty, "a/b" decoded from "a%2Fb", "..") is refused with a 400
 # instead of silently falling through to the host app.
@@ -51,6 +53,7 @@ class Router:
         self.prefix = prefix.rstrip("/")
         self._openai = {self.prefix + path for path in OPENAI_PATHS}
         self._budget = {self.prefix + path for path in BUDGET_PATHS}
+        self._admin = tuple(self.prefix + path for path in ADMIN_PATHS)
         self._azure = re.compile(re.escape(self.prefix) + _AZURE_PATH.pattern, re.DOTALL)
 
     def match(self, scope: Scope) -> Route | None:
@@ -63,6 +66,8 @@ class Router:
             return _GENERATION
         if path in self._budget:
             return _BUDGET
+        if path.startswith(self._admin):
+            return _ADMIN
         found = self._azure.fullmatch(path)
         if found is None:
             return None
@@ -71,6 +76,7 @@ class Router:
 
 _GENERATION = Route("openai")
 _BUDGET = Route("openai", operation="budget")
+_ADMIN = Route("openai", operation="admin")
 
 
 def check_route(route: Route) -> None:

@@ -8,6 +8,7 @@ digests only: a new key is shown once, when it is made. Needs the `store` extra.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..auth import Principal, Project
 from ..config import Policy
-from .schema import api_keys, projects
+from .schema import api_keys, project_rate_limits, projects, service_accounts
 
 KEY_PREFIX = "sk-igp-"
 _MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
@@ -76,8 +77,29 @@ class Store:
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
         self.engine: AsyncEngine = create_async_engine(engine_url(url))
         self._clock = clock
+        self._ready: asyncio.Future[None] | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    def now(self) -> int:
+        """Unix seconds, from the store's clock."""
+        return int(self._clock())
+
+    def new_id(self, prefix: str) -> str:
+        """`prefix` and 24 hex digits, the first 12 the time in milliseconds: lists ordered
+        by (created_at, id) keep the order things were made within a second."""
+        return f"{prefix}{int(self._clock() * 1000):012x}{secrets.token_hex(6)}"
+
+    async def ready(self) -> None:
+        """Upgrade the schema once, before first use; a failure is tried again next time.
+        The proxy's first request calls it (Django's server sends no lifespan)."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self.upgrade())
+        try:
+            await asyncio.shield(self._ready)
+        except Exception:
+            self._ready = None
+            raise
 
     async def upgrade(self, revision: str = "head") -> None:
         """Bring the schema to `revision`, the newest by default (Alembic's `upgrade`)."""
@@ -93,20 +115,20 @@ class Store:
         if any(p.name == name and p.archived_at is None for p in await self.projects()):
             raise StoreError(f"a project named {name!r} exists already")
         row = {
-            "id": "proj_" + secrets.token_hex(12),
+            "id": self.new_id("proj_"),
             "name": name,
             "created_at": int(self._clock()),
             "archived_at": None,
-            "policy": _dump(policy),
+            "policy": dump_policy(policy),
         }
         async with self.engine.begin() as connection:
             await connection.execute(insert(projects).values(**row))
-        return _project(row)
+        return project_record(row)
 
     async def projects(self) -> list[ProjectRecord]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(select(projects).order_by(projects.c.created_at))
-            return [_project(row._mapping) for row in rows]
+            return [project_record(row._mapping) for row in rows]
 
     async def project(self, ref: str) -> ProjectRecord:
         """The project with id `ref`, or the active one named `ref`."""
@@ -142,26 +164,26 @@ class Store:
         if any(k.name == name and k.revoked_at is None for k in await self.keys()):
             raise StoreError(f"a key named {name!r} exists already")
         project_id = None if project is None else (await self.project(project)).id
-        secret, fields = _new_secret()
+        secret, fields = new_secret()
         now = int(self._clock())
         row = {
-            "id": "key_" + secrets.token_hex(12),
+            "id": self.new_id("key_"),
             "name": name,
             "project_id": project_id,
             "created_at": now,
             "expires_at": None if expires_in is None else now + int(expires_in),
             "revoked_at": None,
-            "policy": _dump(policy),
+            "policy": dump_policy(policy),
             **fields,
         }
         async with self.engine.begin() as connection:
             await connection.execute(insert(api_keys).values(**row))
-        return _key(row), secret
+        return key_record(row), secret
 
     async def keys(self) -> list[KeyRecord]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(select(api_keys).order_by(api_keys.c.created_at))
-            return [_key(row._mapping) for row in rows]
+            return [key_record(row._mapping) for row in rows]
 
     async def key(self, ref: str) -> KeyRecord:
         """The key with id `ref`, or the unrevoked one named `ref`."""
@@ -189,7 +211,7 @@ class Store:
         key = await self.key(ref)
         if key.revoked_at is not None:
             raise StoreError(f"key {ref!r} is revoked")
-        secret, fields = _new_secret()
+        secret, fields = new_secret()
         async with self.engine.begin() as connection:
             await connection.execute(
                 update(api_keys).where(api_keys.c.id == key.id).values(**fields)
@@ -205,35 +227,48 @@ class Store:
                 projects.c.name.label("project_name"),
                 projects.c.archived_at,
                 projects.c.policy.label("project_policy"),
+                service_accounts.c.deleted_at,
             )
             .outerjoin(projects, api_keys.c.project_id == projects.c.id)
+            .outerjoin(service_accounts, api_keys.c.service_account_id == service_accounts.c.id)
             .where(api_keys.c.digest == digest.hex())
         )
         async with self.engine.connect() as connection:
             row = (await connection.execute(query)).first()
-        if row is None:
-            return None
-        found = row._mapping
-        key = _key(found)
-        if key.state(self._clock()) != "active" or found["archived_at"] is not None:
-            return None
-        project = None
-        if key.project_id is not None:
-            project = Project(found["project_name"], Policy.model_validate(found["project_policy"]))
-        return Principal(key.name, key.policy, project=project)
+            if row is None:
+                return None
+            found = row._mapping
+            key = key_record(found)
+            gone = found["archived_at"] is not None or found["deleted_at"] is not None
+            if key.state(self._clock()) != "active" or gone:
+                return None
+            project = None
+            if key.project_id is not None:
+                limits = await connection.execute(
+                    select(project_rate_limits).where(
+                        project_rate_limits.c.project_id == key.project_id
+                    )
+                )
+                project = Project(
+                    found["project_name"],
+                    Policy.model_validate(found["project_policy"]),
+                    {limit.model: _rate_limit(limit._mapping) for limit in limits},
+                    key.project_id,
+                )
+        return Principal(key.name, key.policy, project=project, id=key.id)
 
 
-def _new_secret() -> tuple[str, dict[str, str]]:
+def new_secret() -> tuple[str, dict[str, str]]:
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     digest = hashlib.sha256(secret.encode()).hexdigest()
     return secret, {"digest": digest, "redacted": f"{secret[:10]}...{secret[-4:]}"}
 
 
-def _dump(policy: Policy | None) -> dict[str, Any]:
+def dump_policy(policy: Policy | None) -> dict[str, Any]:
     return (policy or Policy()).model_dump(mode="json", exclude_unset=True)
 
 
-def _project(row: Mapping[Any, Any]) -> ProjectRecord:
+def project_record(row: Mapping[Any, Any]) -> ProjectRecord:
     return ProjectRecord(
         row["id"],
         row["name"],
@@ -243,7 +278,7 @@ def _project(row: Mapping[Any, Any]) -> ProjectRecord:
     )
 
 
-def _key(row: Mapping[Any, Any]) -> KeyRecord:
+def key_record(row: Mapping[Any, Any]) -> KeyRecord:
     return KeyRecord(
         row["id"],
         row["name"],
@@ -253,6 +288,13 @@ def _key(row: Mapping[Any, Any]) -> KeyRecord:
         row["expires_at"],
         row["revoked_at"],
         Policy.model_validate(row["policy"]),
+    )
+
+
+def _rate_limit(row: Mapping[Any, Any]) -> Policy:
+    return Policy(
+        requests_per_minute=row["max_requests_per_1_minute"],
+        images_per_minute=row["max_images_per_1_minute"],
     )
 
 

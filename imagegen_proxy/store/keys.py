@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from cachetools import TTLCache
@@ -20,14 +19,13 @@ class StoreKeys:
     What the store says of a key (found, or not) is kept for `cache_seconds`: the hot path
     does not wait on the database for a key it has seen, and a revoked key, an expired one
     or an archived project's is refused on every process within that time. The schema is
-    brought up to date on first use (Django's server sends no lifespan to do it earlier).
+    brought up to date on first use (`Store.ready`).
     """
 
     def __init__(self, table: KeyTable, store: Store, *, cache_seconds: float = 1.0) -> None:
         self.table = table
         self.store = store
         self._seen: TTLCache[bytes, Principal | None] = TTLCache(100_000, cache_seconds)
-        self._ready: asyncio.Task[None] | None = None
 
     async def authenticate(self, credentials: Credentials) -> Principal:
         digest = presented_digest(credentials)
@@ -44,13 +42,9 @@ class StoreKeys:
 
     async def _ask(self, digest: bytes) -> Principal | None:
         try:
-            if self._ready is None:
-                self._ready = asyncio.ensure_future(self.store.upgrade())
-            await asyncio.shield(self._ready)
+            await self.store.ready()
             principal = await self.store.find(digest)
         except Exception as exc:
-            if self._ready is not None and self._ready.done() and self._ready.exception():
-                self._ready = None  # try the migration again with the next request
             logger.warning("key store failed: %s", type(exc).__name__)
             raise ProxyError(
                 503,

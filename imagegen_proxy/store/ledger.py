@@ -1,0 +1,464 @@
+"""The ledger: one row per generation that reached the upstream, written in the background,
+and read back as OpenAI's usage and costs pages (`/organization/usage/images`, `/costs`).
+
+Buckets are whole UTC minutes, hours or days (multiples of the width since the epoch), cut
+to the asked range: `start_time` inclusive, `end_time` exclusive. Costs add up only rows with
+a price; a cost's `line_item` is the model's name ("Image models" when a request named none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import BigInteger, ColumnElement, case, func, insert, literal, select
+
+from .schema import ledger
+
+if TYPE_CHECKING:
+    from . import Store
+
+logger = logging.getLogger("imagegen_proxy")
+
+WIDTHS: Final[Mapping[str, int]] = {"1m": 60, "1h": 3600, "1d": 86400}
+LINE_ITEM_UNNAMED = "Image models"
+MICROS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One generation, as the `ledger` table keeps it (see `schema.ledger`)."""
+
+    at: int
+    request_id: str
+    key_id: str | None
+    key_name: str
+    project_id: str | None
+    project_name: str | None
+    model: str | None
+    source: str
+    size: str | None
+    quality: str | None
+    n: int
+    images: int
+    status: int
+    outcome: str
+    input_tokens: int
+    output_tokens: int
+    cost_micros: int | None
+    duration_ms: int
+
+
+_COLUMNS = tuple(field.name for field in fields(LedgerRow))
+_values = attrgetter(*_COLUMNS)  # not dataclasses.astuple: it deep-copies every field
+# With RETURNING, SQLAlchemy sends a batch as multi-row INSERTs ("insertmanyvalues", up to
+# 1,000 rows and the driver's parameter limit each), compiled once: 20x faster than building
+# `insert().values([...])` anew, and still one statement for a default batch of 500.
+_INSERT = insert(ledger).returning(ledger.c.id)
+
+
+class LedgerWriter:
+    """Writes ledger rows in the background, a batch at a time.
+
+    `add` only appends to a list in memory: it never waits for the database. A task in the
+    running loop (started by the first `add`) writes what waits with one multi-row INSERT
+    every `interval` seconds, or as soon as `max_batch` rows wait. A failed write is logged
+    and its rows are written with the next batch; past `max_pending` rows waiting, the
+    oldest are dropped, with a warning. `aclose()` writes what is left and stops the task.
+
+    Rows are in memory until written: a crash loses the last `interval` seconds of them (and
+    all that wait while the database is unreachable).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval: float = 1.0,
+        max_batch: int = 500,
+        max_pending: int = 100_000,
+    ) -> None:
+        if interval <= 0 or max_batch < 1 or max_pending < max_batch:
+            raise ValueError("need interval > 0 and 1 <= max_batch <= max_pending")
+        self._store = store
+        self._interval = interval
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._waiting: deque[LedgerRow] = deque()
+        self._writing = 0
+        self._dropped = 0
+        self._failures = 0
+        self._lock = asyncio.Lock()  # one write at a time, so rows land in order
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Rows added and not written yet."""
+        return len(self._waiting) + self._writing
+
+    def add(self, row: LedgerRow) -> None:
+        """Queue `row` for the next write."""
+        if self._closed:
+            logger.warning("ledger: a row came after the writer closed; dropped")
+            return
+        if len(self._waiting) >= self._max_pending:
+            self._drop(1)
+        self._waiting.append(row)
+        if self._task is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: flush() will write it
+                self._task = asyncio.get_running_loop().create_task(self._run())
+        if len(self._waiting) >= self._max_batch:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write every row waiting now; a failure is logged and the rows kept."""
+        async with self._lock:
+            while self._waiting:
+                if not await self._write(self._max_batch):
+                    return
+
+    async def aclose(self) -> None:
+        """Write what is left and stop the background task."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+        if self._waiting:
+            logger.error("ledger: %d rows could not be written and are lost", len(self._waiting))
+
+    async def _run(self) -> None:
+        while not self._closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def _write(self, count: int) -> bool:
+        batch = [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
+        self._writing = len(batch)
+        try:
+            async with self._store.engine.begin() as connection:
+                await connection.execute(
+                    _INSERT, [dict(zip(_COLUMNS, _values(row), strict=True)) for row in batch]
+                )
+        except BaseException as exc:
+            self._waiting.extendleft(reversed(batch))
+            if len(self._waiting) > self._max_pending:
+                self._drop(len(self._waiting) - self._max_pending)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the rows stay for whoever writes next
+            self._failures += 1
+            # The driver's message only: SQLAlchemy's own text carries the rows' values.
+            reason = getattr(exc, "orig", None) or exc
+            log = logger.warning if self._failures == 1 else logger.debug
+            log(
+                "ledger: writing %d rows failed (%s: %s); retrying with the next batch",
+                len(batch),
+                type(reason).__name__,
+                reason,
+            )
+            return False
+        finally:
+            self._writing = 0
+        if self._failures or self._dropped:
+            logger.warning(
+                "ledger: writing again after %d failed attempts; %d rows were dropped",
+                self._failures,
+                self._dropped,
+            )
+            self._failures = self._dropped = 0
+        return True
+
+    def _drop(self, count: int) -> None:
+        if not self._dropped:
+            logger.warning(
+                "ledger: more than %d rows wait to be written: dropping the oldest",
+                self._max_pending,
+            )
+        for _ in range(count):
+            self._waiting.popleft()
+        self._dropped += count
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+class UsageQueryError(ValueError):
+    """A usage or costs query that cannot be answered; `param` names the culprit."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLine:
+    """What one group spent in one bucket [start, end)."""
+
+    start: int
+    end: int
+    group: Mapping[str, str | None]
+    requests: int
+    images: int
+    input_tokens: int
+    output_tokens: int
+    cost_micros: int  # of the priced rows only
+    priced_requests: int
+    priced_images: int
+
+
+# What a query may group and filter by. `api_key_id` is the store's key id (None for a
+# configuration's [[keys]] key).
+FIELDS: Final[Mapping[str, ColumnElement[Any]]] = {
+    "project_id": ledger.c.project_id,
+    "project_name": ledger.c.project_name,
+    "api_key_id": ledger.c.key_id,
+    "key_name": ledger.c.key_name,
+    "model": ledger.c.model,
+    "size": ledger.c.size,
+    "quality": ledger.c.quality,
+    "source": ledger.c.source,
+    "line_item": func.coalesce(ledger.c.model, literal(LINE_ITEM_UNNAMED, literal_execute=True)),
+}
+
+
+async def usage_lines(
+    store: Store,
+    start: int,
+    end: int,
+    *,
+    width: int | None = None,
+    group_by: Sequence[str] = (),
+    filters: Mapping[str, Collection[str]] | None = None,
+) -> list[UsageLine]:
+    """The groups that spent anything in [start, end), per bucket of `width` seconds (UTC
+    aligned, cut to the range), or over the whole range when `width` is None."""
+    _check(start, end, group_by, FIELDS, filters, FIELDS)
+    origin, width = (start, end - start) if width is None else (start - start % width, width)
+    return await _lines(store, start, end, origin, width, group_by, filters or {})
+
+
+async def _lines(
+    store: Store,
+    start: int,
+    end: int,
+    origin: int,
+    width: int,
+    group_by: Sequence[str],
+    filters: Mapping[str, Collection[str]],
+) -> list[UsageLine]:
+    # Integer arithmetic both SQLite and PostgreSQL group on; the numbers are inlined (they
+    # are ints) so that the GROUP BY expression is the SELECT's, parameters and all.
+    def number(value: int) -> ColumnElement[int]:
+        return literal(value, BigInteger, literal_execute=True)
+
+    bucket = ((ledger.c.at - number(origin)) // number(width)).label("bucket")
+    names = list(dict.fromkeys(group_by))
+    cost = ledger.c.cost_micros
+    sums: dict[str, ColumnElement[Any]] = {
+        "requests": func.count(),
+        "images": func.sum(ledger.c.images),
+        "input_tokens": func.sum(ledger.c.input_tokens),
+        "output_tokens": func.sum(ledger.c.output_tokens),
+        "cost_micros": func.sum(cost),  # SUM and COUNT pass NULLs by: the priced rows only
+        "priced_requests": func.count(cost),
+        "priced_images": func.sum(case((cost.is_not(None), ledger.c.images), else_=0)),
+    }
+    groups = [FIELDS[name].label(name) for name in names]
+    query = (
+        select(bucket, *groups, *(total.label(name) for name, total in sums.items()))
+        .where(ledger.c.at >= start, ledger.c.at < end)
+        .where(*(FIELDS[name].in_(list(values)) for name, values in filters.items() if values))
+        .group_by(bucket, *groups)
+    )
+    async with store.engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    lines = []
+    for row in rows:
+        found = row._mapping
+        first = origin + int(found["bucket"]) * width
+        lines.append(
+            UsageLine(
+                max(first, start),
+                min(first + width, end),
+                {name: found[name] for name in names},
+                # PostgreSQL sums BIGINTs as NUMERIC: Decimal in Python.
+                **{name: int(found[name] or 0) for name in sums},
+            )
+        )
+    return sorted(lines, key=lambda line: (line.start, [v or "" for v in line.group.values()]))
+
+
+# --- OpenAI's pages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """One of OpenAI's usage endpoints: what it groups and filters by, its bucket widths with
+    their (default, most) number of buckets a page, and its result object."""
+
+    groups: tuple[str, ...]  # in the order results list them
+    filters: frozenset[str]
+    limits: Mapping[str, tuple[int, int]]
+    result: Callable[[UsageLine, Sequence[str]], dict[str, Any] | None]
+
+
+def _image_result(line: UsageLine, group_by: Sequence[str]) -> dict[str, Any]:
+    return {
+        "object": "organization.usage.images.result",
+        "images": line.images,
+        "num_model_requests": line.requests,
+        **{name: line.group.get(name) for name in IMAGES.groups},
+    }
+
+
+def _cost_result(line: UsageLine, group_by: Sequence[str]) -> dict[str, Any] | None:
+    if not line.priced_requests:
+        return None
+    by_item = "line_item" in group_by
+    return {
+        "object": "organization.costs.result",
+        "amount": {"value": line.cost_micros / MICROS, "currency": "usd"},
+        **{name: line.group.get(name) for name in COSTS.groups},
+        # The proxy has no Agents API: all of it is "unlabeled", as OpenAI names the rest.
+        "api_source": "unlabeled" if "api_source" in group_by else None,
+        "quantity": line.priced_images if by_item else None,
+        "quantity_unit": "images" if by_item else None,
+    }
+
+
+# `user_id` is a group the proxy has no values for (it has no users): always null.
+IMAGES: Final = _Report(
+    ("project_id", "user_id", "api_key_id", "model", "size", "source"),
+    frozenset({"project_id", "api_key_id", "model", "size", "source"}),
+    {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)},
+    _image_result,
+)
+COSTS: Final = _Report(
+    ("project_id", "user_id", "api_key_id", "line_item", "api_source"),
+    frozenset({"project_id", "api_key_id", "line_item"}),
+    {"1d": (7, 180)},
+    _cost_result,
+)
+
+
+async def usage_images(
+    store: Store,
+    start: int,
+    end: int | None = None,
+    bucket_width: str = "1d",
+    group_by: Sequence[str] = (),
+    filters: Mapping[str, Collection[str]] | None = None,
+    limit: int | None = None,
+    page: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's `GET /organization/usage/images` page. `filters` maps a field (`project_id`,
+    `api_key_id`, `model`, `size`, `source`) to the values kept; `end` defaults to now."""
+    return await _page(store, IMAGES, start, end, bucket_width, group_by, filters, limit, page)
+
+
+async def costs(
+    store: Store,
+    start: int,
+    end: int | None = None,
+    bucket_width: str = "1d",
+    group_by: Sequence[str] = (),
+    filters: Mapping[str, Collection[str]] | None = None,
+    limit: int | None = None,
+    page: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's `GET /organization/costs` page, in dollars. `filters` maps `project_id`,
+    `api_key_id` or `line_item` to the values kept; `end` defaults to now."""
+    return await _page(store, COSTS, start, end, bucket_width, group_by, filters, limit, page)
+
+
+async def _page(
+    store: Store,
+    report: _Report,
+    start: int,
+    end: int | None,
+    bucket_width: str,
+    group_by: Sequence[str],
+    filters: Mapping[str, Collection[str]] | None,
+    limit: int | None,
+    page: str | None,
+) -> dict[str, Any]:
+    end = int(time.time()) if end is None else end
+    _check(start, end, group_by, report.groups, filters, report.filters)
+    if bucket_width not in report.limits:
+        raise UsageQueryError("bucket_width", f"bucket_width must be one of {list(report.limits)}")
+    default, most = report.limits[bucket_width]
+    limit = default if limit is None else limit
+    if not 1 <= limit <= most:
+        raise UsageQueryError(
+            "limit", f"limit must be 1 to {most} with bucket_width={bucket_width}"
+        )
+    width = WIDTHS[bucket_width]
+    origin = start - start % width
+    first = origin if page is None else _cursor(page, origin, width, end)
+    stop = min(end, first + limit * width)
+    sql_groups = [name for name in group_by if name in FIELDS]
+    lines = await _lines(store, max(start, first), stop, first, width, sql_groups, filters or {})
+    data: list[dict[str, Any]] = [
+        {
+            "object": "bucket",
+            "start_time": max(start, t),
+            "end_time": min(end, t + width),
+            "results": [],
+        }
+        for t in range(first, stop, width)
+    ]
+    for line in lines:
+        result = report.result(line, group_by)
+        if result is not None:
+            data[(line.start - first) // width]["results"].append(result)
+    more = stop < end
+    return {
+        "object": "page",
+        "data": data,
+        "has_more": more,
+        "next_page": _page_token(stop) if more else None,
+    }
+
+
+def _check(
+    start: int,
+    end: int,
+    group_by: Collection[str],
+    groups: Collection[str],
+    filters: Mapping[str, object] | None,
+    filterable: Collection[str],
+) -> None:
+    if end <= start:
+        raise UsageQueryError("end_time", "end_time must be after start_time")
+    if unknown := set(group_by) - set(groups):
+        raise UsageQueryError("group_by", f"cannot group by {sorted(unknown)}")
+    if unknown := set(filters or {}) - set(filterable):
+        raise UsageQueryError("filters", f"cannot filter by {sorted(unknown)}")
+
+
+def _page_token(bucket_start: int) -> str:
+    return base64.urlsafe_b64encode(bucket_start.to_bytes(8, "big")).decode()
+
+
+def _cursor(page: str, origin: int, width: int, end: int) -> int:
+    """The first bucket of the page `page` names, if it is one of this query's buckets."""
+    with contextlib.suppress(binascii.Error, ValueError):
+        raw = base64.urlsafe_b64decode(page.encode())
+        first = int.from_bytes(raw, "big")
+        if len(raw) == 8 and origin <= first < end and (first - origin) % width == 0:
+            return first
+    raise UsageQueryError("page", "page is not a next_page of this query")
