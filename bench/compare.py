@@ -5,6 +5,7 @@ working tree's without and with some configuration.
     python bench/compare.py --base main~3                    # 7 rounds of 4 s (about 2 min)
     python bench/compare.py --base v0.1 --quick              # 3 rounds of 2 s
     python bench/compare.py --against 'budget_usd = 1e6'     # the bench key with a budget
+    python bench/compare.py --store-key                      # the key in [store] (SQLite)
 
 The base revision is checked out in a temporary git worktree and run from there (its
 `PYTHONPATH` comes first), with this venv's packages. `--against` TOML is appended to the
@@ -50,6 +51,33 @@ def checkout(revision: str) -> Iterator[Path]:
             )
 
 
+Proxy = contextlib.AbstractContextManager[tuple[str, int]]
+
+
+@contextlib.contextmanager
+def pair(args: argparse.Namespace, upstream: str) -> Iterator[list[tuple[str, Proxy]]]:
+    """The two proxies to compare, labelled, the baseline first (not started yet)."""
+    if args.store_key:
+        with tempfile.TemporaryDirectory(prefix="imagegen-store-") as folder:
+            store = f"sqlite:///{folder}/s.db"
+            yield [
+                ("key in [[keys]]", procs.imagegen_proxy(upstream, QUIET)),
+                ("key in [store]", procs.imagegen_proxy(upstream, QUIET, store=store)),
+            ]
+    elif args.base:
+        with checkout(args.base) as tree:
+            env = {"PYTHONPATH": str(tree)}
+            yield [
+                (f"base ({args.base})", procs.imagegen_proxy(upstream, QUIET, env=env)),
+                ("working tree", procs.imagegen_proxy(upstream, QUIET)),
+            ]
+    else:
+        yield [
+            ("without", procs.imagegen_proxy(upstream, QUIET)),
+            ("with", procs.imagegen_proxy(upstream, args.against + "\n" + QUIET)),
+        ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -57,6 +85,9 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--base", help="git revision to compare the working tree against")
     which.add_argument("--against", help="TOML to compare the working tree with and without")
+    which.add_argument(
+        "--store-key", action="store_true", help="the bench key in the configuration vs a store"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true")
@@ -66,27 +97,20 @@ def main() -> None:
         args.rounds, args.seconds = 3, 2.0
     with contextlib.ExitStack() as stack:
         upstream, _ = stack.enter_context(procs.server(procs.mock()))
-        if args.base:
-            tree = stack.enter_context(checkout(args.base))
-            base = f"base ({args.base})"
-            env = {"PYTHONPATH": str(tree)}
-            other, changed = procs.imagegen_proxy(upstream, QUIET, env=env), QUIET
-        else:
-            base = "without"
-            other, changed = procs.imagegen_proxy(upstream, QUIET), args.against + "\n" + QUIET
-        started = {
-            base: stack.enter_context(other),
-            "with" if args.against else "working tree": stack.enter_context(
-                procs.imagegen_proxy(upstream, changed)
-            ),
-        }
+        variants = stack.enter_context(pair(args, upstream))
+        started = {label: stack.enter_context(proxy) for label, proxy in variants}
         result = load.side_by_side(started, args.rounds, args.seconds)
+    base = variants[0][0]
     table = load.cpu_table(result, base, "proxy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "compare-base" if args.base else "compare-against"
+    if args.store_key:
+        name, how = "compare-store-key", "--store-key"
+    elif args.base:
+        name, how = "compare-base", f"--base {args.base}"
+    else:
+        name, how = "compare-against", f"--against '{args.against}'"
     (out / f"{name}.json").write_text(json.dumps({"settings": vars(args), **result}))
-    how = f"--base {args.base}" if args.base else f"--against '{args.against}'"
     (out / f"{name}.md").write_text(
         f"`python bench/compare.py {how}` ({args.rounds} rounds of "
         f"{args.seconds:g} s, median)\n\n" + table + "\n"

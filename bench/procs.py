@@ -99,16 +99,21 @@ def imagegen_proxy(
     extra_config: str = "",
     stderr: IO[bytes] | None = None,
     env: dict[str, str] | None = None,
+    store: str | None = None,
 ) -> Iterator[tuple[str, int]]:
     """The product as users run it: one key, the in-memory limiter doing real work.
     `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section); `env`
-    is added to its environment (`PYTHONPATH` runs another checkout's code)."""
-    config = (
-        f'[openai]\nbase_url = "{upstream}/v1"\n'
-        f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n'
-        "requests_per_minute = 100000000\nimages_per_minute = 100000000\nmax_concurrent = 100000\n"
-        f"{extra_config}"
-    )
+    is added to its environment (`PYTHONPATH` runs another checkout's code). With `store`
+    (a database URL), the bench key lives in that store instead of the configuration."""
+    limits = "requests_per_minute = 100000000\nimages_per_minute = 100000000\n"
+    limits += "max_concurrent = 100000\n"
+    config = f'[openai]\nbase_url = "{upstream}/v1"\n'
+    if store is None:
+        config += f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n{limits}'
+    else:
+        config += f'[store]\nurl = "{store}"\n[[keys]]\nname = "other"\nkey = "not-{KEY}"\n'
+        _store_key(store)
+    config += extra_config
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
         file.write(config)
     try:
@@ -125,6 +130,16 @@ def imagegen_proxy(
             yield running
     finally:
         os.unlink(file.name)
+
+
+def _store_key(store: str) -> None:
+    """The bench key, with the same limits, in the store at `store`."""
+    command = [str(Path(sys.executable).parent / "imagegen-proxy"), "keys", "create", "bench"]
+    command += ["--store", store, "--import-env", "IMAGEGEN_BENCH_KEY"]
+    command += ["--requests-per-minute", "100000000", "--images-per-minute", "100000000"]
+    command += ["--max-concurrent", "100000"]
+    environment = {**os.environ, "IMAGEGEN_BENCH_KEY": KEY}
+    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
 
 
 @contextlib.contextmanager

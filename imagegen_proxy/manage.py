@@ -11,6 +11,7 @@ import asyncio
 import csv
 import datetime
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -96,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--project", metavar="ID_OR_NAME")
     create.add_argument("--expires-in", type=float, metavar="SECONDS")
+    create.add_argument(
+        "--import-env",
+        metavar="VARIABLE",
+        help="store the existing key held in this variable (a key never goes on a command line)",
+    )
     create.set_defaults(action=_create_key)
     verbs.add_parser("list", parents=[where]).set_defaults(action=_list_keys)
     for verb, action, text in (
@@ -170,8 +176,19 @@ async def _archive_project(store: Store, args: argparse.Namespace, policy: Polic
 
 
 async def _create_key(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    from .store import StoreError
+
+    existing = None
+    if args.import_env:
+        existing = os.environ.get(args.import_env)
+        if not existing:
+            raise StoreError(f"environment variable {args.import_env} is not set")
     record, secret = await store.create_key(
-        args.name, project=args.project, policy=policy, expires_in=args.expires_in
+        args.name,
+        project=args.project,
+        policy=policy,
+        expires_in=args.expires_in,
+        secret=existing,
     )
     return {**_key(record), "key": secret}
 

@@ -159,12 +159,14 @@ class Store:
         project: str | None = None,
         policy: Policy | None = None,
         expires_in: float | None = None,
+        secret: str | None = None,
     ) -> tuple[KeyRecord, str]:
-        """A new key: its record, and the key itself, which nothing keeps."""
+        """A new key: its record, and the key itself, which nothing keeps. `secret` imports
+        a key that exists already (one moving from `[[keys]]`) instead of making one."""
         if any(k.name == name and k.revoked_at is None for k in await self.keys()):
             raise StoreError(f"a key named {name!r} exists already")
         project_id = None if project is None else (await self.project(project)).id
-        secret, fields = new_secret()
+        secret, fields = new_secret(secret)
         now = int(self._clock())
         row = {
             "id": self.new_id("key_"),
@@ -258,8 +260,10 @@ class Store:
         return Principal(key.name, key.policy, project=project, id=key.id)
 
 
-def new_secret() -> tuple[str, dict[str, str]]:
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+def new_secret(secret: str | None = None) -> tuple[str, dict[str, str]]:
+    """A new key (or `secret`), and what the store keeps of it: its digest, and a redacted
+    form for people."""
+    secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
     digest = hashlib.sha256(secret.encode()).hexdigest()
     return secret, {"digest": digest, "redacted": f"{secret[:10]}...{secret[-4:]}"}
 
