@@ -484,7 +484,9 @@ def test_add_never_waits_for_the_database(store_url: str) -> None:
         return adding, await count(store)
 
     adding, written = on(store_url, work)
-    assert adding < 0.5  # 10,000 rows; ~10 ms is typical
+    # They were all added while the lock held the INSERT: add never waited for it. The bound
+    # only guards against a slow path (~10 ms is typical; generous for a loaded CI machine).
+    assert adding < 2.0
     assert written == 10_500
 
 

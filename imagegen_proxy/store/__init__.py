@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import secrets
 import time
@@ -84,6 +85,11 @@ class Store:
     def now(self) -> int:
         """Unix seconds, from the store's clock."""
         return int(self._clock())
+
+    def expiry(self, seconds: float | None) -> int | None:
+        """When something that lasts `seconds` from now ends, in whole Unix seconds: never
+        before `seconds` have passed."""
+        return None if seconds is None else math.ceil(self._clock() + seconds)
 
     def new_id(self, prefix: str) -> str:
         """`prefix` and 24 hex digits, the first 12 the time in milliseconds: lists ordered
@@ -173,7 +179,7 @@ class Store:
             "name": name,
             "project_id": project_id,
             "created_at": now,
-            "expires_at": None if expires_in is None else now + int(expires_in),
+            "expires_at": self.expiry(expires_in),
             "revoked_at": None,
             "policy": dump_policy(policy),
             **fields,

@@ -257,7 +257,7 @@ class Admin:
                 "name": f"{name} ({account['id']})",
                 "project_id": project.id,
                 "created_at": now,
-                "expires_at": None if expires_in is None else now + expires_in,
+                "expires_at": self.store.expiry(expires_in),
                 "revoked_at": None,
                 "policy": dump_policy(policy),
                 "service_account_id": account["id"],
