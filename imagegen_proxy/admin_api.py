@@ -213,10 +213,10 @@ def _model_permissions(policy: Policy) -> dict[str, Any]:
     return {"object": "project.model_permissions", "mode": mode, "model_ids": sorted(listed)}
 
 
-def _spend_limit(policy: Policy) -> dict[str, Any]:
+def _spend_limit(policy: Policy, holder: str = "project") -> dict[str, Any]:
     budget = policy.budget_usd
     return {
-        "object": "project.spend_limit",
+        "object": f"{holder}.spend_limit",
         "threshold_amount": 0 if budget is None else round(budget * 100),
         "currency": "USD",
         "interval": policy.budget_period,
@@ -356,6 +356,19 @@ class _Endpoints:
         await self.admin.delete_spend_limit(_project_id(request))
         return _deleted("project.spend_limit")
 
+    async def retrieve_organization_spend_limit(self, request: Request) -> dict[str, Any]:
+        return _spend_limit(await self.admin.store.organization() or Policy(), "organization")
+
+    async def update_organization_spend_limit(self, request: Request) -> dict[str, Any]:
+        body = await _body(request, _SpendLimit)
+        policy = Policy(budget_usd=body.threshold_amount / 100, budget_period="month")
+        await self.admin.store.set_organization(policy)
+        return _spend_limit(policy, "organization")
+
+    async def delete_organization_spend_limit(self, request: Request) -> dict[str, Any]:
+        await self.admin.store.set_organization(None)
+        return _deleted("organization.spend_limit")
+
 
 def _project_id(request: Request) -> str:
     project_id: str = request.path_params["project_id"]
@@ -367,6 +380,14 @@ def admin_routes(store: Store) -> list[BaseRoute]:
     api = _Endpoints(Admin(store))
     project = "/projects/{project_id}"
     return [
+        Route(
+            "/spend_limit",
+            _Resource(
+                GET=api.retrieve_organization_spend_limit,
+                POST=api.update_organization_spend_limit,
+                DELETE=api.delete_organization_spend_limit,
+            ),
+        ),
         Route("/projects", _Resource(GET=api.list_projects, POST=api.create_project)),
         Route(project, _Resource(GET=api.retrieve_project, POST=api.modify_project)),
         Route(project + "/archive", _Resource(POST=api.archive_project)),

@@ -47,6 +47,19 @@ class Principal:
     upstream_api_key: str | None = None  # spend on this upstream key instead of the proxy's
     project: Project | None = None
     id: str | None = None  # the store's id, for a key kept there
+    organization: Policy | None = None  # limits every key is held to (a store's spend limit)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a dollar budget holds it: its own, its project's or its organization's."""
+        return any(
+            policy is not None and policy.budget_usd is not None
+            for policy in (
+                self.policy,
+                None if self.project is None else self.project.policy,
+                self.organization,
+            )
+        )
 
 
 class Authenticator(Protocol):

@@ -170,11 +170,7 @@ class ImageGenProxy:
         without a budget): a budget is never spent on a model whose price is unknown,
         unless `[limits] unpriced = "allow"` says so."""
         price = self.prices.get(request.model)
-        project = principal.project
-        budgeted = principal.policy.budget_usd is not None or (
-            project is not None and project.policy.budget_usd is not None
-        )
-        if not budgeted:
+        if not principal.budgeted:
             return price, 0
         if price is not None:
             return price, price.estimate(request)

@@ -53,6 +53,8 @@ def subjects(principal: Principal, model: str | None = None) -> list[Subject]:
         if alone is not None:
             label = f"project '{project.name}' for {model}"
             found.append(Subject(f"project:{project.name}:model:{model}", label, alone))
+    if principal.organization is not None:
+        found.append(Subject("organization:", "organization", principal.organization))
     return found
 
 

@@ -164,3 +164,17 @@ def test_without_a_store_the_admin_api_says_so(upstream: UpstreamDouble) -> None
     ):
         admin(proxy).projects.list()
     assert "[store]" in missing.value.message
+
+
+def test_the_organization_spend_limit_holds_every_key(proxy: str) -> None:
+    org = admin(proxy)
+    _, _, key = new_key(org)
+    limit = org.spend_limit.update(currency="USD", interval="month", threshold_amount=8)
+    assert (limit.threshold_amount, limit.enforcement.status) == (8, "enforcing")
+    assert org.spend_limit.retrieve().threshold_amount == 8
+    # $0.08 for the whole organization: a store key and a [[keys]] key share it. (The
+    # proxy's first requests: no cache holds the organization's limits yet.)
+    assert generate(proxy, key) == 200
+    assert generate(proxy, TOML_KEY) == 200
+    assert generate(proxy, TOML_KEY) == 429
+    assert org.spend_limit.delete().deleted

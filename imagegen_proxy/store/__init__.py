@@ -18,12 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, event, insert, select, update
+from sqlalchemy import Connection, delete, event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..auth import Principal, Project
 from ..config import Policy
-from .schema import api_keys, project_rate_limits, projects, service_accounts
+from .schema import api_keys, project_rate_limits, projects, service_accounts, settings
 
 KEY_PREFIX = "sk-igp-"
 _MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
@@ -225,6 +225,24 @@ class Store:
                 update(api_keys).where(api_keys.c.id == key.id).values(**fields)
             )
         return await self.key(key.id), secret
+
+    # --- the organization ---------------------------------------------------------------
+
+    async def organization(self) -> Policy | None:
+        """The limits every key is held to (the organization spend limit), if any."""
+        query = select(settings.c.value).where(settings.c.name == "organization_policy")
+        async with self.engine.connect() as connection:
+            value = (await connection.execute(query)).scalar()
+        return None if value is None else Policy.model_validate(value)
+
+    async def set_organization(self, policy: Policy | None) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                delete(settings).where(settings.c.name == "organization_policy")
+            )
+            if policy is not None:
+                row = {"name": "organization_policy", "value": dump_policy(policy)}
+                await connection.execute(insert(settings).values(**row))
 
     async def find(self, digest: bytes) -> Principal | None:
         """The principal of the key whose SHA-256 is `digest`, if it works now: not revoked,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from cachetools import TTLCache
 
 from ..auth import Credentials, KeyTable, Principal, presented_digest, unauthorized
+from ..config import Policy
 from ..errors import ProxyError
 from . import Store
 
@@ -26,19 +28,40 @@ class StoreKeys:
         self.table = table
         self.store = store
         self._seen: TTLCache[bytes, Principal | None] = TTLCache(100_000, cache_seconds)
+        self._org: TTLCache[None, Policy | None] = TTLCache(1, cache_seconds)
+        self._known: Policy | None = None
 
     async def authenticate(self, credentials: Credentials) -> Principal:
         digest = presented_digest(credentials)
         principal = self.table.find(digest, credentials.username)
-        if principal is not None:
-            return principal
-        try:
-            principal = self._seen[digest]
-        except KeyError:
-            principal = await self._ask(digest)
+        if principal is None:
+            try:
+                principal = self._seen[digest]
+            except KeyError:
+                principal = await self._ask(digest)
         if principal is None:
             raise unauthorized("Incorrect API key provided.")
+        organization = await self._organization()
+        if organization is not None:
+            principal = dataclasses.replace(principal, organization=organization)
         return principal
+
+    async def _organization(self) -> Policy | None:
+        """The organization's limits, every key's (kept as long as what is said of keys).
+        While the store cannot be reached, the last ones it gave hold: the configuration's
+        keys go on working without it."""
+        try:
+            return self._org[None]
+        except KeyError:
+            pass
+        try:
+            await self.store.ready()
+            self._known = await self.store.organization()
+        except Exception as exc:
+            logger.warning("key store failed: %s", type(exc).__name__)
+            return self._known
+        self._org[None] = self._known
+        return self._known
 
     async def _ask(self, digest: bytes) -> Principal | None:
         try:
@@ -46,11 +69,15 @@ class StoreKeys:
             principal = await self.store.find(digest)
         except Exception as exc:
             logger.warning("key store failed: %s", type(exc).__name__)
-            raise ProxyError(
-                503,
-                "The key store is unavailable; try again shortly.",
-                type="server_error",
-                code="store_unavailable",
-            ) from None
+            raise _unavailable() from None
         self._seen[digest] = principal
         return principal
+
+
+def _unavailable() -> ProxyError:
+    return ProxyError(
+        503,
+        "The key store is unavailable; try again shortly.",
+        type="server_error",
+        code="store_unavailable",
+    )

@@ -80,3 +80,12 @@ ledger = Table(
     Column("cost_micros", BigInteger, nullable=True),  # None: no price known
     Column("duration_ms", Integer, nullable=False),
 )
+
+# Organization-wide settings, by name: "organization_policy" (a config.Policy, the
+# organization spend limit's budget).
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", JSON, nullable=False),
+)
