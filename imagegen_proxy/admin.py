@@ -29,8 +29,16 @@ ADMIN_PREFIXES = ("/v1/organization", "/organization")
 class AdminPlane:
     """The admin key's check in front of the Admin API's routes (an ASGI app)."""
 
-    def __init__(self, mount_prefix: str, admin_digest: bytes | None, store: Store | None) -> None:
+    def __init__(
+        self,
+        mount_prefix: str,
+        admin_digest: bytes | None,
+        store: Store | None,
+        *,
+        open: bool = False,
+    ) -> None:
         self._digest = admin_digest
+        self._open = open
         self._app: Starlette | None = None
         self._store = store
         if store is not None:
@@ -42,7 +50,7 @@ class AdminPlane:
             self._app = Starlette(routes=mounts, exception_handlers={HTTPException: _not_found})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not is_admin(scope, self._digest):
+        if not (self._open or is_admin(scope, self._digest)):
             hint = "" if self._digest is not None else " (set [admin] key to use it)"
             await send_error(send, unauthorized(f"The admin API needs the admin key{hint}."))
             return

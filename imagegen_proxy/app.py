@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -171,14 +172,31 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
     return upstreams
 
 
+EMBEDDED_STORE = "imagegen-proxy.db"
+
+
+def with_embedded_store(config: ProxyConfig, directory: Path, loopback: bool) -> ProxyConfig:
+    """The no-config mode's store: a SQLite file in `directory`, created on first start,
+    for the ledger and the admin API, which is open on loopback like the rest of that
+    mode."""
+    store = config.store.model_copy(update={"url": f"sqlite:///{directory / EMBEDDED_STORE}"})
+    admin = config.admin.model_copy(update={"open": loopback})
+    return config.model_copy(update={"store": store, "admin": admin})
+
+
 def from_environment() -> ImageGenProxy:
     """The app factory the `--workers` processes import: the command passes its resolved
-    choices through the environment (`IMAGEGEN_PROXY_CONFIG`, `IMAGEGEN_PROXY_MOCK_URL`)."""
+    choices through the environment (`IMAGEGEN_PROXY_CONFIG`, `IMAGEGEN_PROXY_MOCK_URL`,
+    `IMAGEGEN_PROXY_STORE`)."""
     path = os.environ.get("IMAGEGEN_PROXY_CONFIG")
     config = ProxyConfig.from_toml(path) if path else ProxyConfig()
     mock_url = os.environ.get("IMAGEGEN_PROXY_MOCK_URL")
     if mock_url:
         config = with_mock(config, mock_url)
+    store = os.environ.get("IMAGEGEN_PROXY_STORE")
+    if store:  # the no-config mode's embedded store, as the command resolved it
+        open_admin = os.environ.get("IMAGEGEN_PROXY_ADMIN_OPEN") == "1"
+        config = with_embedded_store(config, Path(store).parent, open_admin)
     configure_logging(os.environ.get("IMAGEGEN_PROXY_LOG_LEVEL", "INFO"))
     return create_app(config, mock=bool(mock_url))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -18,7 +19,16 @@ from pathlib import Path
 import uvicorn
 
 from . import manage
-from .app import configure_logging, create_app, describe_upstreams, ops_app, resolved, with_mock
+from .app import (
+    EMBEDDED_STORE,
+    configure_logging,
+    create_app,
+    describe_upstreams,
+    ops_app,
+    resolved,
+    with_embedded_store,
+    with_mock,
+)
 from .config import ConfigError, ProxyConfig, mask_url
 from .server import raise_open_files_limit, uvicorn_options
 
@@ -73,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     mock_key = secrets.token_urlsafe(24) if mock else ""
     if mock:
         config = with_mock(config, mock_url, mock_key)
+    embedded = mock and args.config is None
+    if embedded:  # after with_mock, which opens this mode: keys are not needed here
+        config = with_embedded_store(config, Path.cwd(), _is_loopback(host))
     try:
         app = create_app(config, mock=mock)
     except ConfigError as exc:
@@ -84,6 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     raise_open_files_limit()
     ops_url = _serve_ops(config, mock, args.log_level)
     print(_banner(url, config, mock), flush=True)
+    if embedded:
+        where = "open on loopback" if config.admin.open else "needs [admin] key"
+        print(
+            f"Store: {Path.cwd() / EMBEDDED_STORE} (ledger, keys); admin API at {url}/v1/"
+            f"organization ({where})",
+            flush=True,
+        )
     if ops_url:
         print(f"Operations (/healthz details, metrics) on {ops_url}", flush=True)
     # With our own access log, uvicorn's would only say the same thing twice, with less.
@@ -102,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             IMAGEGEN_PROXY_CONFIG=args.config or "",
             IMAGEGEN_PROXY_MOCK_URL=mock_url,
             IMAGEGEN_PROXY_MOCK_KEY=mock_key,
+            IMAGEGEN_PROXY_STORE=str(Path.cwd() / EMBEDDED_STORE) if embedded else "",
+            IMAGEGEN_PROXY_ADMIN_OPEN="1" if config.admin.open else "",
             IMAGEGEN_PROXY_LOG_LEVEL=args.log_level.upper(),
         )
         with _metrics_directory(config.metrics.enabled):
@@ -212,6 +234,13 @@ def _bind(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _url_host(host: str) -> str:

@@ -285,6 +285,9 @@ class AdminConfig(_Section):
     key: SecretStr | None = None
     key_env: str | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    # The admin API without the admin key: for open mode only (the no-config mode sets it
+    # on loopback, like the rest of that mode).
+    open: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -433,10 +436,10 @@ class ProxyConfig(_Section):
                 raise ValueError(f"key {key.name!r}: no [[projects]] entry named {key.project!r}")
         if self.admin.digest is not None and self.admin.digest in {k.digest for k in self.keys}:
             raise ValueError("the [admin] key is also a client key: give them different keys")
-        if self.auth.open and (self.keys or self.store.url):
-            raise ValueError(
-                "[auth] open = true serves without keys: remove it, or the [[keys]] and [store]"
-            )
+        if self.auth.open and self.keys:
+            raise ValueError("[auth] open = true serves without keys: remove it or the [[keys]]")
+        if self.admin.open and not self.auth.open:
+            raise ValueError("[admin] open = true is for open mode ([auth] open = true) only")
         return self
 
     @property

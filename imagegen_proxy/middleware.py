@@ -65,7 +65,9 @@ class ImageGenProxy:
         self.upstreams = Upstreams(config)
         self.store = _store(config)
         self.authenticator = authenticator or _authenticator(config, self.store)
-        self.admin = AdminPlane(config.proxy.mount_prefix, config.admin.digest, self.store)
+        self.admin = AdminPlane(
+            config.proxy.mount_prefix, config.admin.digest, self.store, open=config.admin.open
+        )
         self.ledger: LedgerWriter | None = None
         if self.store is not None:
             from .store.ledger import LedgerWriter

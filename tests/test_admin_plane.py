@@ -178,3 +178,22 @@ def test_the_organization_spend_limit_holds_every_key(proxy: str) -> None:
     assert generate(proxy, TOML_KEY) == 200
     assert generate(proxy, TOML_KEY) == 429
     assert org.spend_limit.delete().deleted
+
+
+def test_the_no_config_mode_keeps_a_ledger_in_an_embedded_store(tmp_path: Path) -> None:
+    from test_cli import running
+
+    with running(cwd=tmp_path, lines=7) as (url, banner):
+        assert f"Store: {tmp_path / 'imagegen-proxy.db'}" in banner
+        assert (tmp_path / "imagegen-proxy.db").exists()  # made on first start
+        client = openai.OpenAI(base_url=url + "/v1", api_key="no-key-needed", max_retries=0)
+        assert client.images.generate(model="gpt-image-1", prompt="a lighthouse").data
+        # On loopback the admin API is open, like the rest of this mode.
+        org = openai.OpenAI(admin_api_key="any", api_key="unused", base_url=url + "/v1")
+        started = int(time.time()) - 60
+
+        def images() -> int:
+            page = org.admin.organization.usage.images(start_time=started, bucket_width="1d")
+            return sum(r.images for bucket in page.data for r in bucket.results)
+
+        until(lambda: images() == 1, within=5.0)  # the ledger writes each second

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +26,26 @@ COMMAND = str(Path(sys.executable).parent / "imagegen-proxy")
 
 @contextlib.contextmanager
 def running(
-    *args: str, env: dict[str, str] | None = None, lines: int = 6, output: list[str] | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    lines: int = 6,
+    output: list[str] | None = None,
+    cwd: str | Path | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Start the command on a free port; yield its URL and the banner it printed.
 
     What it prints after the banner (access log lines) is read as it comes, into `output`
-    if given: a pipe nobody reads would fill up and stall the server.
+    if given: a pipe nobody reads would fill up and stall the server. It runs in `cwd`, by
+    default a new empty directory (the no-config mode makes its store file there).
     """
+    folder = tempfile.TemporaryDirectory(prefix="imagegen-cli-")
     process = subprocess.Popen(
         [COMMAND, "--port", "0", "--log-level", "warning", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        cwd=cwd or folder.name,
     )
     try:
         assert process.stdout is not None
@@ -52,6 +60,7 @@ def running(
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(10)
+        folder.cleanup()
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -65,7 +74,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_without_config_it_serves_the_embedded_mock() -> None:
-    with running() as (url, banner):
+    with running(lines=7) as (url, banner):
         assert url.startswith("http://127.0.0.1:")
         assert "embedded mock" in banner
         assert f"curl -s {url}/v1/images/generations" in banner
@@ -129,7 +138,7 @@ def test_config_mistakes_are_one_line_errors(
 
 
 def test_port_in_use_is_a_clear_error() -> None:
-    with running() as (url, _):
+    with running(lines=7) as (url, _):
         port = url.rsplit(":", 1)[1]
         result = run("--port", port)
     assert result.returncode != 0
@@ -138,7 +147,7 @@ def test_port_in_use_is_a_clear_error() -> None:
 
 def test_the_access_log_is_one_json_object_per_line_on_stdout() -> None:
     output: list[str] = []
-    with running(output=output) as (url, _):
+    with running(output=output, lines=7) as (url, _):
         assert httpx.post(url + "/v1/images/generations", json={"prompt": "p"}).status_code == 200
         deadline = time.monotonic() + 5
         while not output and time.monotonic() < deadline:

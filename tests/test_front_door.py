@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -321,12 +322,15 @@ def running(
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
+    # In a new empty directory: the no-config mode makes its store file where it runs.
+    folder = tempfile.TemporaryDirectory(prefix="imagegen-door-")
     process = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=limit,
+        cwd=folder.name,
     )
     try:
         assert process.stdout is not None
@@ -338,6 +342,7 @@ def running(
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(10)
+        folder.cleanup()
 
 
 def rss_kib(pid: int) -> int:
