@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from double import UpstreamDouble
+from postgres_server import create_database, postgres_server
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
@@ -102,6 +104,21 @@ def start_proxy(upstream: UpstreamDouble) -> Iterator[Callable[..., str]]:
 @pytest.fixture
 def proxy(start_proxy: Callable[..., str]) -> str:
     return start_proxy()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One real PostgreSQL server for the whole run (tests/postgres_server.py)."""
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/proxy.db"
+    return create_database(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from postgres_server import create_database, postgres_server
+from postgres_server import create_database
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from support import serve
@@ -64,12 +64,6 @@ def on(store_url: str, work: Callable[[Store], Any]) -> Any:
             await store.aclose()
 
     return asyncio.run(main())
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
 
 
 @pytest.fixture

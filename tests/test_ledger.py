@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from postgres_server import create_database, postgres_server
 from sqlalchemy import event, func, select, text
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -37,21 +36,11 @@ DAY = 86_400
 T0 = int(datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC).timestamp())
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database of each kind, at the newest schema."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/proxy.db"
-    else:
-        url = create_database(request.getfixturevalue("postgres_url"))
-    on(url, lambda store: store.upgrade())
-    return url
+@pytest.fixture
+def store_url(store_url: str) -> str:
+    """conftest's empty database of each kind, at the newest schema."""
+    on(store_url, lambda store: store.upgrade())
+    return store_url
 
 
 def on(url: str, work: Callable[[Store], Awaitable[Any]]) -> Any:

@@ -7,16 +7,14 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import pytest
 from conftest import HostApp, proxy_config
 from double import UpstreamDouble
-from postgres_server import create_database, postgres_server
 from sqlalchemy import text
 from support import serve
 from test_cli import run, running
@@ -27,20 +25,6 @@ from imagegen_proxy.store import Store
 
 PATH = "/v1/images/generations"
 TOML_KEY = "sk-toml-key-0123456789"
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/proxy.db"
-    return create_database(request.getfixturevalue("postgres_url"))
 
 
 def on(url: str, work: Callable[[Store], Any]) -> Any:
