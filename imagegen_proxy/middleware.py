@@ -103,7 +103,8 @@ class ImageGenProxy:
 
     async def aclose(self) -> None:
         """Close what this proxy created: its upstream transport (a later request makes a
-        new one) and the Redis connections of its limiter."""
+        new one), the Redis connections of its limiter, and its store (after the ledger has
+        written what waits)."""
         transport, self.transport = self.transport, None
         if transport is not None:
             await transport.aclose()
