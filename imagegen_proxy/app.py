@@ -219,6 +219,8 @@ def resolved(config: ProxyConfig) -> dict[str, Any]:
     """The configuration as the proxy will use it, every secret masked."""
     data = config.model_dump(mode="json")
     data["limits"]["storage"] = mask_url(data["limits"]["storage"])
+    if data["store"]["url"]:
+        data["store"]["url"] = mask_url(data["store"]["url"])
     if data["admin"].get("key_sha256"):
         data["admin"]["key_sha256"] = data["admin"]["key_sha256"][:8] + "…"
     for entry in data["keys"]:

@@ -136,8 +136,13 @@ def test_the_admin_key_cannot_also_be_a_client_key() -> None:
         )
 
 
-def test_check_config_masks_a_password_in_the_redis_url(tmp_path: Path) -> None:
+def test_check_config_masks_passwords_in_the_redis_and_store_urls(tmp_path: Path) -> None:
     from imagegen_proxy.app import resolved
 
-    config = ProxyConfig.from_mapping({"limits": {"storage": "redis://u:hunter2@127.0.0.1/0"}})
+    config = ProxyConfig.from_mapping(
+        {
+            "limits": {"storage": "redis://u:hunter2@127.0.0.1/0"},
+            "store": {"url": "postgresql://imagegen:hunter2@db.internal/imagegen"},
+        }
+    )
     assert "hunter2" not in json.dumps(resolved(config))
