@@ -140,16 +140,15 @@ class KeyTable:
     """The built-in authenticator: the `[[keys]]` of the configuration.
 
     Keys are recognised by their SHA-256 digests (`key_sha256` keeps even the key itself
-    out of the configuration). A presented key is hashed, looked up by digest, and the
-    digest compared with `hmac.compare_digest`: what timing can reveal is about digests of
-    the caller's own guesses, which says nothing about any key.
+    out of the configuration). A presented key is hashed and looked up by digest: what the
+    lookup's timing can reveal is about digests of the caller's own guesses, which says
+    nothing about any key, so no constant-time compare is needed after it.
     """
 
     def __init__(self, keys: Sequence[KeyConfig], projects: Sequence[ProjectConfig] = ()) -> None:
         groups = {entry.name: Project(entry.name, _policy(entry)) for entry in projects}
         self._by_digest = {
-            entry.digest: (
-                entry.digest,  # computed once here, not per request
+            entry.digest: (  # computed once here, not per request
                 entry,
                 Principal(
                     entry.name,
@@ -172,9 +171,9 @@ class KeyTable:
     def find(self, digest: bytes, username: bytes | None = None) -> Principal | None:
         """The principal of the configured key whose SHA-256 is `digest`, if any."""
         found = self._by_digest.get(digest)
-        if found is None or not hmac.compare_digest(found[0], digest):
+        if found is None:
             return None
-        _, entry, principal = found
+        entry, principal = found
         if entry.username is not None and not hmac.compare_digest(
             username or b"", entry.username.encode()
         ):

@@ -197,9 +197,16 @@ def test_a_given_http_client_is_used_and_never_closed(upstream: UpstreamDouble) 
     assert not client.is_closed and proxy.transport is None
 
 
-def test_httpx_transport_can_be_chosen(start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(proxy={"transport": "httpx"})
-    assert sdk(proxy).images.generate(prompt="p").data
+@pytest.mark.parametrize(
+    ("choice", "kind"), [("httpx", httpx.AsyncHTTPTransport), ("aiohttp", AiohttpTransport)]
+)
+def test_the_chosen_transport_carries_the_requests(
+    upstream: UpstreamDouble, choice: str, kind: type[httpx.AsyncBaseTransport]
+) -> None:
+    app = ImageGenProxy(HostApp().app, proxy_config(upstream, proxy={"transport": choice}))
+    with serve(app) as proxy:
+        assert sdk(proxy).images.generate(prompt="p").data
+        assert type(app.transport) is kind
 
 
 @pytest.mark.parametrize(("expiry", "reused"), [(0.3, False), (4.0, True)])
