@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import uvicorn
+
+if TYPE_CHECKING:
+    from imagegen_proxy.store import Store
 
 
 class _Server(uvicorn.Server):
@@ -97,3 +101,28 @@ def read_response(sock: socket.socket) -> httpx.Response:
     while len(body) < length:
         body += sock.recv(65536)
     return httpx.Response(int(lines[0].split()[1]), headers=headers, content=body)
+
+
+def on_store(url: str, work: Callable[[Store], Awaitable[Any]]) -> Any:
+    """Run `work` on a `Store` of its own at `url` (brought to the newest schema first), in
+    an event loop of its own: engines belong to the loop that made them."""
+    from imagegen_proxy.store import Store
+
+    async def main() -> Any:
+        store = Store(url)
+        try:
+            await store.upgrade()
+            return await work(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+def until(condition: Callable[[], bool], within: float) -> float:
+    """Seconds until `condition` held, polled every 50 ms; fails past `within` seconds."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, "not within the bound"
+        time.sleep(0.05)
+    return time.monotonic() - started

@@ -3,7 +3,6 @@ against a real server on loopback, on a SQLite store."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import time
@@ -17,7 +16,7 @@ import pytest
 from postgres_server import create_database
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from support import serve
+from support import on_store, serve
 
 from imagegen_proxy.admin_api import admin_routes
 from imagegen_proxy.auth import Principal
@@ -46,24 +45,11 @@ class Admin:
     def find(self, key: str) -> Principal | None:
         """Whom the store says `key` is, if it works now (what the proxy asks)."""
         digest = hashlib.sha256(key.encode()).digest()
-        found: Principal | None = on(self.store_url, lambda store: store.find(digest))
+        found: Principal | None = on_store(self.store_url, lambda store: store.find(digest))
         return found
 
     def post(self, path: str, content: bytes | str) -> httpx.Response:
         return httpx.post(self.url + "/v1/organization" + path, content=content)
-
-
-def on(store_url: str, work: Callable[[Store], Any]) -> Any:
-    """Run `work` on a Store of its own, in an event loop of its own."""
-
-    async def main() -> Any:
-        store = Store(store_url)
-        try:
-            return await work(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
 
 
 @pytest.fixture
@@ -73,7 +59,7 @@ def admin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Admin]:
         store_url = f"sqlite:///{tmp_path}/s.db"
     else:
         store_url = create_database(request.getfixturevalue("postgres_url"))
-    on(store_url, lambda store: store.upgrade())
+    on_store(store_url, lambda store: store.upgrade())
     store = Store(store_url)
 
     @contextlib.asynccontextmanager
@@ -284,7 +270,7 @@ def test_a_deleted_service_account_is_gone_and_its_key_stops_working(admin: Admi
 def test_a_projects_keys_are_listed_with_their_owning_service_account(admin: Admin) -> None:
     project = admin.projects.create(name="growth")
     account = admin.projects.service_accounts.create(project.id, name="checkout")
-    on(admin.store_url, lambda store: store.create_key("cli-made", project=project.id))
+    on_store(admin.store_url, lambda store: store.create_key("cli-made", project=project.id))
     keys = list(admin.projects.api_keys.list(project.id))
     assert [k.object for k in keys] == ["organization.project.api_key"] * 2
     owned, cli_made = sorted(keys, key=lambda k: k.owner.type is None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import openai
 import pytest
 from conftest import HostApp, proxy_config
 from double import UpstreamDouble
-from support import serve
+from support import serve, until
 
 from imagegen_proxy import ImageGenProxy
 
@@ -57,14 +57,6 @@ def generate(proxy: str, key: str, **body: Any) -> int:
     except openai.APIStatusError as exc:
         return exc.status_code
     return 200
-
-
-def until(condition: Callable[[], bool], within: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < within, "not within the bound"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def new_key(org: Any, project: str = "growth", **options: Any) -> tuple[str, str, str]:

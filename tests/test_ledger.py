@@ -14,7 +14,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import event, func, select, text
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from support import serve
+from support import on_store, serve
 from test_cli import run
 
 from imagegen_proxy.store import Store
@@ -39,22 +39,8 @@ T0 = int(datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC).timestamp())
 @pytest.fixture
 def store_url(store_url: str) -> str:
     """conftest's empty database of each kind, at the newest schema."""
-    on(store_url, lambda store: store.upgrade())
+    on_store(store_url, lambda store: store.upgrade())
     return store_url
-
-
-def on(url: str, work: Callable[[Store], Awaitable[Any]]) -> Any:
-    """Run `work` on the store at `url` (upgraded first), in an event loop of its own."""
-
-    async def main() -> Any:
-        store = Store(url)
-        try:
-            await store.upgrade()
-            return await work(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
 
 
 def row(at: int, **fields: Any) -> LedgerRow:
@@ -99,7 +85,7 @@ def write(url: str, rows: list[LedgerRow]) -> None:
             writer.add(each)
         await writer.aclose()
 
-    on(url, work)
+    on_store(url, work)
 
 
 def count(store: Store) -> Awaitable[int]:
@@ -444,7 +430,7 @@ def test_a_row_is_written_within_the_interval_without_a_flush(store_url: str) ->
         await writer.aclose()
         return time.monotonic() - started
 
-    assert on(store_url, work) < 5
+    assert on_store(store_url, work) < 5
 
 
 def test_add_never_waits_for_the_database(store_url: str) -> None:
@@ -472,7 +458,7 @@ def test_add_never_waits_for_the_database(store_url: str) -> None:
         await writer.aclose()
         return adding, await count(store)
 
-    adding, written = on(store_url, work)
+    adding, written = on_store(store_url, work)
     # They were all added while the lock held the INSERT: add never waited for it. The bound
     # only guards against a slow path (~10 ms is typical; generous for a loaded CI machine).
     assert adding < 2.0
@@ -520,7 +506,7 @@ def test_a_failed_write_is_retried_and_beyond_the_bound_the_oldest_rows_go(
             return [request_id for (request_id,) in found]
 
     caplog.set_level(logging.WARNING, logger="imagegen_proxy")
-    assert on(store_url, work) == ["r2", "r3", "r4"]
+    assert on_store(store_url, work) == ["r2", "r3", "r4"]
     messages = [record.getMessage() for record in caplog.records]
     assert any("dropping the oldest" in message for message in messages)
     assert any("writing 2 rows failed" in message for message in messages)
@@ -543,6 +529,6 @@ def test_the_writers_throughput(store_url: str) -> None:
         assert await count(store) == len(rows)
         return elapsed
 
-    elapsed = on(store_url, work)
+    elapsed = on_store(store_url, work)
     dialect = store_url.split(":", 1)[0]
     print(f"\nledger writes ({dialect}): {len(rows) / elapsed:,.0f} rows/s ({len(rows)} rows)")

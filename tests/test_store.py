@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import openai
 from conftest import HostApp, proxy_config
 from double import UpstreamDouble
 from sqlalchemy import text
-from support import serve
+from support import on_store, serve, until
 from test_cli import run, running
 
 from imagegen_proxy import ImageGenProxy
@@ -25,20 +23,6 @@ from imagegen_proxy.store import Store
 
 PATH = "/v1/images/generations"
 TOML_KEY = "sk-toml-key-0123456789"
-
-
-def on(url: str, work: Callable[[Store], Any]) -> Any:
-    """Run `work` on the store at `url`, from the test's own event loop."""
-
-    async def main() -> Any:
-        store = Store(url)
-        try:
-            await store.upgrade()
-            return await work(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
 
 
 def proxy_on(url: str, upstream: UpstreamDouble, cache_seconds: float = 1.0) -> Any:
@@ -60,22 +44,13 @@ def generate(proxy: str, key: str) -> int:
     return 200
 
 
-def until(condition: Callable[[], bool], within: float) -> float:
-    """Seconds until `condition` held; fails past `within`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < within, "not within the bound"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def test_a_key_made_at_run_time_works_and_a_revoked_one_stops_on_every_process(
     store_url: str, upstream: UpstreamDouble
 ) -> None:
     with proxy_on(store_url, upstream) as first, proxy_on(store_url, upstream) as second:
-        _, key = on(store_url, lambda store: store.create_key("checkout-bot"))
+        _, key = on_store(store_url, lambda store: store.create_key("checkout-bot"))
         assert generate(first, key) == 200 and generate(second, key) == 200
-        on(store_url, lambda store: store.revoke_key("checkout-bot"))
+        on_store(store_url, lambda store: store.revoke_key("checkout-bot"))
         # The promise is 2 s; 3 s leaves room for a loaded CI machine's scheduling.
         for proxy in (first, second):
             until(lambda proxy=proxy: generate(proxy, key) == 401, within=3.0)
@@ -87,15 +62,15 @@ def test_an_archived_projects_keys_stop_working(store_url: str, upstream: Upstre
         await store.create_project("growth")
         return (await store.create_key("web", project="growth"))[1]
 
-    key = on(store_url, make)
+    key = on_store(store_url, make)
     with proxy_on(store_url, upstream) as proxy:
         assert generate(proxy, key) == 200
-        on(store_url, lambda store: store.archive_project("growth"))
+        on_store(store_url, lambda store: store.archive_project("growth"))
         until(lambda: generate(proxy, key) == 401, within=3.0)
 
 
 def test_an_expired_key_is_refused(store_url: str, upstream: UpstreamDouble) -> None:
-    _, key = on(store_url, lambda store: store.create_key("short", expires_in=1))
+    _, key = on_store(store_url, lambda store: store.create_key("short", expires_in=1))
     with proxy_on(store_url, upstream, cache_seconds=0) as proxy:
         assert generate(proxy, key) == 200
         until(lambda: generate(proxy, key) == 401, within=5.0)
@@ -109,7 +84,7 @@ def test_a_stored_key_carries_its_limits_and_its_projects_budget(
         policy = Policy(models=frozenset({"dall-e-3"}), budget_usd=20.0, budget_period="day")
         return (await store.create_key("bot", project="growth", policy=policy))[1]
 
-    key = on(store_url, make)
+    key = on_store(store_url, make)
     with proxy_on(store_url, upstream) as proxy:
         body = {"prompt": "p", "model": "dall-e-3", "size": "1024x1024"}
         answer = httpx.post(proxy + PATH, json=body, headers={"authorization": f"Bearer {key}"})
@@ -129,7 +104,7 @@ def test_keys_are_stored_as_digests_only(store_url: str) -> None:
             rows = (await connection.execute(text("SELECT * FROM api_keys"))).all()
         return key, [list(row) for row in rows]
 
-    key, rows = on(store_url, make)
+    key, rows = on_store(store_url, make)
     stored = repr(rows)
     assert key not in stored and key[7:] not in stored
     assert hashlib.sha256(key.encode()).hexdigest() in stored
@@ -141,7 +116,7 @@ def test_migrations_build_an_empty_database_and_run_again_harmlessly(store_url: 
         async with store.engine.connect() as connection:
             return list((await connection.execute(text("SELECT * FROM alembic_version"))).all())
 
-    assert on(store_url, twice) == [("0003",)]
+    assert on_store(store_url, twice) == [("0003",)]
 
 
 def test_a_database_of_the_previous_schema_is_migrated_with_its_keys(
