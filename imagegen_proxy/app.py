@@ -125,9 +125,7 @@ class _AdminOnly:
             await self.app(scope, receive, send)
             return
         hint = "set [admin] key" if self.digest is None else "send the [admin] key as Bearer"
-        error = ProxyError(
-            401, f"The admin key is required here ({hint}).", code="invalid_api_key"
-        )
+        error = ProxyError(401, f"The admin key is required here ({hint}).", code="invalid_api_key")
         response = JSONResponse(error.envelope(), status_code=401)
         await response(scope, receive, send)
 

@@ -63,6 +63,9 @@ class ProxySettings(_Section):
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     # An answer larger than this is cut (JSON) or ended with an error event (SSE).
     max_response_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    # Edits and variations: the multipart upload's size (413 beyond) and file parts (400).
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_upload_files: int = Field(16, gt=0)
     # Upstream response headers to relay beyond the built-in allow-list (headers.py).
     forward_response_headers: tuple[str, ...] = ()
 
@@ -120,8 +123,7 @@ def _http_url(value: str) -> str:
     if "@" in urlsplit(value).netloc:
         # It would be printed in the banner, /healthz and logs, and httpx would not send it.
         raise ValueError(
-            "must not contain credentials (user:password@): put the key in api_key or "
-            "api_key_env"
+            "must not contain credentials (user:password@): put the key in api_key or api_key_env"
         )
     return value.rstrip("/")
 
@@ -328,6 +330,10 @@ class PriceConfig(_Section):
     # output price) and the tokens of it to reserve per image.
     output_text_per_mtok: float | None = Field(None, ge=0)
     output_text_tokens: int = Field(0, ge=0)
+    # The most input tokens one image of an edit can take, reserved against budgets until
+    # the upstream reports the real figure. OpenAI publishes no bound: this one is an
+    # assumption (an input image is no denser than the dearest output image).
+    input_image_tokens: int = Field(6240, ge=0)
     per_image: dict[str, float] = Field(default_factory=dict)
     source: str | None = None  # where the figures come from, and when they were checked
 

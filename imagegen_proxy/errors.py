@@ -79,3 +79,12 @@ async def send_error(send: Send, error: ProxyError, request_id: str | None = Non
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return len(body)
+
+
+def too_large(limit: int) -> ProxyError:
+    """413 for a request body over `limit` bytes."""
+    return ProxyError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        code="request_too_large",
+    )

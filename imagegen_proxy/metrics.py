@@ -74,13 +74,14 @@ class Metrics:
         p = prometheus_client
         self.requests = p.Counter(
             "imagegen_proxy_requests",
-            "Image-generation requests answered, by path form, key, model and status.",
-            ["form", "key", "model", "status"],
+            "Image requests answered, by path form, operation (generation, edit, variation), "
+            "key, model and status.",
+            ["form", "operation", "key", "model", "status"],
         )
         self.images = p.Counter(
             "imagegen_proxy_images",
-            "Images charged (n of each generation that reached the upstream and got no error).",
-            ["key", "model"],
+            "Images charged (n of each request that reached the upstream and got no error).",
+            ["key", "model", "operation"],
         )
         self.cost = p.Counter(
             "imagegen_proxy_cost_usd",
@@ -142,9 +143,9 @@ class Metrics:
         model = self._models(entry.model)
         if entry.admitted:
             self.in_flight.labels(key).dec()
-        self.requests.labels(entry.form, key, model, str(entry.status)).inc()
+        self.requests.labels(entry.form, entry.operation, key, model, str(entry.status)).inc()
         if entry.images:
-            self.images.labels(key, model).inc(entry.images)
+            self.images.labels(key, model, entry.operation).inc(entry.images)
         if entry.cost_micros:
             project = self._keys(entry.project)
             self.cost.labels(key, project, model).inc(entry.cost_micros / 1_000_000)
@@ -163,9 +164,7 @@ class Metrics:
             self.upstream_errors.labels(upstream, entry.error).inc()
 
 
-_KINDS = frozenset(
-    {"connect", "timeout", "pool", "protocol", "status", "mid_stream", "too_large"}
-)
+_KINDS = frozenset({"connect", "timeout", "pool", "protocol", "status", "mid_stream", "too_large"})
 
 
 class MetricsApp:

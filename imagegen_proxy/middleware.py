@@ -13,16 +13,24 @@ import httpx
 from .admin import AdminPlane
 from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
 from .config import ConfigError, ProxyConfig
-from .errors import ClientGone, ProxyError, expect_method, send_error
+from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
 from .memory_limiter import MemoryLimiter
 from .observe import AccessLog, Entry, client_request_id
 from .pricing import Price, Prices
 from .ratelimit import Decision, RateLimiter
 from .relay import Outcome, Relay
-from .request import ImageRequest, check_content_type, parse_request, read_body
-from .routing import Router, check_route
+from .request import (
+    ImageRequest,
+    check_content_type,
+    header,
+    parse_form,
+    parse_request,
+    read_body,
+)
+from .routing import Route, Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
+from .upload import Upload, boundary_of
 from .upstream import SendUpstream, Upstreams, client_sender, create_transport
 from .usage import Usage, UsageObserver
 
@@ -128,18 +136,24 @@ class ImageGenProxy:
         if route.operation == "admin":
             await self.admin(scope, receive, send)
             return
-        entry = Entry(route.form, client_request_id=client_request_id(scope))
+        entry = Entry(route.form, route.operation, client_request_id=client_request_id(scope))
+        upload = None
         try:
             expect_method(scope, "POST")
             check_route(route)
+            self.upstreams.check(route.operation)
             # Who is asking comes first, from the headers alone: nothing of a stranger's
             # body is read, parsed or turned into a log field or metric label.
             credentials = read_credentials(scope, self._key_headers)
             principal = await self.authenticator.authenticate(credentials)
             entry.identify(principal)
-            check_content_type(scope)
-            body = await read_body(scope, receive, self._max_body, self._body_timeout)
-            request = parse_request(route, body)
+            if route.operation == "generation":
+                check_content_type(scope)
+                body = await read_body(scope, receive, self._max_body, self._body_timeout)
+                request = parse_request(route, body)
+            else:
+                upload = self._upload(scope, receive)
+                request = await read_upload(route, upload)
             entry.describe(request)
             check_policy(principal, request)
             price, reservation = self._price(principal, request)
@@ -147,7 +161,9 @@ class ImageGenProxy:
             if not decision.allowed:
                 entry.limit = decision.limit or decision.code
                 raise decision.refusal()
-            await self._generate(principal, request, price, decision, entry, scope, receive, send)
+            await self._generate(
+                principal, request, price, decision, entry, scope, receive, send, upload
+            )
         except ProxyError as error:
             entry.refused(error)
             entry.bytes_out = await send_error(send, error, entry.id)
@@ -166,7 +182,29 @@ class ImageGenProxy:
             entry.refused(internal)
             entry.bytes_out = await send_error(send, internal, entry.id)
         finally:
+            if upload is not None:
+                await upload.aclose()
             self._observe(entry)
+
+    def _upload(self, scope: Scope, receive: Receive) -> Upload:
+        """The multipart body of an edit or variation, refused from its headers if it can be:
+        not multipart (415), or declaring more than `max_upload_bytes` (413)."""
+        settings = self.config.proxy
+        boundary = boundary_of(header(scope, b"content-type") or b"")
+        declared = header(scope, b"content-length")
+        if (
+            declared is not None
+            and declared.isdigit()
+            and int(declared) > settings.max_upload_bytes
+        ):
+            raise too_large(settings.max_upload_bytes)
+        return Upload(
+            receive,
+            boundary,
+            max_bytes=settings.max_upload_bytes,
+            max_files=settings.max_upload_files,
+            within=self._body_timeout,
+        )
 
     def _price(self, principal: Principal, request: ImageRequest) -> tuple[Price | None, int]:
         """The request's price and the worst-case cost to reserve against its budgets (0
@@ -232,6 +270,7 @@ class ImageGenProxy:
         scope: Scope,
         receive: Receive,
         send: Send,
+        upload: Upload | None,
     ) -> None:
         settled = False
 
@@ -279,9 +318,13 @@ class ImageGenProxy:
             self.metrics.started(entry)
         try:
             upstream_request = self.upstreams.build(
-                request, scope, principal.upstream_api_key, entry.client_request_id or entry.id
+                request,
+                scope,
+                principal.upstream_api_key,
+                entry.client_request_id or entry.id,
+                upload,
             )
-            await relay.run(upstream_request, receive)
+            await relay.run(upstream_request, receive, upload)
         finally:
             await settle(relay.outcome)
             entry.relayed(relay.outcome, request.images)
@@ -304,6 +347,18 @@ class ImageGenProxy:
         return send_closing
 
 
+async def read_upload(route: Route, upload: Upload) -> ImageRequest:
+    """Read an upload until the fields that decide the request are known: the model (the
+    Azure form has it in the path) and, for an edit, the prompt."""
+    needed = {"model"} if route.form == "openai" else set()
+    if route.operation == "edit":
+        needed.add("prompt")
+    fields = await upload.head(needed)
+    # Until the body has been read to its end, more images may follow.
+    images = len(upload.files) if upload.done.is_set() else upload.max_files
+    return parse_form(route, fields, images)
+
+
 def ledger_row(entry: Entry) -> LedgerRow:
     """The ledger's line for a generation that reached the upstream."""
     from .store.ledger import LedgerRow
@@ -316,7 +371,7 @@ def ledger_row(entry: Entry) -> LedgerRow:
         project_id=entry.project_id,
         project_name=entry.project,
         model=entry.model,
-        source="image.generation",
+        source=f"image.{entry.operation}",
         size=entry.size,
         quality=entry.quality,
         n=entry.n or 1,

@@ -52,6 +52,7 @@ class Entry:
     """One proxied request, filled in as it goes; logged and counted when it ends."""
 
     form: str  # the path form the client used: "openai" or "azure"
+    operation: str = "generation"  # "generation", "edit" or "variation"
     id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
     client_request_id: str | None = None
@@ -93,7 +94,7 @@ class Entry:
     def describe(self, request: ImageRequest) -> None:
         self.model, self.n = request.model, request.images
         self.stream, self.prompt = request.stream, request.body.prompt
-        self.size, self.quality = request.body.size, request.body.quality
+        self.size, self.quality = request.size, request.quality
 
     def refused(self, error: ProxyError) -> None:
         """The proxy answered `error` itself (an upstream failure is already known)."""
@@ -135,6 +136,7 @@ class Entry:
             "upstream_request_id": self.upstream_request_id,
             "client_request_id": self.client_request_id,
             "form": self.form,
+            "operation": self.operation,
             "key": self.key,
             "project": self.project,
             "model": self.model,

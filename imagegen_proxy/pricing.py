@@ -94,18 +94,19 @@ class Price:
     partial_image: int = 0  # one streamed partial image
     text_out: int = 0  # a token of text written besides the image
     text_per_image: int = 0  # the text output reserved for one image
+    input_image: int = 0  # the most one input image (edits) costs
 
     def estimate(self, request: ImageRequest) -> int:
         """The most `request` can cost, known before it is sent: its dearest images, their
-        partial images when streamed, and its prompt at one token a byte."""
+        partial images when streamed, its prompt at one token a byte, and for an edit its
+        input images at `input_image_tokens` each (billed, as the prompt, per image made)."""
         one = self._image(request)
         if not self.per_image:
-            body = request.body
             one += self.text_per_image
-            if request.stream:
-                one += (body.partial_images or 0) * self.partial_image
-            # Each of the n images is billed its own prompt.
-            one += (len(body.prompt.encode()) + PROMPT_OVERHEAD_TOKENS) * self.text_in
+            one += request.partial_images * self.partial_image
+            # Each of the n images is billed its own prompt, and input images.
+            one += (len(request.prompt.encode()) + PROMPT_OVERHEAD_TOKENS) * self.text_in
+            one += request.input_images * self.input_image
         return _micros(request.images * one)
 
     def cost(self, request: ImageRequest, usage: Usage | None) -> int:
@@ -131,7 +132,7 @@ class Price:
         return _micros(micros)
 
     def _image(self, request: ImageRequest) -> int:
-        size, quality = request.body.size, request.body.quality
+        size, quality = request.size, request.quality
         if self.per_image:
             size = _PER_IMAGE_DEFAULTS[0] if size is None else size
             quality = _PER_IMAGE_DEFAULTS[1] if quality is None else quality
@@ -233,6 +234,7 @@ def _price(model: str, entry: PriceConfig) -> Price:
         partial_image=entry.partial_image_tokens * image_out,
         text_out=text_out,
         text_per_image=entry.output_text_tokens * text_out,
+        input_image=entry.input_image_tokens * _scaled(image),
     )
 
 

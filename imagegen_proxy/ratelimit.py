@@ -221,9 +221,7 @@ def quota_refusal(subject: Subject, what: str, limit: int, until_tomorrow: float
     )
 
 
-def budget_refusal(
-    subject: Subject, committed: int, reservation: int, now: float
-) -> Decision:
+def budget_refusal(subject: Subject, committed: int, reservation: int, now: float) -> Decision:
     policy = subject.policy
     assert policy.budget_micros is not None
     _, ends = budget_period(policy.budget_period, now)

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import httpx
 
-from .errors import ProxyError
+from .errors import ClientGone, ProxyError
 from .headers import Headers, ResponseHeaders
 from .sse import EventScanner
 from .types import Message, Receive, Send
+from .upload import Upload
 from .upstream import INVALID_STATUS, SendUpstream, failure
 from .usage import Tail, Usage, tokens_in
 
@@ -104,8 +105,11 @@ class Relay:
         self._finished = False
         self._deadline = 0.0
 
-    async def run(self, request: httpx.Request, receive: Receive) -> Outcome:
-        """Send `request` upstream and relay the answer to the client.
+    async def run(
+        self, request: httpx.Request, receive: Receive, upload: Upload | None = None
+    ) -> Outcome:
+        """Send `request` upstream and relay the answer to the client; `upload` is the
+        client's body still being read, which `request` sends as it arrives.
 
         Raises `ProxyError` only before the response has started (the caller answers it).
         Once started, a failure is answered on the wire: an SSE `error` event at an event
@@ -118,12 +122,12 @@ class Relay:
         self._deadline = asyncio.get_running_loop().time() + self.total_timeout
         # Plain asyncio, not an anyio task group: this runs for every request, and the
         # group's bookkeeping cost more than the rest of the proxy (see bench/README.md).
-        watcher = asyncio.create_task(self._watch(receive, task))
+        watcher = asyncio.create_task(self._watch(receive, task, upload))
         try:
-            await self._exchange(request)
+            await self._exchange(request, upload)
         except ProxyError as exc:
             error = exc
-        except OSError:
+        except (OSError, ClientGone):
             outcome.client_gone = True  # some servers raise from send() once it left
         except asyncio.CancelledError:
             if not outcome.client_gone:
@@ -141,26 +145,40 @@ class Relay:
                 error = None  # its traceback holds this frame: no frame -> error cycle
         return outcome
 
-    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
-        """From the end of the body on, the client's disconnect cancels the exchange."""
+    async def _watch(
+        self, receive: Receive, task: asyncio.Task[object], upload: Upload | None
+    ) -> None:
+        """From the end of the body on, the client's disconnect cancels the exchange (an
+        upload that is still being read watches for it itself)."""
+        if upload is not None:
+            await upload.done.wait()
         while (await receive())["type"] != "http.disconnect":
             pass
         if not self._finished:
             self.outcome.client_gone = True
             task.cancel()
 
-    async def _exchange(self, request: httpx.Request) -> None:
+    async def _exchange(self, request: httpx.Request, upload: Upload | None) -> None:
         outcome = self.outcome
         started = time.perf_counter()
         outcome.reached = True  # from here on it may have: count it unless proven otherwise
         try:
             async with asyncio.timeout_at(self._deadline):
                 response = await self.send_upstream(request)
-        except (httpx.HTTPError, TimeoutError) as exc:
+        except Exception as exc:
+            if upload is not None and not upload.complete:
+                # The upstream never had the whole body: it cannot be making anything.
+                outcome.reached = False
+                if upload.error is not None:
+                    outcome.elapsed = time.perf_counter() - started
+                    self._upload_failed(upload.error)
+            if not isinstance(exc, httpx.HTTPError | TimeoutError):
+                raise
             row = failure(exc)
             logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
             outcome.elapsed = time.perf_counter() - started
-            outcome.failure, outcome.reached = row.kind, row.reached
+            outcome.failure = row.kind
+            outcome.reached = outcome.reached and row.reached
             raise row.error() from None
         outcome.ttfb = time.perf_counter() - started
         outcome.status = response.status_code
@@ -180,6 +198,12 @@ class Relay:
             self._finished = True
             await response.aclose()
             outcome.elapsed = time.perf_counter() - started
+
+    def _upload_failed(self, error: ProxyError | ClientGone) -> None:
+        """The client's upload failed on its way upstream: raise what the client did."""
+        if isinstance(error, ClientGone):
+            self.outcome.client_gone = True
+        raise error
 
     async def _relay(self, response: httpx.Response) -> None:
         send = self.send
@@ -308,7 +332,6 @@ class Relay:
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length", "")
     return int(value) if value.isdigit() else None
-
 
 
 def _inflater(response: httpx.Response) -> zlib._Decompress | None:

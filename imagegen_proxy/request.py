@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from .errors import ClientGone, ProxyError
-from .routing import Form, Route
+from .errors import ClientGone, ProxyError, too_large
+from .routing import Form, ImageOperation, Route
 from .types import Receive, Scope
 
 
@@ -52,15 +52,39 @@ class ImageGenerationBody(BaseModel):
         return self.model_dump_json(exclude_unset=True).encode()
 
 
+class ImageFormBody(BaseModel):
+    """The text fields of a multipart edit or variation, checked as the API reads them:
+    form values are strings ("2", "true"), converted where a type is expected. Unknown
+    fields and values pass, as for JSON bodies."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    prompt: str | None = Field(None, min_length=1)  # required for edits, absent on variations
+    model: str | None = None
+    n: int | None = Field(None, ge=1, le=10)
+    size: str | None = None
+    quality: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    output_compression: int | None = Field(None, ge=0, le=100)
+
+
 class ImageRequest(BaseModel):
-    """What the rest of the pipeline sees: the path form, the Azure parts, and the body."""
+    """What the rest of the pipeline sees: the operation, the path form, the Azure parts,
+    and the body (JSON for generations, the text fields of the upload for the others).
+
+    `input_images` is the most input images the request can carry (edits and variations):
+    what their input is priced by before the upstream reports it.
+    """
 
     model_config = ConfigDict(frozen=True)
 
+    operation: ImageOperation = "generation"
     form: Form
     deployment: str | None = None
     api_version: str | None = None
-    body: ImageGenerationBody
+    body: ImageGenerationBody | ImageFormBody
+    input_images: int = 0
 
     @property
     def model(self) -> str | None:
@@ -75,6 +99,23 @@ class ImageRequest(BaseModel):
     def images(self) -> int:
         """How many images the request asks for (`n`, default 1)."""
         return self.body.n or 1
+
+    @property
+    def prompt(self) -> str:
+        return self.body.prompt or ""
+
+    @property
+    def size(self) -> str | None:
+        return self.body.size
+
+    @property
+    def quality(self) -> str | None:
+        return self.body.quality
+
+    @property
+    def partial_images(self) -> int:
+        """Partial images asked for: streamed only."""
+        return (self.body.partial_images or 0) if self.stream else 0
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -101,7 +142,7 @@ async def read_body(
     408 if it has not all arrived `within` seconds."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     try:
         async with asyncio.timeout(within):
             return await _receive_body(receive, limit)
@@ -123,10 +164,29 @@ async def _receive_body(receive: Receive, limit: int) -> bytes:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def parse_form(route: Route, fields: dict[str, str], input_images: int) -> ImageRequest:
+    """The request an upload's text fields describe (`fields`, as `Upload.head` read them)."""
+    try:
+        body = ImageFormBody.model_validate(fields)
+    except ValidationError as exc:
+        raise _invalid(exc.errors(include_url=False, include_input=False)[0]) from None
+    if route.operation == "edit" and body.prompt is None:
+        raise _invalid({"type": "missing", "loc": ("prompt",), "msg": "", "input": None})
+    assert route.operation in ("edit", "variation")
+    return ImageRequest(
+        operation=route.operation,
+        form=route.form,
+        deployment=route.deployment,
+        api_version=route.api_version,
+        body=body,
+        input_images=input_images,
+    )
 
 
 def parse_request(route: Route, raw: bytes) -> ImageRequest:
@@ -139,14 +199,6 @@ def parse_request(route: Route, raw: bytes) -> ImageRequest:
         deployment=route.deployment,
         api_version=route.api_version,
         body=body,
-    )
-
-
-def _too_large(limit: int) -> ProxyError:
-    return ProxyError(
-        413,
-        f"Request body too large: the limit is {limit} bytes.",
-        code="request_too_large",
     )
 
 

@@ -10,13 +10,19 @@ from .errors import ProxyError
 from .types import Scope
 
 Form = Literal["openai", "azure"]
-Operation = Literal["generation", "budget", "admin"]
+# What a request asks for: an image operation (sent upstream), or the proxy's own views.
+ImageOperation = Literal["generation", "edit", "variation"]
+Operation = Literal[ImageOperation, "budget", "admin"]
 
-OPENAI_PATHS = (
-    "/v1/images/generations",
-    "/images/generations",
-    "/openai/v1/images/generations",
-    "/openai/images/generations",
+# Each image operation's last path segment, upstream as here.
+ENDPOINTS: dict[ImageOperation, str] = {
+    "generation": "generations",
+    "edit": "edits",
+    "variation": "variations",
+}
+_OPENAI_PREFIXES = ("/v1/images/", "/images/", "/openai/v1/images/", "/openai/images/")
+OPENAI_PATHS = tuple(
+    prefix + endpoint for endpoint in ENDPOINTS.values() for prefix in _OPENAI_PREFIXES
 )
 # A client's own view of its limits, budgets and spending (GET).
 BUDGET_PATHS = ("/v1/imagegen/budget", "/imagegen/budget")
@@ -25,7 +31,8 @@ ADMIN_PATHS = ("/v1/organization/", "/organization/")
 # Deliberately loose: anything between the fixed parts is captured, so that a bad
 # deployment id (empty, "a/b" decoded from "a%2Fb", "..") is refused with a 400
 # instead of silently falling through to the host app.
-_AZURE_PATH = re.compile(r"/openai/deployments/(.*)/images/generations", re.DOTALL)
+# Azure has no variations.
+_AZURE_PATH = re.compile(r"/openai/deployments/(.*)/images/(generations|edits)", re.DOTALL)
 
 # Azure deployment names: letters, digits, '-', '_', '.'; at most 64 characters.
 DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -51,7 +58,11 @@ class Router:
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix.rstrip("/")
-        self._openai = {self.prefix + path for path in OPENAI_PATHS}
+        self._openai = {
+            self.prefix + prefix + endpoint: Route("openai", operation=operation)
+            for operation, endpoint in ENDPOINTS.items()
+            for prefix in _OPENAI_PREFIXES
+        }
         self._budget = {self.prefix + path for path in BUDGET_PATHS}
         self._admin = tuple(self.prefix + path for path in ADMIN_PATHS)
         self._azure = re.compile(re.escape(self.prefix) + _AZURE_PATH.pattern, re.DOTALL)
@@ -62,8 +73,9 @@ class Router:
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
-        if path in self._openai:
-            return _GENERATION
+        route = self._openai.get(path)
+        if route is not None:
+            return route
         if path in self._budget:
             return _BUDGET
         if path.startswith(self._admin):
@@ -71,10 +83,11 @@ class Router:
         found = self._azure.fullmatch(path)
         if found is None:
             return None
-        return Route("azure", found.group(1), _api_version(scope.get("query_string", b"")))
+        deployment, endpoint = found.groups()
+        operation: ImageOperation = "edit" if endpoint == "edits" else "generation"
+        return Route("azure", deployment, _api_version(scope.get("query_string", b"")), operation)
 
 
-_GENERATION = Route("openai")
 _BUDGET = Route("openai", operation="budget")
 _ADMIN = Route("openai", operation="admin")
 

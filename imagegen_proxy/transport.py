@@ -119,12 +119,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        headers = request.headers.multi_items()
+        data: bytes | AsyncIterator[bytes] | None
+        if isinstance(request.stream, httpx.ByteStream):
+            data = request.content or None
+        else:
+            # A body sent as it is made (an upload being relayed): aiohttp chunks it itself.
+            data = _chunks(request.stream)
+            headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
         with _mapped(writing=True):
             response = await self._get_session().request(
                 request.method,
                 str(request.url),
-                headers=request.headers.multi_items(),
-                data=request.content or None,
+                headers=headers,
+                data=data,
                 allow_redirects=False,
                 proxy=self._proxy(request.url),
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -148,6 +156,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._guard.cancel()
         if self._session is not None:
             await self._session.close()
+
+
+async def _chunks(stream: httpx.AsyncByteStream | httpx.SyncByteStream) -> AsyncIterator[bytes]:
+    assert isinstance(stream, httpx.AsyncByteStream)
+    async for chunk in stream:
+        yield chunk
 
 
 async def _close_at_exit(session: aiohttp.ClientSession) -> None:

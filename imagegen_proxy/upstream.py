@@ -8,7 +8,7 @@ whatever it is called.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -19,8 +19,9 @@ from .config import AzureUpstream, ConfigError, OpenAIUpstream, ProxyConfig, Pro
 from .errors import ProxyError, server_error
 from .headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX, Headers
 from .request import ImageGenerationBody, ImageRequest
-from .routing import is_valid_deployment
+from .routing import ENDPOINTS, ImageOperation, is_valid_deployment
 from .types import Scope
+from .upload import Upload
 
 SendUpstream = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -53,10 +54,11 @@ def client_sender(client: httpx.AsyncClient) -> SendUpstream:
 
 
 _BASE_HEADERS: Headers = [
-    (b"content-type", b"application/json"),
     # The relay reads SSE event boundaries and usage: it must see the bytes as sent.
     (b"accept-encoding", b"identity"),
 ]
+_JSON = b"application/json"
+Content = bytes | AsyncIterator[bytes]
 
 
 class Target:
@@ -91,7 +93,8 @@ class Target:
     def request(
         self,
         url: httpx.URL,
-        body: ImageGenerationBody,
+        content: Content,
+        content_type: bytes,
         scope: Scope,
         api_key: str | None,
         request_id: str,
@@ -102,12 +105,13 @@ class Target:
             if key in FORWARDED_REQUEST or key.startswith(FORWARDED_REQUEST_PREFIX)
         ]
         headers.append((b"x-client-request-id", request_id.encode()))
+        headers.append((b"content-type", content_type))
         if api_key is None:
             headers += self.headers
         else:  # this client spends on its own upstream key
             headers += self._fixed + self._credentials(api_key)
         return httpx.Request(
-            "POST", url, headers=headers, content=body.to_json(), extensions=self.extensions
+            "POST", url, headers=headers, content=content, extensions=self.extensions
         )
 
 
@@ -124,7 +128,10 @@ class Upstreams:
             raise ConfigError("no upstream configured: add an [openai] or [azure] section")
         self._openai = self._azure = None
         if config.openai is not None:
-            self._openai_url = httpx.URL(config.openai.base_url + "/images/generations")
+            self._openai_urls = {
+                operation: httpx.URL(f"{config.openai.base_url}/images/{endpoint}")
+                for operation, endpoint in ENDPOINTS.items()
+            }
             org, project = config.openai.organization, config.openai.project
             identity = [(b"openai-organization", org.encode())] if org else []
             identity += [(b"openai-project", project.encode())] if project else []
@@ -134,27 +141,46 @@ class Upstreams:
             self._azure_base = config.azure.endpoint + "/openai/deployments/"
             self._azure_version = config.azure.api_version
             self._deployments = config.azure.deployments
-            self._azure_urls: LRUCache[tuple[str, str], httpx.URL] = LRUCache(maxsize=1024)
+            self._azure_urls: LRUCache[tuple[str, str, str], httpx.URL] = LRUCache(maxsize=1024)
 
     def build(
-        self, request: ImageRequest, scope: Scope, api_key: str | None, request_id: str
+        self,
+        request: ImageRequest,
+        scope: Scope,
+        api_key: str | None,
+        request_id: str,
+        upload: Upload | None = None,
     ) -> httpx.Request:
         """The upstream request; `api_key` replaces the configured upstream key, and
-        `request_id` goes as `X-Client-Request-Id`, for the upstream's logs."""
-        body = request.body
-        if request.form == "azure":
+        `request_id` goes as `X-Client-Request-Id`, for the upstream's logs. An edit or
+        variation sends the rest of its `upload` as it arrives."""
+        operation = request.operation
+        model = None  # the `model` to send instead of the client's
+        if request.form == "azure" and self._azure is not None:
             assert request.deployment is not None
-            if self._azure is not None:
-                url = self._azure_url(request.deployment, request.api_version)
-                return self._azure.request(url, body, scope, api_key, request_id)
+            target = self._azure
+            url = self._azure_url(request.deployment, request.api_version, operation)
+        elif request.form == "azure":
             assert self._openai is not None
-            body = body.model_copy(update={"model": request.deployment})
-            return self._openai.request(self._openai_url, body, scope, api_key, request_id)
-        if self._openai is not None:
-            return self._openai.request(self._openai_url, body, scope, api_key, request_id)
-        assert self._azure is not None
-        url = self._azure_url(self._deployment_for(body.model), None)
-        return self._azure.request(url, body, scope, api_key, request_id)
+            target, url = self._openai, self._openai_urls[operation]
+            model = request.deployment
+        elif self._openai is not None:
+            target, url = self._openai, self._openai_urls[operation]
+        else:
+            assert self._azure is not None
+            self._check_azure(operation)
+            target = self._azure
+            url = self._azure_url(self._deployment_for(request.model), None, operation)
+        if upload is not None:
+            content: Content = upload.body(None if model is None else {"model": model})
+            content_type = upload.content_type
+        else:
+            body = request.body
+            assert isinstance(body, ImageGenerationBody)
+            if model is not None:
+                body = body.model_copy(update={"model": model})
+            content, content_type = body.to_json(), _JSON
+        return target.request(url, content, content_type, scope, api_key, request_id)
 
     def target(self, request: ImageRequest) -> Target:
         """The upstream `build` sends `request` to."""
@@ -164,6 +190,21 @@ class Upstreams:
             target = self._openai or self._azure
         assert target is not None
         return target
+
+    def check(self, operation: ImageOperation) -> None:
+        """Refuse an operation no configured upstream serves (before anything is read)."""
+        if self._openai is None:
+            self._check_azure(operation)
+
+    @staticmethod
+    def _check_azure(operation: ImageOperation) -> None:
+        if operation == "variation":
+            raise ProxyError(
+                404,
+                "Image variations are not available on Azure OpenAI, the only upstream "
+                "this proxy has.",
+                code="unsupported_operation",
+            )
 
     def _deployment_for(self, model: str | None) -> str:
         if model is None:
@@ -183,14 +224,17 @@ class Upstreams:
             )
         return deployment
 
-    def _azure_url(self, deployment: str, api_version: str | None) -> httpx.URL:
-        key = (deployment, api_version or self._azure_version)
+    def _azure_url(
+        self, deployment: str, api_version: str | None, operation: ImageOperation
+    ) -> httpx.URL:
+        endpoint = ENDPOINTS[operation]
+        key = (deployment, api_version or self._azure_version, endpoint)
         url = self._azure_urls.get(key)
         if url is None:
             # Both parts were checked against conservative patterns; quote() is belt and braces.
             path = quote(deployment, safe="")
             version = quote(key[1], safe="")
-            url = httpx.URL(f"{self._azure_base}{path}/images/generations?api-version={version}")
+            url = httpx.URL(f"{self._azure_base}{path}/images/{endpoint}?api-version={version}")
             self._azure_urls[key] = url  # parsed once: URL parsing shows in the profile
         return url
 

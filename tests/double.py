@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 Message = dict[str, Any]
 
@@ -36,6 +37,20 @@ class Recorded:
     @property
     def json(self) -> Any:
         return json.loads(self.body)
+
+    @property
+    def parts(self) -> list[tuple[str, str | None, bytes]]:
+        """(name, filename, content) of each part of a multipart body, in order."""
+        return multipart_parts(self.body, self.header("content-type") or "")
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The request's parameters: its JSON body, or a multipart body's text fields."""
+        if (self.header("content-type") or "").startswith("multipart/"):
+            return {
+                name: value.decode() for name, filename, value in self.parts if filename is None
+            }
+        return dict(self.json)
 
 
 @dataclass
@@ -143,7 +158,7 @@ def image_body(b64: str, n: int = 1) -> bytes:
 
 def json_image(b64: str | None = None, chunk: int = 65536) -> Answer:
     async def answer(x: Exchange) -> None:
-        body = image_body(b64 or b64_image(256), n=x.request.json.get("n") or 1)
+        body = image_body(b64 or b64_image(256), n=int(x.request.fields.get("n") or 1))
         headers = [("content-type", "application/json"), *UPSTREAM_HEADERS]
         await x.start(200, [*headers, ("content-length", str(len(body)))])
         for i in range(0, len(body), chunk):
@@ -243,3 +258,44 @@ def held(release: threading.Event) -> Answer:
         await json_image()(x)
 
     return answer
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[tuple[str, str | None, bytes]]:
+    """(name, filename, content) of each part of a multipart body, in order."""
+    _, options = parse_options_header(content_type)
+    found: list[tuple[str, str | None, bytes]] = []
+    headers: dict[bytes, bytes] = {}
+    field = bytearray()
+    value = bytearray()
+    data = bytearray()
+
+    def header_end() -> None:
+        headers[bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def part_end() -> None:
+        _, disposition = parse_options_header(headers[b"content-disposition"])
+        filename = disposition.get(b"filename")
+        found.append(
+            (
+                disposition[b"name"].decode(),
+                None if filename is None else filename.decode(),
+                bytes(data),
+            )
+        )
+        data.clear()
+        headers.clear()
+
+    parser = MultipartParser(
+        options[b"boundary"],
+        {
+            "on_header_field": lambda d, s, e: field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: value.extend(d[s:e]),
+            "on_header_end": header_end,
+            "on_part_data": lambda d, s, e: data.extend(d[s:e]),
+            "on_part_end": part_end,
+        },
+    )
+    parser.write(body)
+    return found

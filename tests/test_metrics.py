@@ -30,6 +30,7 @@ from imagegen_proxy.metrics import metrics_app
 PATH = "/v1/images/generations"
 KEYS = [{"name": "team-m", "key": CLIENT_KEY, "requests_per_minute": 3}]
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
+IMAGES = {"key": "team-m", "operation": "generation"}
 
 
 def value(name: str, **labels: str) -> float:
@@ -67,9 +68,15 @@ def test_requests_images_bytes_and_upstream_times_are_counted(
     delta = Delta()
     client = openai.OpenAI(base_url=proxy + "/v1", api_key=CLIENT_KEY, max_retries=0)
     raw = client.images.with_raw_response.generate(model="gpt-image-1", prompt="p", n=3)
-    requests = {"form": "openai", "key": "team-m", "model": "gpt-image-1", "status": "200"}
+    requests = {
+        "form": "openai",
+        "operation": "generation",
+        "key": "team-m",
+        "model": "gpt-image-1",
+        "status": "200",
+    }
     assert delta("imagegen_proxy_requests_total", **requests) == 1
-    assert delta("imagegen_proxy_images_total", key="team-m", model="gpt-image-1") == 3
+    assert delta("imagegen_proxy_images_total", **IMAGES, model="gpt-image-1") == 3
     assert delta("imagegen_proxy_relayed_bytes_total", key="team-m") == len(raw.content)
     assert delta("imagegen_proxy_upstream_ttfb_seconds_count", upstream="openai") == 1
     assert delta("imagegen_proxy_upstream_duration_seconds_count", upstream="openai") == 1
@@ -94,10 +101,10 @@ def test_limits_and_upstream_failures_are_counted_by_kind(
     assert delta(errors, upstream="openai", kind="mid_stream") == 2
     limit = {"key": "team-m", "limit": "requests_per_minute"}
     assert delta("imagegen_proxy_limited_total", **limit) == 1
-    model = {"form": "openai", "key": "team-m", "model": ""}
+    model = {"form": "openai", "operation": "generation", "key": "team-m", "model": ""}
     assert delta("imagegen_proxy_requests_total", **model, status="429") == 1
     # The two streams cut after their 200 were generated, and billed, upstream: spent.
-    assert delta("imagegen_proxy_images_total", key="team-m", model="") == 2
+    assert delta("imagegen_proxy_images_total", **IMAGES, model="") == 2
 
 
 def test_a_dead_upstream_counts_as_a_connect_error(metered: Callable[..., str]) -> None:
@@ -149,7 +156,10 @@ def test_the_bundled_proxy_serves_metrics(upstream: UpstreamDouble) -> None:
         scrape = httpx.get(url + "/internal/metrics")
     assert scrape.status_code == 200
     assert scrape.headers["content-type"].startswith("text/plain")
-    line = 'imagegen_proxy_requests_total{form="openai",key="anonymous",model="gpt-image-1",'
+    line = (
+        'imagegen_proxy_requests_total{form="openai",key="anonymous",model="gpt-image-1",'
+        'operation="generation",'
+    )
     assert line in scrape.text
     for name in (
         "imagegen_proxy_images_total",
