@@ -1,10 +1,12 @@
-"""The embedded mock upstream: an OpenAI-compatible image-generation service.
+"""The embedded mock upstream: an OpenAI-compatible image-generation service (generations,
+edits, variations).
 
 The bundled proxy serves it when no real upstream is configured; benchmarks run it as the
 upstream (`python -m imagegen_proxy.mock`).
 """
 
 from .app import MockUpstream
-from .png import parse_size, render_png
+from .decode import Bitmap, decode_png
+from .png import encode_rgba, parse_size, render_png
 
-__all__ = ["MockUpstream", "parse_size", "render_png"]
+__all__ = ["Bitmap", "MockUpstream", "decode_png", "encode_rgba", "parse_size", "render_png"]

@@ -3,36 +3,67 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
+import anyio.to_thread
 
 from ..errors import ClientGone, ProxyError
 from ..request import read_body
 from ..types import Receive, Scope, Send
 from .cache import BytesLRU
+from .decode import Bitmap, decode_png
+from .edit import Canvas, generated, tint_colour, tint_weight
+from .form import read_form
 from .png import render_png
-from .wire import Generation, error_body, images_json, parse_generation, sse_event
+from .wire import (
+    Edit,
+    Generation,
+    error_body,
+    images_json,
+    parse_edit,
+    parse_generation,
+    parse_variation,
+    sse_event,
+    variations_json,
+)
 
 Headers = list[tuple[bytes, bytes]]
+T = TypeVar("T")
+# (image index, detail) -> the image as base64 PNG; detail below 1 is a partial image.
+Render = Callable[[int, float], Awaitable[bytes]]
+# (created, the images as base64) -> the non-streaming answer's body.
+Answer = Callable[[int, list[bytes]], bytes]
 
 MAX_BODY = 1024 * 1024
+# Edits carry images: up to 16 of them, of up to 50 MB each at OpenAI. The mock holds the
+# whole form in memory, so it draws the line lower.
+MAX_FORM_BODY = 80 * 1024 * 1024
 GENERATIONS_SUFFIX = "/images/generations"
+EDITS_SUFFIX = "/images/edits"
+VARIATIONS_SUFFIX = "/images/variations"
 HEALTH_SUFFIX = "/healthz"
 
 _JSON = (b"content-type", b"application/json")
 
 
 class MockUpstream:
-    """An OpenAI-compatible image-generation service answering on any `.../images/generations`.
+    """An OpenAI-compatible image-generation service answering on any `.../images/generations`,
+    `.../images/edits` and `.../images/variations`.
 
-    `delay` is how long a generation takes (spread over the events when streaming); `pad_to`
-    pads every PNG to at least that many bytes. With `api_key`, generations need it as
-    `Authorization: Bearer`: the bundled proxy serves its mock on its own listener, and only
-    the proxy, not a client going around its keys and limits, may use it.
+    `delay` is how long a generation or an edit takes (spread over the events when
+    streaming); `pad_to` pads every PNG to at least that many bytes. With `api_key`, requests
+    need it as `Authorization: Bearer`: the bundled proxy serves its mock on its own listener,
+    and only the proxy, not a client going around its keys and limits, may use it.
+
+    Edits tint the first input image toward a colour from the prompt and fill the mask's
+    transparent area with it (see `edit`); variations tint it a different colour each.
     """
 
     def __init__(self, *, delay: float = 0.0, pad_to: int = 0, api_key: str | None = None) -> None:
@@ -59,28 +90,19 @@ class MockUpstream:
         request_id = b"req_mock_" + os.urandom(12).hex().encode()
         path: str = scope["path"]
         method: str = scope["method"]
-        if path.endswith(GENERATIONS_SUFFIX):
+        if path.endswith((GENERATIONS_SUFFIX, EDITS_SUFFIX, VARIATIONS_SUFFIX)):
             if method != "POST":
                 await _method_not_allowed(send, request_id, method, path, b"POST")
                 return
             if not self._authorized(scope):
                 error = ProxyError(401, "Incorrect API key provided.", code="invalid_api_key")
-                await _respond(send, 401, error_body(error), [_JSON, (b"x-request-id", request_id)])
+                await _error(send, error, request_id)
                 return
-            try:
-                gen = parse_generation(await read_body(scope, receive, MAX_BODY))
-            except ClientGone:
-                return
-            except ProxyError as exc:
-                payload = error_body(exc)
-                await _respond(send, exc.status, payload, [_JSON, (b"x-request-id", request_id)])
-                return
-            work = self._stream if gen.stream else self._complete
-            if self.delay > 0:
-                await _until_disconnect(receive, work(gen, send, request_id, started))
+            reply = _Reply(send, request_id, started)
+            if path.endswith(GENERATIONS_SUFFIX):
+                await self._generation(scope, receive, reply)
             else:
-                # No waiting means nothing to abandon early: skip the watcher and its overhead.
-                await work(gen, send, request_id, started)
+                await self._edit(scope, receive, reply, path.endswith(VARIATIONS_SUFFIX))
         elif path.endswith(HEALTH_SUFFIX):
             if method not in ("GET", "HEAD"):
                 await _method_not_allowed(send, request_id, method, path, b"GET, HEAD")
@@ -92,6 +114,53 @@ class MockUpstream:
             )
             await _respond(send, 404, payload, [_JSON, (b"x-request-id", request_id)])
 
+    async def _generation(self, scope: Scope, receive: Receive, reply: _Reply) -> None:
+        try:
+            gen = parse_generation(await read_body(scope, receive, MAX_BODY))
+        except ClientGone:
+            return
+        except ProxyError as exc:
+            await _error(reply.send, exc, reply.request_id)
+            return
+        answer = functools.partial(images_json, gen)
+        await self._answer(receive, gen, functools.partial(self._image, gen), answer, reply)
+
+    async def _edit(self, scope: Scope, receive: Receive, reply: _Reply, variation: bool) -> None:
+        try:
+            form = await read_form(scope, receive, MAX_FORM_BODY)
+            edit = parse_variation(form) if variation else parse_edit(form)
+        except ClientGone:
+            return
+        except ProxyError as exc:
+            await _error(reply.send, exc, reply.request_id)
+            return
+        canvas = await _canvas(edit)
+        gen = edit.gen
+
+        async def render(index: int, detail: float) -> bytes:
+            if variation:  # a colour of its own for each variation
+                colour, weight = tint_colour(f"variation {index}"), tint_weight(0)
+            else:
+                colour, weight = tint_colour(gen.prompt), tint_weight(index, detail)
+            paint = functools.partial(canvas.paint, colour, weight, pad_to=self.pad_to)
+            return base64.b64encode(await _in_thread(paint))
+
+        answer = functools.partial(variations_json if variation else images_json, gen)
+        await self._answer(receive, gen, render, answer, reply)
+
+    async def _answer(
+        self, receive: Receive, gen: Generation, render: Render, answer: Answer, reply: _Reply
+    ) -> None:
+        if gen.stream:
+            work = self._stream(gen, render, reply)
+        else:
+            work = self._complete(gen, render, answer, reply)
+        if self.delay > 0:
+            await _until_disconnect(receive, work)
+        else:
+            # No waiting means nothing to abandon early: skip the watcher and its overhead.
+            await work
+
     def _authorized(self, scope: Scope) -> bool:
         if self._authorization is None:
             return True
@@ -100,7 +169,7 @@ class MockUpstream:
                 return hmac.compare_digest(value, self._authorization)
         return False
 
-    def _image(self, gen: Generation, index: int, detail: float) -> bytes:
+    async def _image(self, gen: Generation, index: int, detail: float) -> bytes:
         key = (gen.prompt, gen.width, gen.height, index, detail, self.pad_to)
         b64 = self._b64.get(key)
         if b64 is None:
@@ -117,21 +186,22 @@ class MockUpstream:
         return b64
 
     async def _complete(
-        self, gen: Generation, send: Send, request_id: bytes, started: float
+        self, gen: Generation, render: Render, answer: Answer, reply: _Reply
     ) -> None:
         if self.delay > 0:
             await anyio.sleep(self.delay)
-        images = [self._image(gen, i, 1.0) for i in range(gen.n)]
-        body = images_json(gen, int(time.time()), images)
-        headers = [_JSON, (b"x-request-id", request_id), _processing_ms(started)]
-        await _respond(send, 200, body, headers)
+        images = [await render(i, 1.0) for i in range(gen.n)]
+        body = answer(int(time.time()), images)
+        headers = [_JSON, (b"x-request-id", reply.request_id), _processing_ms(reply.started)]
+        await _respond(reply.send, 200, body, headers)
 
-    async def _stream(self, gen: Generation, send: Send, request_id: bytes, started: float) -> None:
+    async def _stream(self, gen: Generation, render: Render, reply: _Reply) -> None:
+        send = reply.send
         headers = [
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
-            (b"x-request-id", request_id),
-            _processing_ms(started),
+            (b"x-request-id", reply.request_id),
+            _processing_ms(reply.started),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         steps = gen.partial_images + 1
@@ -140,11 +210,40 @@ class MockUpstream:
             for step in range(steps):
                 if pause > 0:
                     await anyio.sleep(pause)
-                b64 = self._image(gen, index, (step + 1) / steps)
+                b64 = await render(index, (step + 1) / steps)
                 partial = step if step < gen.partial_images else None
                 event = sse_event(gen, int(time.time()), b64, partial)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """Where and how an answer goes: the ASGI send, and its request's id and start time."""
+
+    send: Send
+    request_id: bytes
+    started: float
+
+
+async def _canvas(edit: Edit) -> Canvas:
+    """The input and mask, decoded in a worker thread (a slow PNG takes up to a second), or
+    the generated picture when the input is no PNG the mock can read."""
+    source, mask = await _in_thread(functools.partial(_decode, edit.image, edit.mask))
+    if source is None:
+        source = generated(edit.gen.prompt, edit.gen.width, edit.gen.height)
+    return await _in_thread(
+        functools.partial(Canvas.of, source, mask, edit.gen.width, edit.gen.height)
+    )
+
+
+def _decode(image: bytes, mask: bytes | None) -> tuple[Bitmap | None, Bitmap | None]:
+    return decode_png(image), None if mask is None else decode_png(mask)
+
+
+async def _in_thread(work: Callable[[], T]) -> T:
+    # Abandoned, not awaited, if the request is cancelled: the client is gone.
+    return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
 
 
 async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
@@ -159,6 +258,10 @@ async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
         tg.start_soon(watch)
         await work
         tg.cancel_scope.cancel()
+
+
+async def _error(send: Send, error: ProxyError, request_id: bytes) -> None:
+    await _respond(send, error.status, error_body(error), [_JSON, (b"x-request-id", request_id)])
 
 
 async def _method_not_allowed(

@@ -1,4 +1,5 @@
-"""Deterministic PNG rendering from a prompt, standard library only.
+"""Deterministic PNG rendering from a prompt, and the encoding of edited pictures, standard
+library only.
 
 The picture is a diagonal two-colour gradient with a band and a disc in contrasting colours,
 all derived from sha256(prompt, image index). Rows are assembled from precomputed byte strings
@@ -159,16 +160,30 @@ def _chunk(kind: bytes, data: bytes) -> list[bytes]:
     return [struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)]
 
 
+def encode_rgba(width: int, height: int, rgba: bytes, *, level: int = 1, pad_to: int = 0) -> bytes:
+    """Encode 8-bit RGBA pixels (rows top to bottom, no filter bytes) as a PNG.
+
+    Every row gets filter 0: filtering in Python would cost more than the bytes it saves.
+    `pad_to` pads the file as `render_png` does.
+    """
+    stride = 4 * width
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE) or len(rgba) != stride * height:
+        raise ValueError(f"{len(rgba)} bytes are not {width}x{height} RGBA pixels")
+    lines = [b"\x00"] * (2 * height)
+    lines[1::2] = [rgba[start : start + stride] for start in range(0, len(rgba), stride)]
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return _assemble(header, [], zlib.compress(b"".join(lines), level), pad_to)
+
+
 def _encode(
     width: int, height: int, palette: bytes, raw: bytearray, level: int, pad_to: int
 ) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
-    parts = [
-        _SIGNATURE,
-        *_chunk(b"IHDR", header),
-        *_chunk(b"PLTE", palette),
-        *_chunk(b"IDAT", zlib.compress(raw, level)),
-    ]
+    return _assemble(header, _chunk(b"PLTE", palette), zlib.compress(raw, level), pad_to)
+
+
+def _assemble(header: bytes, extra: list[bytes], idat: bytes, pad_to: int) -> bytes:
+    parts = [_SIGNATURE, *_chunk(b"IHDR", header), *extra, *_chunk(b"IDAT", idat)]
     size = sum(map(len, parts)) + 12
     if pad_to > size:
         parts.extend(_chunk(b"prVt", _filler(pad_to)[: max(pad_to - size - 12, 0)]))

@@ -1,16 +1,23 @@
-"""Request validation and the bytes of the answers: JSON bodies, SSE events, error envelopes."""
+"""Request validation (JSON bodies, and the forms of edits and variations) and the bytes of the
+answers: JSON bodies, SSE events, error envelopes."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from ..errors import ProxyError
-from .png import parse_size
+from .decode import png_dimensions
+from .form import Form
+from .png import DEFAULT_SIZE, MAX_SIDE, parse_size
 
 MAX_IMAGES = 10
 MAX_PARTIAL_IMAGES = 3
+MAX_INPUT_IMAGES = 16  # as many as OpenAI's GPT image models take in one edit
 # A rough but deterministic per-image figure; callers only need a stable, plausible number.
 OUTPUT_TOKENS_PER_IMAGE = 272
 
@@ -27,6 +34,9 @@ class Generation:
     stream: bool
     partial_images: int
     as_url: bool
+    # Edits only: what the input images count for in usage, and the SSE events' names.
+    image_tokens: int = 0
+    events: bytes = b"image_generation"
 
     @property
     def size(self) -> str:
@@ -34,7 +44,18 @@ class Generation:
 
     @property
     def input_tokens(self) -> int:
+        """The prompt's text tokens, roughly: one a word."""
         return max(len(self.prompt.split()), 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """A validated edit or variation: the answer's parameters, the image to edit (the first
+    one sent) and the mask. A variation has no prompt (""), and never streams."""
+
+    gen: Generation
+    image: bytes
+    mask: bytes | None
 
 
 def error_body(error: ProxyError) -> bytes:
@@ -55,7 +76,89 @@ def parse_generation(body: bytes) -> Generation:
         ) from None
     if not isinstance(data, dict):
         raise ProxyError(400, "The request body must be a JSON object.", code="invalid_type")
-    prompt = data.get("prompt")
+    prompt = _prompt(data.get("prompt"))
+    size = data.get("size")
+    width, height = parse_size(size if isinstance(size, str) else None)
+    return Generation(
+        prompt=prompt,
+        n=_int_field(data, "n", 1, 1, MAX_IMAGES),
+        width=width,
+        height=height,
+        quality=_quality(data.get("quality")),
+        stream=_bool_field(data, "stream"),
+        partial_images=_int_field(data, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
+        as_url=data.get("response_format") == "url",
+    )
+
+
+def parse_edit(form: Form) -> Edit:
+    """Validate an edits form (the text fields are strings: "2", "true"); ProxyError (400)
+    when it is unusable. `size` defaults to the first image's (each side at most 4096);
+    1024x1024 when that image is no PNG."""
+    data = _typed(form.fields)
+    prompt = _prompt(data.get("prompt"))
+    images = _images(form)
+    if len(images) > MAX_INPUT_IMAGES:
+        raise ProxyError(
+            400,
+            f"Invalid 'image': expected at most {MAX_INPUT_IMAGES} images, got {len(images)}.",
+            param="image",
+            code="invalid_value",
+        )
+    size = data.get("size")
+    if size is None or size == "auto":
+        width, height = png_dimensions(images[0]) or DEFAULT_SIZE
+        width, height = min(width, MAX_SIDE), min(height, MAX_SIDE)
+    else:
+        width, height = parse_size(size)
+    gen = Generation(
+        prompt=prompt,
+        n=_int_field(data, "n", 1, 1, MAX_IMAGES),
+        width=width,
+        height=height,
+        quality=_quality(data.get("quality")),
+        stream=_bool_field(data, "stream"),
+        partial_images=_int_field(data, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
+        as_url=data.get("response_format") == "url",
+        image_tokens=sum(image_tokens(image) for image in images),
+        events=b"image_edit",
+    )
+    masks = form.files.get("mask")
+    return Edit(gen, images[0], masks[0] if masks else None)
+
+
+def parse_variation(form: Form) -> Edit:
+    """Validate a variations form: DALL·E 2's, `image`, `n`, `size` (default 1024x1024) and
+    `response_format`; anything else, `stream` included, is ignored."""
+    data = _typed(form.fields)
+    images = _images(form)
+    size = data.get("size")
+    width, height = parse_size(size if isinstance(size, str) else None)
+    gen = Generation(
+        prompt="",
+        n=_int_field(data, "n", 1, 1, MAX_IMAGES),
+        width=width,
+        height=height,
+        quality="standard",
+        stream=False,
+        partial_images=0,
+        as_url=data.get("response_format") == "url",
+    )
+    return Edit(gen, images[0], None)
+
+
+def image_tokens(image: bytes) -> int:
+    """What one input image counts for: 65 + 129 per 512-pixel tile, once the image is
+    scaled down to fit 2048x2048 and then down again until its shorter side is at most 1024
+    (a 1024x1024 image is 4 tiles, 581 tokens). An image that is no PNG counts as 1024x1024."""
+    width, height = png_dimensions(image) or DEFAULT_SIZE
+    # Exact fractions: a float scale could tip a side just over a tile boundary.
+    scale = min(Fraction(1), Fraction(2048, max(width, height)))
+    scale *= min(Fraction(1), 1024 / (min(width, height) * scale))
+    return 65 + 129 * math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
+
+
+def _prompt(prompt: Any) -> str:
     if prompt is None:
         raise ProxyError(
             400,
@@ -70,20 +173,44 @@ def parse_generation(body: bytes) -> Generation:
             param="prompt",
             code="invalid_value",
         )
-    size = data.get("size")
-    width, height = parse_size(size if isinstance(size, str) else None)
-    quality = data.get("quality")
-    return Generation(
-        prompt=prompt,
-        n=_int_field(data, "n", 1, 1, MAX_IMAGES),
-        width=width,
-        height=height,
-        # The real service reports the quality it picked; "medium" stands in for "auto".
-        quality=quality if isinstance(quality, str) and quality not in ("", "auto") else "medium",
-        stream=_bool_field(data, "stream"),
-        partial_images=_int_field(data, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
-        as_url=data.get("response_format") == "url",
-    )
+    return prompt
+
+
+def _quality(quality: Any) -> str:
+    # The real service reports the quality it picked; "medium" stands in for "auto".
+    return quality if isinstance(quality, str) and quality not in ("", "auto") else "medium"
+
+
+def _images(form: Form) -> list[bytes]:
+    """The images sent: one as `image`, several as `image[]` (the official SDK's names)."""
+    images = form.files.get("image", []) + form.files.get("image[]", [])
+    if not images:
+        raise ProxyError(
+            400,
+            "Missing required parameter: 'image'.",
+            param="image",
+            code="missing_required_parameter",
+        )
+    return images
+
+
+_INTEGER = re.compile(r"\s*[+-]?\d{1,9}\s*")
+_FORM_INTEGERS = ("n", "partial_images")
+_FORM_BOOLEANS = {"true": True, "false": False}
+
+
+def _typed(fields: dict[str, str]) -> dict[str, Any]:
+    """Form fields with the integers and booleans the JSON API has as such converted ("2"
+    is 2, "true" is True); other spellings stay strings, which validation then refuses."""
+    data: dict[str, Any] = dict(fields)
+    for name in _FORM_INTEGERS:
+        value = fields.get(name)
+        if value is not None and _INTEGER.fullmatch(value):
+            data[name] = int(value)
+    stream = fields.get("stream")
+    if stream is not None:
+        data["stream"] = _FORM_BOOLEANS.get(stream.strip().lower(), stream)
+    return data
 
 
 def _int_field(data: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
@@ -127,11 +254,13 @@ def _bool_field(data: dict[str, Any], name: str) -> bool:
 
 def usage_json(gen: Generation, images: int) -> bytes:
     """Compact usage object for `images` generated images."""
-    inp = gen.input_tokens
+    text, image = gen.input_tokens, gen.image_tokens
+    inp = text + image
     out = OUTPUT_TOKENS_PER_IMAGE * images
     return (
         b'{"total_tokens":%d,"input_tokens":%d,"output_tokens":%d,'
-        b'"input_tokens_details":{"text_tokens":%d,"image_tokens":0}}' % (inp + out, inp, out, inp)
+        b'"input_tokens_details":{"text_tokens":%d,"image_tokens":%d}}'
+        % (inp + out, inp, out, text, image)
     )
 
 
@@ -140,7 +269,7 @@ def images_json(gen: Generation, created: int, b64_images: list[bytes]) -> bytes
     # Concatenation instead of json.dumps: the base64 payloads are JSON-safe as they are and
     # can be megabytes, so re-escaping them would be pure waste.
     prompt = json.dumps(gen.prompt).encode()
-    field = b'"url":"data:image/png;base64,' if gen.as_url else b'"b64_json":"'
+    field = _image_field(gen.as_url)
     items = b",".join(
         b"{" + field + b64 + b'","revised_prompt":' + prompt + b"}" for b64 in b64_images
     )
@@ -157,17 +286,28 @@ def images_json(gen: Generation, created: int, b64_images: list[bytes]) -> bytes
     )
 
 
+def variations_json(gen: Generation, created: int, b64_images: list[bytes]) -> bytes:
+    """DALL·E 2's answer to a variation: the images, nothing else (no usage)."""
+    field = _image_field(gen.as_url)
+    items = b",".join(b"{" + field + b64 + b'"}' for b64 in b64_images)
+    return b'{"created":%d,"data":[' % created + items + b"]}"
+
+
+def _image_field(as_url: bool) -> bytes:
+    return b'"url":"data:image/png;base64,' if as_url else b'"b64_json":"'
+
+
 def sse_event(gen: Generation, created: int, b64: bytes, partial_index: int | None) -> bytes:
     """One SSE event: a partial image when `partial_index` is set, else the completed image."""
     quality = json.dumps(gen.quality).encode()
     tail = b',"created_at":%d,"size":"%s","quality":%s' % (created, gen.size.encode(), quality)
     tail += b',"background":"opaque","output_format":"png"'
     if partial_index is None:
-        kind = b"image_generation.completed"
+        kind = gen.events + b".completed"
         # Each completed event accounts for its own image only.
         tail += b',"usage":' + usage_json(gen, 1)
     else:
-        kind = b"image_generation.partial_image"
+        kind = gen.events + b".partial_image"
         tail = b',"partial_image_index":%d' % partial_index + tail
     return b"".join(
         (b"event: ", kind, b'\ndata: {"type":"', kind, b'","b64_json":"', b64, b'"', tail, b"}\n\n")
