@@ -136,6 +136,9 @@ class Relay:
         finally:
             self._finished = True
             watcher.cancel()
+            if upload is not None and not upload.complete and outcome.status is None:
+                # The upstream never had the whole body: it cannot be making anything.
+                outcome.reached = False
         if outcome.client_gone:
             logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
         elif error is not None:
@@ -152,6 +155,8 @@ class Relay:
         upload that is still being read watches for it itself)."""
         if upload is not None:
             await upload.done.wait()
+            if upload.error is not None:
+                return  # the exchange fails with it
         while (await receive())["type"] != "http.disconnect":
             pass
         if not self._finished:
@@ -166,17 +171,13 @@ class Relay:
             async with asyncio.timeout_at(self._deadline):
                 response = await self.send_upstream(request)
         except Exception as exc:
-            if upload is not None and not upload.complete:
-                # The upstream never had the whole body: it cannot be making anything.
-                outcome.reached = False
-                if upload.error is not None:
-                    outcome.elapsed = time.perf_counter() - started
-                    self._upload_failed(upload.error)
+            outcome.elapsed = time.perf_counter() - started
+            if upload is not None and upload.error is not None:
+                self._upload_failed(upload.error)  # what the client did, not the upstream
             if not isinstance(exc, httpx.HTTPError | TimeoutError):
                 raise
             row = failure(exc)
             logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
-            outcome.elapsed = time.perf_counter() - started
             outcome.failure = row.kind
             outcome.reached = outcome.reached and row.reached
             raise row.error() from None

@@ -207,6 +207,10 @@ _CODES = {
     "greater_than_equal": "integer_below_min_value",
     "less_than_equal": "integer_above_max_value",
     "string_too_short": "empty_string",
+    # A form field's text that is not the number or boolean expected.
+    "int_parsing": "invalid_type",
+    "int_from_float": "invalid_type",
+    "bool_parsing": "invalid_type",
 }
 
 

@@ -201,15 +201,14 @@ class Upload:
         if self._received > self._max_bytes:
             raise too_large(self._max_bytes)
         self._more = bool(message.get("more_body", False))
-        if chunk:
-            try:
+        try:
+            if chunk:
                 self._parser.write(chunk)
-            except Exception as exc:  # python-multipart's parse errors, and a header too long
-                where = None if self._current is None else self._current.name
-                raise _invalid(f"The multipart body is malformed: {exc}", where) from None
-        if not self._more and not self._ended:
-            where = None if self._current is None else self._current.name
-            raise _invalid("The multipart body ended before its closing boundary.", where)
+            if not self._more and not self._ended:
+                raise ValueError("it ended before its closing boundary")
+        except Exception as exc:  # python-multipart's parse errors, a header too long
+            # After what was parsed before it, so that the error names the part it is in.
+            self._events.append(("error", f"The multipart body is malformed: {exc}."))
 
     async def _next(self) -> tuple[str, Any] | None:
         """The next thing the parser found; None at the end of the body."""
@@ -218,7 +217,13 @@ class Upload:
                 self.done.set()
                 return None
             await self._pull()
-        return self._events.popleft()
+        event = self._events.popleft()
+        if event[0] == "end":
+            self._current = None
+        elif event[0] == "error":
+            where = None if self._current is None else self._current.name
+            raise _invalid(event[1], where)
+        return event
 
     def _begin(self, headers: Mapping[bytes, bytes]) -> Part:
         self._parts += 1
