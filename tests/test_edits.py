@@ -24,6 +24,9 @@ from imagegen_proxy import ImageGenProxy, ProxyConfig
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 1000
 EDITS = "/v1/images/edits"
 
+# The SDK marks variations (DALL·E 2) deprecated; they are still served.
+pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+
 
 def client(proxy: str, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy + "/v1", api_key=CLIENT_KEY, max_retries=0, **kwargs)
