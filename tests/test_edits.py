@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
@@ -18,8 +19,10 @@ from conftest import API_VERSION, CLIENT_KEY, UPSTREAM_KEY, HostApp
 from double import UpstreamDouble, image_body, sse, sse_event
 from python_multipart.multipart import MultipartParser, parse_options_header
 from support import raw_request, read_response, serve, until
+from test_cli import running
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
+from imagegen_proxy.mock import decode_png, encode_rgba
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 1000
 EDITS = "/v1/images/edits"
@@ -495,3 +498,40 @@ def test_a_client_that_vanishes_mid_upload_cancels_the_upstream_request(
     (line,) = [r.access for r in caplog.records if hasattr(r, "access")]  # type: ignore[attr-defined]
     assert line["outcome"] == "client_gone" and line["operation"] == "edit"
     assert line["images"] == 0  # the upstream never had the whole request: nothing to pay
+
+
+def test_the_bundled_proxy_edits_on_its_mock() -> None:
+    # The no-config mode: the embedded mock decodes the PNG and tints it by the prompt.
+    grey = encode_rgba(64, 64, bytes([128, 128, 128, 255]) * 64 * 64)
+    with running(lines=7) as (url, _):
+        answer = openai.OpenAI(base_url=url + "/v1", api_key="any", max_retries=0).images.edit(
+            image=("grey.png", grey, "image/png"), prompt="make it red", model="gpt-image-1"
+        )
+    assert answer.usage is not None and answer.usage.input_tokens_details.image_tokens > 0
+    assert answer.data and answer.data[0].b64_json
+    bitmap = decode_png(base64.b64decode(answer.data[0].b64_json))
+    assert bitmap is not None and (bitmap.width, bitmap.height) == (64, 64)
+    red, green, blue = bitmap.rgba[0:3]
+    assert red > 128 > green and green == blue  # grey, tinted red
+
+
+@pytest.mark.anyio
+async def test_the_async_client_edits_and_streams(proxy: str, upstream: UpstreamDouble) -> None:
+    upstream.answer = sse(sse_event("image_edit.completed", b64_json="ZmluYWw=", usage={}))
+    client = openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    stream = await client.images.edit(
+        image=("a.png", PNG, "image/png"), prompt="p", model="gpt-image-1", stream=True
+    )
+    assert [event.type async for event in stream] == ["image_edit.completed"]
+    await client.close()
+
+
+def test_a_client_that_vanishes_while_spooling_leaves_no_file(
+    proxy: str, upstream: UpstreamDouble, open_spools: Callable[[], set[str]]
+) -> None:
+    body = multipart(("image", "a.png", os.urandom(4 * 1024 * 1024)), ("prompt", None, b"p"))
+    sock = raw_request(proxy, form_headers(body), body[: 3 * 1024 * 1024], EDITS)
+    until(lambda: open_spools() != set(), within=10)  # the image is on its way to disk
+    sock.close()
+    until(lambda: open_spools() == set(), within=10)
+    assert not upstream.requests
