@@ -6,7 +6,6 @@ parts in memory (the total body is capped), text fields as strings and files as 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,8 +24,6 @@ if TYPE_CHECKING:
 FILE_FIELDS = frozenset({"image", "image[]", "mask"})
 # Sixteen images, a mask and a dozen text fields fit easily; a flood of tiny parts does not.
 MAX_PARTS = 100
-# RFC 2046: 1 to 70 characters from a restricted set, not ending in a space.
-_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 
 @dataclass(slots=True)
