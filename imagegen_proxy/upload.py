@@ -35,6 +35,9 @@ DECIDING = frozenset({"model", "n", "stream", "partial_images", "size", "quality
 # Fields that are files whatever their part says.
 FILE_FIELDS = frozenset({"image", "image[]", "mask"})
 MAX_TEXT_BYTES = 1024 * 1024  # all text fields together: a prompt is at most 32,000 characters
+# Sixteen images, a mask and a few dozen fields are a large request; a flood of empty parts
+# would make the proxy keep a list of them.
+MAX_PARTS = 1000
 _SPOOL_STEP = 256 * 1024  # bytes per read when a spooled file goes upstream
 
 
@@ -227,6 +230,8 @@ class Upload:
 
     def _begin(self, headers: Mapping[bytes, bytes]) -> Part:
         self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise _invalid(f"Too many parts: at most {MAX_PARTS}.", None, "too_many_parts")
         disposition, options = parse_options_header(headers.get(b"content-disposition", b""))
         name = options.get(b"name")
         if disposition != b"form-data" or not name:

@@ -306,6 +306,13 @@ def test_a_deciding_field_after_streamed_files_is_refused(
             "invalid_type",
         ),
         (
+            multipart(("prompt", None, b"p"), *[("x", None, b"") for i in range(1001)]),
+            {},
+            400,
+            None,
+            "too_many_parts",
+        ),
+        (
             multipart(("prompt", None, b"p"), *[("image[]", f"{i}.png", PNG) for i in range(17)]),
             {},
             400,
