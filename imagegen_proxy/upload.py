@@ -38,7 +38,7 @@ MAX_TEXT_BYTES = 1024 * 1024  # all text fields together: a prompt is at most 32
 # Sixteen images, a mask and a few dozen fields are a large request; a flood of empty parts
 # would make the proxy keep a list of them.
 MAX_PARTS = 1000
-_SPOOL_STEP = 256 * 1024  # bytes per read when a spooled file goes upstream
+_SPOOL_STEP = 256 * 1024  # bytes per write to the spool (batched), and per read from it
 
 
 @dataclass(slots=True)
@@ -315,10 +315,22 @@ class Upload:
             self._spool = await asyncio.to_thread(tempfile.TemporaryFile)
         spooled = _Spooled(part, self._spooled)
         self._head.append(spooled)
+        pending: list[bytes] = []
+        size = 0
         while (event := await self._next()) is not None and event[0] == "data":
-            await asyncio.to_thread(self._spool.write, event[1])
-            spooled.length += len(event[1])
-            self._spooled += len(event[1])
+            pending.append(event[1])
+            size += len(event[1])
+            if size >= _SPOOL_STEP:  # one thread hop per step, not per received chunk
+                await self._write(pending, size, spooled)
+                pending, size = [], 0
+        await self._write(pending, size, spooled)
+
+    async def _write(self, pieces: list[bytes], size: int, spooled: _Spooled) -> None:
+        if size:
+            assert self._spool is not None
+            await asyncio.to_thread(self._spool.write, b"".join(pieces))
+            spooled.length += size
+            self._spooled += size
 
     async def body(self, rewrite: Mapping[str, str] | None = None) -> AsyncIterator[bytes]:
         """The body the upstream gets: the head (with the text fields in `rewrite` replaced
@@ -369,11 +381,12 @@ class Upload:
 
     async def _rest(self, boundary: bytes, rewrite: Mapping[str, str]) -> AsyncIterator[bytes]:
         """The parts after the head, one received chunk at a time."""
-        out = bytearray()
+        out: list[bytes] = []
         skipping = False
         while True:
             if not self._events and out:
-                yield bytes(out)
+                # What one received chunk made, in one piece; a lone piece is not copied.
+                yield out[0] if len(out) == 1 else b"".join(out)
                 out.clear()
             event = await self._next()
             if event is None:
@@ -393,15 +406,15 @@ class Upload:
                     )
                 skipping = part.name in rewrite  # replaced already: never twice
                 if not skipping:
-                    out += part.head(boundary)
+                    out.append(part.head(boundary))
             elif skipping:
                 continue
             elif kind == "data":
-                out += value
+                out.append(value)
             else:
-                out += b"\r\n"
+                out.append(b"\r\n")
         if out:
-            yield bytes(out)
+            yield b"".join(out)
 
     def _failed(self, exc: ProxyError | ClientGone) -> None:
         if self.error is None:
