@@ -355,7 +355,7 @@ async def read_upload(route: Route, upload: Upload) -> ImageRequest:
         needed.add("prompt")
     fields = await upload.head(needed)
     # Until the body has been read to its end, more images may follow.
-    images = len(upload.files) if upload.done.is_set() else upload.max_files
+    images = upload.images if upload.done.is_set() else upload.max_files
     return parse_form(route, fields, images)
 
 

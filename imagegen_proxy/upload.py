@@ -144,7 +144,7 @@ class Upload:
         self.files: list[Part] = []  # the file parts seen so far
         self.fields: dict[str, str] = {}  # the text fields read before the files went upstream
         self._text_bytes = 0
-        self._head: list[tuple[str, str] | _Spooled] = []
+        self._head: list[tuple[Part, bytes] | _Spooled] = []
         self._spool: IO[bytes] | None = None
         self._spooled = 0
         self.complete = False  # the whole body went upstream
@@ -165,7 +165,8 @@ class Upload:
         self._header_value += data[start:end]
 
     def _on_header_end(self) -> None:
-        self._headers[bytes(self._header_name).strip().lower()] = bytes(self._header_value).strip()
+        name = bytes(self._header_name).strip(b" \t").lower()
+        self._headers[name] = bytes(self._header_value).strip(b" \t")
         self._header_name.clear()
         self._header_value.clear()
 
@@ -255,9 +256,9 @@ class Upload:
                     part.name,
                     "invalid_type",
                 )
-            if len(self.files) == self.max_files:
+            if part.name != "mask" and self.images == self.max_files:
                 raise _invalid(
-                    f"Too many files: at most {self.max_files} in one request.",
+                    f"Too many files: at most {self.max_files} images in one request.",
                     part.name,
                     "too_many_files",
                 )
@@ -288,15 +289,24 @@ class Upload:
                 if part.is_file:
                     await self._spool_part(part)
                 else:
-                    text = await self._text(part)
-                    self.fields[part.name] = text
-                    self._head.append((part.name, text))
+                    raw = await self._text(part)
+                    self._head.append((part, raw))
+                    self._field(part.name, raw)
                     missing.discard(part.name)
         except (ProxyError, ClientGone) as exc:
             self._failed(exc)
             raise
 
-    async def _text(self, part: Part) -> str:
+    def _field(self, name: str, raw: bytes) -> None:
+        """Keep a text field for the request's checks; it goes upstream as sent, whatever
+        its bytes, but one the proxy decides on must be UTF-8."""
+        try:
+            self.fields[name] = raw.decode()
+        except UnicodeDecodeError:
+            if name in DECIDING:
+                raise _invalid(f"Invalid value for '{name}': not UTF-8.", name) from None
+
+    async def _text(self, part: Part) -> bytes:
         value = bytearray()
         while (event := await self._next()) is not None and event[0] == "data":
             value += event[1]
@@ -305,10 +315,7 @@ class Upload:
                 raise _invalid(
                     f"The text fields exceed {MAX_TEXT_BYTES} bytes.", part.name, "field_too_large"
                 )
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            raise _invalid(f"Invalid value for '{part.name}': not UTF-8.", part.name) from None
+        return bytes(value)
 
     async def _spool_part(self, part: Part) -> None:
         if self._spool is None:
@@ -363,8 +370,8 @@ class Upload:
         for name, value in rewrite.items():
             out += Part(name, None, None).head(boundary) + value.encode() + b"\r\n"
         for item in self._head:
-            if not isinstance(item, _Spooled) and item[0] not in rewrite:
-                out += Part(item[0], None, None).head(boundary) + item[1].encode() + b"\r\n"
+            if not isinstance(item, _Spooled) and item[0].name not in rewrite:
+                out += item[0].head(boundary) + item[1] + b"\r\n"
         return bytes(out)
 
     async def _unspool(self, item: _Spooled, boundary: bytes) -> AsyncIterator[bytes]:
@@ -420,6 +427,11 @@ class Upload:
         if self.error is None:
             self.error = exc
         self.done.set()
+
+    @property
+    def images(self) -> int:
+        """The file parts seen so far that are not the mask: the input images."""
+        return sum(part.name != "mask" for part in self.files)
 
     @property
     def content_type(self) -> bytes:

@@ -48,7 +48,9 @@ class Recorded:
         """The request's parameters: its JSON body, or a multipart body's text fields."""
         if (self.header("content-type") or "").startswith("multipart/"):
             return {
-                name: value.decode() for name, filename, value in self.parts if filename is None
+                name: value.decode(errors="replace")
+                for name, filename, value in self.parts
+                if filename is None
             }
         return dict(self.json)
 

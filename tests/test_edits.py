@@ -542,3 +542,27 @@ def test_a_client_that_vanishes_while_spooling_leaves_no_file(
     sock.close()
     until(lambda: open_spools() == set(), within=10)
     assert not upstream.requests
+
+
+def test_sixteen_images_and_a_mask_pass_and_other_fields_go_as_sent(
+    proxy: str, upstream: UpstreamDouble
+) -> None:
+    images = [(f"{i}.png", PNG, "image/png") for i in range(16)]
+    client(proxy).images.edit(
+        image=images,
+        mask=("m.png", b"mask", "image/png"),
+        prompt="p",
+        model="gpt-image-1",
+        extra_body={"user": "caf\xe9"},
+    )
+    names = [name for name, _, _ in upstream.last.parts]
+    assert names.count("image[]") == 16 and names.count("mask") == 1
+    # A field the proxy does not decide on goes as sent, whatever its bytes.
+    body = multipart(
+        ("prompt", None, b"p"),
+        ("model", None, b"m"),
+        ("user", None, b"\xff\xfe"),
+        ("image", "a", PNG),
+    )
+    assert post_form(proxy, body).status_code == 200
+    assert ("user", None, b"\xff\xfe") in upstream.last.parts
