@@ -18,10 +18,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from .auth import is_admin
-from .config import OpenAIUpstream, ProxyConfig, mask_url
+from .config import OpenAIMember, OpenAIUpstream, ProxyConfig, mask_url
 from .errors import ProxyError
 from .middleware import ImageGenProxy
 from .mock import MockUpstream
+from .pool import Pool
 from .types import ASGIApp, Receive, Scope, Send
 
 MOCK_PATH = "/_mock"
@@ -50,10 +51,11 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
     """
     ops = _Ops(config, mock)
     admin = config.admin.digest
+    pool: list[Pool | None] = [None]
 
     async def healthz(request: Request) -> Response:
         details = config.auth.open or is_admin(request.scope, admin)
-        return ops.health(details)
+        return ops.health(details, pool[0])
 
     routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
     if config.server.openapi_path:
@@ -77,7 +79,9 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
         )
         routes.append(Mount(MOCK_PATH, app=upstream))
     host = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
-    return ImageGenProxy(host, config)
+    proxy = ImageGenProxy(host, config)
+    pool[0] = proxy.pool  # /healthz shows each upstream's state in this process
+    return proxy
 
 
 def ops_app(config: ProxyConfig, *, mock: bool = False) -> Starlette:
@@ -106,10 +110,18 @@ class _Ops:
         self.status = f"incomplete: no api key for {', '.join(missing)}" if missing else "ok"
         self.code = 503 if missing else 200
 
-    def health(self, details: bool) -> Response:
+    def health(self, details: bool, pool: Pool | None = None) -> Response:
         if not details:
             return JSONResponse({"status": self.summary}, status_code=self.code)
-        body = {"status": self.status, "upstreams": self.upstreams}
+        upstreams = self.upstreams
+        if pool is not None:
+            upstreams = {name: dict(about) for name, about in upstreams.items()}
+            for target in pool.targets:
+                state, seconds = pool.state(target)
+                upstreams[target.name]["state"] = state
+                if seconds is not None:
+                    upstreams[target.name]["cooling_seconds"] = round(seconds, 1)
+        body = {"status": self.status, "upstreams": upstreams}
         return JSONResponse(body, status_code=self.code)
 
 
@@ -154,18 +166,17 @@ def openapi_document(mount_prefix: str = "") -> dict[str, Any]:
 def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any]:
     """What each upstream is and whether it has credentials (never the credentials)."""
     upstreams: dict[str, Any] = {}
-    if config.openai is not None:
-        upstreams["openai"] = {
-            "base_url": "embedded mock" if mock else mask_url(config.openai.base_url),
-            "api_key": config.openai.api_key is not None,
-            "complete": mock or config.openai.api_key is not None,
-        }
-    if config.azure is not None:
-        upstreams["azure"] = {
-            "endpoint": mask_url(config.azure.endpoint),
-            "api_version": config.azure.api_version,
-            "api_key": config.azure.api_key is not None,
-            "complete": config.azure.api_key is not None,
+    for member in config.members():
+        has_key = member.api_key is not None
+        if isinstance(member, OpenAIMember):
+            where = {"base_url": "embedded mock" if mock else mask_url(member.base_url)}
+        else:
+            where = {"endpoint": mask_url(member.endpoint), "api_version": member.api_version}
+        upstreams[member.name] = {
+            **({"kind": member.kind} if config.upstreams else {}),
+            **where,
+            "api_key": has_key,
+            "complete": (mock and member.kind == "openai") or has_key,
         }
     return upstreams
 

@@ -29,7 +29,7 @@ from .app import (
     with_embedded_store,
     with_mock,
 )
-from .config import ConfigError, ProxyConfig, mask_url
+from .config import ConfigError, OpenAIMember, ProxyConfig, mask_url
 from .server import raise_open_files_limit, uvicorn_options
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -258,10 +258,9 @@ def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
         upstream = "embedded mock upstream (no upstream key needed)"
     else:
         names = []
-        if config.openai is not None:
-            names.append(f"openai {mask_url(config.openai.base_url)}")
-        if config.azure is not None:
-            names.append(f"azure {mask_url(config.azure.endpoint)}")
+        for member in config.members():
+            where = member.base_url if isinstance(member, OpenAIMember) else member.endpoint
+            names.append(f"{member.name} {mask_url(where)}")
         upstream = ", ".join(names)
     save = (
         "python3 -c 'import sys,json,base64; "

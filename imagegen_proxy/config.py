@@ -7,7 +7,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -188,6 +188,46 @@ class AzureUpstream(_Upstream):
         if bad:
             raise ValueError(f"invalid deployment name {bad[0]!r}")
         return value
+
+
+class PoolMember(_Section):
+    """What `[[upstreams]]` entries add to an upstream's settings: how the pool uses it."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    models: frozenset[str] | None = None  # the models it serves; absent: every model
+    weight: int = Field(1, gt=0)
+    priority: int = Field(1, ge=0)  # lower first; a higher tier only when the lower are out
+
+
+class OpenAIMember(OpenAIUpstream, PoolMember):
+    """`[[upstreams]]` with `kind = "openai"`."""
+
+    kind: Literal["openai"]
+
+
+class AzureMember(AzureUpstream, PoolMember):
+    """`[[upstreams]]` with `kind = "azure"`: `deployments` maps a model to its deployment
+    here (absent: the model's own name)."""
+
+    kind: Literal["azure"]
+
+
+UpstreamEntry = Annotated[OpenAIMember | AzureMember, Field(discriminator="kind")]
+
+
+class PoolConfig(_Section):
+    """`[pool]`: failover and cooldowns between upstreams."""
+
+    max_attempts: int = Field(3, ge=1, le=10)
+    failures_to_open: int = Field(3, ge=1)
+    cooldown_min: float = Field(1.0, gt=0)  # seconds out after failures_to_open failures...
+    cooldown_max: float = Field(60.0, gt=0)  # ...doubling each time, up to this
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolConfig:
+        if self.cooldown_max < self.cooldown_min:
+            raise ValueError("cooldown_max must not be below cooldown_min")
+        return self
 
 
 class AuthConfig(_Section):
@@ -416,6 +456,8 @@ class ProxyConfig(_Section):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     openai: OpenAIUpstream | None = None
     azure: AzureUpstream | None = None
+    upstreams: list[UpstreamEntry] = Field(default_factory=list)
+    pool: PoolConfig | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -446,11 +488,36 @@ class ProxyConfig(_Section):
             raise ValueError("[auth] open = true serves without keys: remove it or the [[keys]]")
         if self.admin.open and not self.auth.open:
             raise ValueError("[admin] open = true is for open mode ([auth] open = true) only")
+        names = [upstream.name for upstream in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("two [[upstreams]] entries have the same name")
+        if self.upstreams and (self.openai is not None or self.azure is not None):
+            raise ValueError("[[upstreams]] replaces [openai] and [azure]: keep one or the other")
         return self
 
     @property
     def has_upstream(self) -> bool:
-        return self.openai is not None or self.azure is not None
+        return self.openai is not None or self.azure is not None or bool(self.upstreams)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the upstreams form a pool (failover, cooldowns): `[[upstreams]]` or
+        `[pool]`. The shorthand sections alone route as they always did."""
+        return bool(self.upstreams) or self.pool is not None
+
+    def members(self) -> list[OpenAIMember | AzureMember]:
+        """The pool: `[[upstreams]]`, or the shorthand sections as members named "openai"
+        and "azure"."""
+        if self.upstreams:
+            return list(self.upstreams)
+        members: list[OpenAIMember | AzureMember] = []
+        if self.openai is not None:
+            settings = {k: v for k, v in self.openai if k != "api_key_env"}
+            members.append(OpenAIMember(kind="openai", name="openai", **settings))
+        if self.azure is not None:
+            settings = {k: v for k, v in self.azure if k != "api_key_env"}
+            members.append(AzureMember(kind="azure", name="azure", **settings))
+        return members
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> ProxyConfig:

@@ -122,6 +122,12 @@ class Metrics:
             "mid_stream (after the answer started), too_large (over max_response_bytes).",
             ["upstream", "kind"],
         )
+        self.failovers = p.Counter(
+            "imagegen_proxy_failovers",
+            "Requests moved from one upstream of a pool to the next, by why (connect, "
+            "protocol, or the upstream's status).",
+            ["from", "to", "reason"],
+        )
         self._models = _Bounded(100)
         self._keys = _Bounded(10_000)
         if multiprocess_dir():
@@ -153,6 +159,8 @@ class Metrics:
             self.bytes.labels(key).inc(entry.bytes_out)
         if entry.limit:
             self.limited.labels(key, entry.limit).inc()
+        for source, to, reason in entry.failovers:
+            self.failovers.labels(source, to, reason).inc()
         upstream = entry.upstream
         if upstream is None:
             return

@@ -17,6 +17,7 @@ from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
 from .memory_limiter import MemoryLimiter
 from .observe import AccessLog, Entry, client_request_id
+from .pool import Pool, Tries
 from .pricing import Price, Prices
 from .ratelimit import Decision, RateLimiter
 from .relay import Outcome, Relay
@@ -31,7 +32,7 @@ from .request import (
 from .routing import Route, Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upload import Upload, boundary_of
-from .upstream import SendUpstream, Upstreams, client_sender, create_transport
+from .upstream import SendUpstream, Target, Upstreams, client_sender, create_transport
 from .usage import Usage, UsageObserver
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class ImageGenProxy:
         self.config = config
         self.router = Router(config.proxy.mount_prefix)
         self.upstreams = Upstreams(config)
+        self.pool = Pool(self.upstreams.targets, config.pool) if config.pooled else None
         self.store = _store(config)
         self.authenticator = authenticator or _authenticator(config, self.store)
         self.admin = AdminPlane(
@@ -157,12 +159,13 @@ class ImageGenProxy:
             entry.describe(request)
             check_policy(principal, request)
             price, reservation = self._price(principal, request)
+            targets = self._candidates(request, principal)
             decision = await self.rate_limiter.acquire(principal, request, reservation)
             if not decision.allowed:
                 entry.limit = decision.limit or decision.code
                 raise decision.refusal()
             await self._generate(
-                principal, request, price, decision, entry, scope, receive, send, upload
+                principal, request, price, decision, entry, scope, receive, send, upload, targets
             )
         except ProxyError as error:
             entry.refused(error)
@@ -271,6 +274,7 @@ class ImageGenProxy:
         receive: Receive,
         send: Send,
         upload: Upload | None,
+        targets: list[Target],
     ) -> None:
         settled = False
 
@@ -301,7 +305,13 @@ class ImageGenProxy:
                 await self._record(principal, request, spent)
 
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
-        target = self.upstreams.target(request)
+        api_key, request_id = principal.upstream_api_key, entry.client_request_id or entry.id
+
+        def build(target: Target) -> httpx.Request:
+            return self.upstreams.build(request, target, scope, api_key, request_id, upload)
+
+        tries = Tries(targets, build, self.pool, api_key)
+        entry.failovers = tries.failovers
         relay = Relay(
             self._sender(),
             send,
@@ -310,24 +320,23 @@ class ImageGenProxy:
             request_id=entry.id,
             on_end=settle,
             response_headers=self._response_headers,
-            total_timeout=target.total_timeout,
+            total_timeout=targets[0].total_timeout,
             max_bytes=self.config.proxy.max_response_bytes,
         )
-        entry.upstream, entry.admitted = target.name, True
+        entry.upstream, entry.admitted = targets[0].name, True
         if self.metrics is not None:
             self.metrics.started(entry)
         try:
-            upstream_request = self.upstreams.build(
-                request,
-                scope,
-                principal.upstream_api_key,
-                entry.client_request_id or entry.id,
-                upload,
-            )
-            await relay.run(upstream_request, receive, upload)
+            await relay.run(tries, receive, upload)
         finally:
             await settle(relay.outcome)
             entry.relayed(relay.outcome, request.images)
+
+    def _candidates(self, request: ImageRequest, principal: Principal) -> list[Target]:
+        """The upstreams to try: the one of old without a pool, else the pool's order."""
+        if self.pool is None:
+            return [self.upstreams.target(request)]
+        return self.pool.candidates(request, principal.upstream_api_key)
 
     async def _record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None:
         for observer in self.usage_observers:

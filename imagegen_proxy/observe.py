@@ -66,7 +66,9 @@ class Entry:
     prompt: str | None = None
     status: int = 0  # what the client got
     bytes_out: int = 0  # body bytes sent to the client
-    upstream: str | None = None  # "openai" or "azure", once the request went there
+    upstream: str | None = None  # the upstream's name, once the request went there
+    attempts: int = 0  # upstreams tried (more than one: it failed over)
+    failovers: list[tuple[str, str, str]] = field(default_factory=list)  # (from, to, reason)
     upstream_request_id: str | None = None
     ttfb: float | None = None  # seconds until the upstream's response started
     upstream_time: float | None = None  # seconds from sending upstream to the last byte
@@ -113,6 +115,8 @@ class Entry:
     def relayed(self, outcome: Outcome, images: int) -> None:
         """The upstream exchange ended as `outcome` (normally, failed, or cut short)."""
         self.upstream_request_id = outcome.upstream_request_id
+        self.upstream = outcome.upstream or self.upstream
+        self.attempts = outcome.attempts
         self.ttfb, self.upstream_time = outcome.ttfb, outcome.elapsed
         self.bytes_out = outcome.bytes_out
         self.reached = outcome.reached
@@ -149,6 +153,7 @@ class Entry:
             "error": self.error,
             "limit": self.limit,
             "upstream": self.upstream,
+            "attempts": self.attempts,
             "bytes_out": self.bytes_out,
             "ttfb_ms": _ms(self.ttfb),
             "upstream_ms": _ms(self.upstream_time),

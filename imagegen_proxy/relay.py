@@ -13,17 +13,19 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
 from .errors import ClientGone, ProxyError
 from .headers import Headers, ResponseHeaders
+from .pool import FAILOVER_STATUSES, retry_after
 from .sse import EventScanner
 from .types import Message, Receive, Send
 from .upload import Upload
-from .upstream import INVALID_STATUS, SendUpstream, failure
+from .upstream import INVALID_STATUS, SendUpstream, Target, failure
 from .usage import Tail, Usage, tokens_in
 
 logger = logging.getLogger("imagegen_proxy")
@@ -40,6 +42,21 @@ _INFLATE_STEP = 1024 * 1024  # output per step: a compressed answer is inflated 
 OnEnd = Callable[["Outcome"], Awaitable[None]]
 
 
+class Attempts(Protocol):
+    """Where a request may go, in order, and what to tell about each try."""
+
+    @property
+    def targets(self) -> Sequence[Target]: ...
+
+    def build(self, target: Target) -> httpx.Request: ...
+
+    def started(self, target: Target) -> None: ...
+
+    def ended(self, target: Target, status: int | None, retry_after: float | None) -> None: ...
+
+    def failed_over(self, source: Target, to: Target, reason: str) -> None: ...
+
+
 @dataclass(slots=True)
 class Outcome:
     """How an exchange ended, for limits and accounting."""
@@ -48,6 +65,8 @@ class Outcome:
     usage: Usage | None = None  # token counts, when the answer was complete and had them
     reached: bool = False  # the request may have reached the upstream (and be billed there)
     client_gone: bool = False
+    upstream: str | None = None  # the upstream of the last attempt
+    attempts: int = 0  # upstreams tried
     failure: str | None = None  # how the upstream failed (see metrics.Metrics.upstream_errors)
     upstream_request_id: str | None = None
     ttfb: float | None = None  # seconds until the upstream's response started
@@ -106,10 +125,11 @@ class Relay:
         self._deadline = 0.0
 
     async def run(
-        self, request: httpx.Request, receive: Receive, upload: Upload | None = None
+        self, attempts: Attempts, receive: Receive, upload: Upload | None = None
     ) -> Outcome:
-        """Send `request` upstream and relay the answer to the client; `upload` is the
-        client's body still being read, which `request` sends as it arrives.
+        """Send the request upstream (to the first of `attempts` that answers) and relay
+        the answer to the client; `upload` is the client's body still being read, which
+        the request sends as it arrives.
 
         Raises `ProxyError` only before the response has started (the caller answers it).
         Once started, a failure is answered on the wire: an SSE `error` event at an event
@@ -124,7 +144,7 @@ class Relay:
         # group's bookkeeping cost more than the rest of the proxy (see bench/README.md).
         watcher = asyncio.create_task(self._watch(receive, task, upload))
         try:
-            await self._exchange(request, upload)
+            await self._exchange(attempts, upload)
         except ProxyError as exc:
             error = exc
         except (OSError, ClientGone):
@@ -140,7 +160,7 @@ class Relay:
                 # The upstream never had the whole body: it cannot be making anything.
                 outcome.reached = False
         if outcome.client_gone:
-            logger.info("client disconnected; upstream request to %s cancelled", request.url.host)
+            logger.info("client disconnected; upstream request to %s cancelled", outcome.upstream)
         elif error is not None:
             try:
                 raise error
@@ -163,24 +183,58 @@ class Relay:
             self.outcome.client_gone = True
             task.cancel()
 
-    async def _exchange(self, request: httpx.Request, upload: Upload | None) -> None:
+    async def _exchange(self, attempts: Attempts, upload: Upload | None) -> None:
+        """Try the upstreams of `attempts` in turn until one answers, failing over only
+        before anything reached the client: on a failure that left the upstream unable
+        to act (a refused or reset connection), or an answer that says "not here, not
+        now" (429, 500, 502, 503, 504), and never once an upload has begun to go up."""
         outcome = self.outcome
         started = time.perf_counter()
-        outcome.reached = True  # from here on it may have: count it unless proven otherwise
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                response = await self.send_upstream(request)
-        except Exception as exc:
-            outcome.elapsed = time.perf_counter() - started
-            if upload is not None and upload.error is not None:
-                self._upload_failed(upload.error)  # what the client did, not the upstream
-            if not isinstance(exc, httpx.HTTPError | TimeoutError):
-                raise
-            row = failure(exc)
-            logger.warning("upstream %s failed: %s", request.url.host, type(exc).__name__)
-            outcome.failure = row.kind
-            outcome.reached = outcome.reached and row.reached
-            raise row.error() from None
+        targets = attempts.targets
+        for index, target in enumerate(targets):
+            request = attempts.build(target)
+            outcome.upstream, outcome.attempts = target.name, index + 1
+            outcome.reached = True  # from here on it may have: count it unless proven otherwise
+            attempts.started(target)
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    response = await self.send_upstream(request)
+            except Exception as exc:
+                attempts.ended(target, None, None)
+                outcome.elapsed = time.perf_counter() - started
+                if upload is not None and upload.error is not None:
+                    self._upload_failed(upload.error)  # what the client did, not the upstream
+                if not isinstance(exc, httpx.HTTPError | TimeoutError):
+                    raise
+                row = failure(exc)
+                logger.warning("upstream %s failed: %s", target.name, type(exc).__name__)
+                if row.failover and self._may_fail_over(index, targets, upload):
+                    attempts.failed_over(target, targets[index + 1], row.kind)
+                    continue
+                outcome.failure = row.kind
+                outcome.reached = outcome.reached and row.reached
+                raise row.error() from None
+            status = response.status_code
+            wait = retry_after(response.headers.get("retry-after"))
+            if status in FAILOVER_STATUSES and self._may_fail_over(index, targets, upload):
+                await response.aclose()
+                attempts.ended(target, status, wait)
+                attempts.failed_over(target, targets[index + 1], str(status))
+                continue
+            try:
+                await self._answer(response, started)
+            finally:
+                attempts.ended(target, status, wait)
+            return
+
+    @staticmethod
+    def _may_fail_over(index: int, targets: Sequence[Target], upload: Upload | None) -> bool:
+        """Whether another upstream is left to try, and the request can still be sent to
+        it: an upload whose bytes began to go up cannot."""
+        return index < len(targets) - 1 and (upload is None or not upload.started)
+
+    async def _answer(self, response: httpx.Response, started: float) -> None:
+        outcome = self.outcome
         outcome.ttfb = time.perf_counter() - started
         outcome.status = response.status_code
         outcome.upstream_request_id = response.headers.get("x-request-id")

@@ -147,6 +147,7 @@ class Upload:
         self._head: list[tuple[Part, bytes] | _Spooled] = []
         self._spool: IO[bytes] | None = None
         self._spooled = 0
+        self.started = False  # the body began to go upstream: it cannot be sent again
         self.complete = False  # the whole body went upstream
         self.error: ProxyError | ClientGone | None = None  # why the body could not be sent
         self.done = asyncio.Event()  # the client's body has been read to its end, or abandoned
@@ -349,6 +350,7 @@ class Upload:
         """
         boundary = self.boundary
         rewrite = dict(rewrite or {})
+        self.started = True
         try:
             yield self._fields(boundary, rewrite)
             for item in self._head:

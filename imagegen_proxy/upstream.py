@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 from cachetools import LRUCache
 
-from .config import AzureUpstream, ConfigError, OpenAIUpstream, ProxyConfig, ProxySettings
+from .config import AzureMember, ConfigError, OpenAIMember, ProxyConfig, ProxySettings
 from .errors import ProxyError, server_error
 from .headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX, Headers
 from .request import ImageGenerationBody, ImageRequest
@@ -62,33 +62,85 @@ Content = bytes | AsyncIterator[bytes]
 
 
 class Target:
-    """One configured upstream: its name, fixed headers and timeouts, computed once."""
+    """One configured upstream: its name, kind, URLs, fixed headers and timeouts, computed
+    once; in a pool, also the models it serves, its weight and its priority."""
 
-    def __init__(
-        self,
-        name: str,
-        settings: OpenAIUpstream | AzureUpstream,
-        key_header: bytes,
-        prefix: bytes = b"",
-        extra: Headers | None = None,
-    ) -> None:
-        self.name = name
-        self.total_timeout = settings.total_timeout
-        self._key_header, self._key_prefix = key_header, prefix
-        self._fixed = _BASE_HEADERS + (extra or [])
-        key = None if settings.api_key is None else settings.api_key.get_secret_value()
+    def __init__(self, member: OpenAIMember | AzureMember) -> None:
+        self.name = member.name
+        self.kind = member.kind
+        self.models = member.models
+        self.weight, self.priority = member.weight, member.priority
+        self.total_timeout = member.total_timeout
+        extra: Headers = []
+        if isinstance(member, OpenAIMember):
+            self._key_header, self._key_prefix = b"authorization", b"Bearer "
+            org, project = member.organization, member.project
+            extra += [(b"openai-organization", org.encode())] if org else []
+            extra += [(b"openai-project", project.encode())] if project else []
+            self._urls = {
+                operation: httpx.URL(f"{member.base_url}/images/{endpoint}")
+                for operation, endpoint in ENDPOINTS.items()
+            }
+        else:
+            self._key_header, self._key_prefix = b"api-key", b""
+            self._azure_base = member.endpoint + "/openai/deployments/"
+            self.api_version = member.api_version
+            self.deployments = member.deployments
+            self._azure_urls: LRUCache[tuple[str, str, str], httpx.URL] = LRUCache(maxsize=1024)
+        self._fixed = _BASE_HEADERS + extra
+        key = None if member.api_key is None else member.api_key.get_secret_value()
         self.headers = self._fixed + self._credentials(key)
         self.extensions = {
             "timeout": httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=settings.read_timeout,
-                write=settings.write_timeout,
-                pool=settings.pool_timeout,
+                connect=member.connect_timeout,
+                read=member.read_timeout,
+                write=member.write_timeout,
+                pool=member.pool_timeout,
             ).as_dict()
         }
 
+    def serves(self, model: str | None) -> bool:
+        return self.models is None or model in self.models
+
     def _credentials(self, key: str | None) -> Headers:
         return [] if key is None else [(self._key_header, self._key_prefix + key.encode())]
+
+    def openai_url(self, operation: ImageOperation) -> httpx.URL:
+        return self._urls[operation]
+
+    def azure_url(
+        self, deployment: str, api_version: str | None, operation: ImageOperation
+    ) -> httpx.URL:
+        endpoint = ENDPOINTS[operation]
+        key = (deployment, api_version or self.api_version, endpoint)
+        url = self._azure_urls.get(key)
+        if url is None:
+            # Both parts were checked against conservative patterns; quote() is belt and braces.
+            path = quote(deployment, safe="")
+            version = quote(key[1], safe="")
+            url = httpx.URL(f"{self._azure_base}{path}/images/{endpoint}?api-version={version}")
+            self._azure_urls[key] = url  # parsed once: URL parsing shows in the profile
+        return url
+
+    def deployment_for(self, model: str | None) -> str:
+        """This Azure upstream's deployment for `model` (`deployments[model]`, else the
+        model's own name)."""
+        if model is None:
+            raise ProxyError(
+                400,
+                "Missing required parameter: 'model' (it names the Azure deployment).",
+                param="model",
+                code="missing_required_parameter",
+            )
+        deployment = self.deployments.get(model, model)
+        if not is_valid_deployment(deployment):
+            raise ProxyError(
+                400,
+                f"Invalid value for 'model': {model!r} is not a valid deployment name.",
+                param="model",
+                code="invalid_value",
+            )
+        return deployment
 
     def request(
         self,
@@ -116,61 +168,53 @@ class Target:
 
 
 class Upstreams:
-    """Turns a normalized request into the upstream request, for either form to either upstream.
+    """Turns a normalized request into the upstream request, for either form to either
+    kind of upstream.
 
-    OpenAI-form requests go to `[openai]` when configured, else to `[azure]` with the
-    deployment `deployments[model]` (or the model name). Azure-form requests go to
-    `[azure]` when configured, else to `[openai]` with the deployment as the model.
+    Without a pool (`[openai]` and `[azure]` alone), OpenAI-form requests go to `[openai]`
+    when configured, else to `[azure]` with the deployment `deployments[model]` (or the
+    model name); Azure-form requests go to `[azure]` when configured, else to `[openai]`
+    with the deployment as the model. In a pool (`ProxyConfig.pooled`), `pool.Pool` orders
+    the upstreams that serve the model, the Azure form's deployment id naming the model.
     """
 
     def __init__(self, config: ProxyConfig) -> None:
-        if config.openai is None and config.azure is None:
+        if not config.has_upstream:
             raise ConfigError("no upstream configured: add an [openai] or [azure] section")
+        self.pooled = config.pooled
+        self.targets = [Target(member) for member in config.members()]
         self._openai = self._azure = None
-        if config.openai is not None:
-            self._openai_urls = {
-                operation: httpx.URL(f"{config.openai.base_url}/images/{endpoint}")
-                for operation, endpoint in ENDPOINTS.items()
-            }
-            org, project = config.openai.organization, config.openai.project
-            identity = [(b"openai-organization", org.encode())] if org else []
-            identity += [(b"openai-project", project.encode())] if project else []
-            self._openai = Target("openai", config.openai, b"authorization", b"Bearer ", identity)
-        if config.azure is not None:
-            self._azure = Target("azure", config.azure, b"api-key")
-            self._azure_base = config.azure.endpoint + "/openai/deployments/"
-            self._azure_version = config.azure.api_version
-            self._deployments = config.azure.deployments
-            self._azure_urls: LRUCache[tuple[str, str, str], httpx.URL] = LRUCache(maxsize=1024)
+        if not self.pooled:
+            for target in self.targets:
+                if target.kind == "openai":
+                    self._openai = target
+                else:
+                    self._azure = target
 
     def build(
         self,
         request: ImageRequest,
+        target: Target,
         scope: Scope,
         api_key: str | None,
         request_id: str,
         upload: Upload | None = None,
     ) -> httpx.Request:
-        """The upstream request; `api_key` replaces the configured upstream key, and
-        `request_id` goes as `X-Client-Request-Id`, for the upstream's logs. An edit or
-        variation sends the rest of its `upload` as it arrives."""
+        """The upstream request to `target`; `api_key` replaces the configured upstream
+        key, and `request_id` goes as `X-Client-Request-Id`, for the upstream's logs. An
+        edit or variation sends the rest of its `upload` as it arrives."""
         operation = request.operation
         model = None  # the `model` to send instead of the client's
-        if request.form == "azure" and self._azure is not None:
-            assert request.deployment is not None
-            target = self._azure
-            url = self._azure_url(request.deployment, request.api_version, operation)
-        elif request.form == "azure":
-            assert self._openai is not None
-            target, url = self._openai, self._openai_urls[operation]
-            model = request.deployment
-        elif self._openai is not None:
-            target, url = self._openai, self._openai_urls[operation]
+        if target.kind == "azure":
+            if request.deployment is not None and not self.pooled:
+                deployment = request.deployment  # the client named it: as today
+            else:
+                deployment = target.deployment_for(request.model)
+            url = target.azure_url(deployment, request.api_version, operation)
         else:
-            assert self._azure is not None
-            self._check_azure(operation)
-            target = self._azure
-            url = self._azure_url(self._deployment_for(request.model), None, operation)
+            url = target.openai_url(operation)
+            if request.form == "azure":
+                model = request.deployment
         if upload is not None:
             content: Content = upload.body(None if model is None else {"model": model})
             content_type = upload.content_type
@@ -183,7 +227,7 @@ class Upstreams:
         return target.request(url, content, content_type, scope, api_key, request_id)
 
     def target(self, request: ImageRequest) -> Target:
-        """The upstream `build` sends `request` to."""
+        """The upstream a request goes to without a pool."""
         if request.form == "azure":
             target = self._azure or self._openai
         else:
@@ -193,50 +237,13 @@ class Upstreams:
 
     def check(self, operation: ImageOperation) -> None:
         """Refuse an operation no configured upstream serves (before anything is read)."""
-        if self._openai is None:
-            self._check_azure(operation)
-
-    @staticmethod
-    def _check_azure(operation: ImageOperation) -> None:
-        if operation == "variation":
+        if operation == "variation" and all(t.kind == "azure" for t in self.targets):
             raise ProxyError(
                 404,
                 "Image variations are not available on Azure OpenAI, the only upstream "
                 "this proxy has.",
                 code="unsupported_operation",
             )
-
-    def _deployment_for(self, model: str | None) -> str:
-        if model is None:
-            raise ProxyError(
-                400,
-                "Missing required parameter: 'model' (it names the Azure deployment).",
-                param="model",
-                code="missing_required_parameter",
-            )
-        deployment = self._deployments.get(model, model)
-        if not is_valid_deployment(deployment):
-            raise ProxyError(
-                400,
-                f"Invalid value for 'model': {model!r} is not a valid deployment name.",
-                param="model",
-                code="invalid_value",
-            )
-        return deployment
-
-    def _azure_url(
-        self, deployment: str, api_version: str | None, operation: ImageOperation
-    ) -> httpx.URL:
-        endpoint = ENDPOINTS[operation]
-        key = (deployment, api_version or self._azure_version, endpoint)
-        url = self._azure_urls.get(key)
-        if url is None:
-            # Both parts were checked against conservative patterns; quote() is belt and braces.
-            path = quote(deployment, safe="")
-            version = quote(key[1], safe="")
-            url = httpx.URL(f"{self._azure_base}{path}/images/{endpoint}?api-version={version}")
-            self._azure_urls[key] = url  # parsed once: URL parsing shows in the profile
-        return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +256,7 @@ class Failure:
     message: str
     retry: bool = True  # whether a client's retry may help (else x-should-retry: false)
     reached: bool = True  # whether the request may have reached the upstream, and be billed there
+    failover: bool = False  # whether a pool may try the next upstream instead
 
     def error(self) -> ProxyError:
         return server_error(self.status, self.message, self.code, retry=self.retry)
@@ -263,7 +271,13 @@ TIMED_OUT = Failure(
     reached=True,
 )
 BROKEN = Failure(
-    "protocol", 502, "upstream_error", "The upstream connection failed.", retry=True, reached=True
+    "protocol",
+    502,
+    "upstream_error",
+    "The upstream connection failed.",
+    retry=True,
+    reached=True,
+    failover=True,  # refused or reset before any answer
 )
 INVALID_STATUS = Failure(
     "protocol",
@@ -288,6 +302,7 @@ _CONNECT_TIMEOUT = Failure(
     "Timed out connecting to the upstream.",
     retry=True,
     reached=False,
+    failover=True,
 )
 _UNREACHABLE = Failure(
     "connect",
@@ -296,6 +311,7 @@ _UNREACHABLE = Failure(
     "Could not connect to the upstream.",
     retry=True,
     reached=False,
+    failover=True,
 )
 
 # Each upstream failure once, most specific first (as httpx maps httpcore's exceptions).
