@@ -201,6 +201,19 @@ def _policy(entry: Policy) -> Policy:
     return Policy.model_validate(entry.model_dump(include=set(Policy.model_fields)))
 
 
+def may_use(principal: Principal, model: str) -> bool:
+    """Whether the principal's and its project's model lists let it use `model`."""
+    policies = [principal.policy]
+    if principal.project is not None:
+        policies.append(principal.project.policy)
+    for policy in policies:
+        if policy.models is not None and model not in policy.models:
+            return False
+        if policy.denied_models is not None and model in policy.denied_models:
+            return False
+    return True
+
+
 def check_policy(principal: Principal, request: ImageRequest) -> None:
     """Refuse (403) a model or deployment outside the allow-list of the principal or of
     its project."""

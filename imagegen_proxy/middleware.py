@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING
 import httpx
 
 from .admin import AdminPlane
-from .auth import Authenticator, KeyTable, OpenAccess, Principal, check_policy, read_credentials
+from .auth import (
+    Authenticator,
+    KeyTable,
+    OpenAccess,
+    Principal,
+    check_policy,
+    may_use,
+    read_credentials,
+)
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
@@ -70,7 +78,7 @@ class ImageGenProxy:
     ) -> None:
         self.app = app
         self.config = config
-        self.router = Router(config.proxy.mount_prefix)
+        self.router = Router(config.proxy.mount_prefix, models=config.pooled)
         self.upstreams = Upstreams(config)
         self.pool = Pool(self.upstreams.targets, config.pool) if config.pooled else None
         self.store = _store(config)
@@ -134,6 +142,9 @@ class ImageGenProxy:
             return
         if route.operation == "budget":
             await self._budget(scope, send)
+            return
+        if route.operation == "models":
+            await self._models(scope, send)
             return
         if route.operation == "admin":
             await self.admin(scope, receive, send)
@@ -246,6 +257,30 @@ class ImageGenProxy:
             "object": "imagegen.budget",
             "key": standing[0] if standing else {"name": principal.name},
             "project": standing[1] if len(standing) > 1 else None,
+        }
+        body = json.dumps(view).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _models(self, scope: Scope, send: Send) -> None:
+        """`GET /v1/models`: the models the pool serves that the caller's key may use, in
+        OpenAI's list shape (the SDK's `client.models.list()`)."""
+        try:
+            expect_method(scope, "GET")
+            credentials = read_credentials(scope, self._key_headers)
+            principal = await self.authenticator.authenticate(credentials)
+        except ProxyError as error:
+            await send_error(send, error)
+            return
+        assert self.pool is not None
+        models = [m for m in self.pool.models(self.prices.models) if may_use(principal, m)]
+        view = {
+            "object": "list",
+            "data": [
+                {"id": model, "object": "model", "created": 0, "owned_by": "imagegen-proxy"}
+                for model in models
+            ],
         }
         body = json.dumps(view).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -98,6 +98,17 @@ class Pool:
             )
         ready.sort(key=lambda target: (target.priority, self._load(target), self._draw(target)))
         return ready[: self.config.max_attempts]
+
+    def models(self, known: Iterable[str]) -> list[str]:
+        """The models the pool serves: those its upstreams name, with `known` ones (the
+        priced models) when an upstream serves every model."""
+        served: set[str] = set()
+        for target in self.targets:
+            if target.models is None:
+                served.update(known)
+            else:
+                served.update(target.models)
+        return sorted(served)
 
     def _load(self, target: Target) -> float:
         return self.in_flight[target.name] / target.weight

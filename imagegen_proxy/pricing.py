@@ -161,6 +161,11 @@ class Prices:
             table[model] = entry if base is None or _replaces(base, entry) else _over(base, entry)
         self._prices = {model: _price(model, _resolve(model, table)) for model in table}
 
+    @property
+    def models(self) -> list[str]:
+        """Every model with a price."""
+        return sorted(self._prices)
+
     def get(self, model: str | None) -> Price | None:
         """The price of `model`; None for no model or one without a price."""
         return None if model is None else self._prices.get(model)

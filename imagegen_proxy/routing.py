@@ -12,7 +12,7 @@ from .types import Scope
 Form = Literal["openai", "azure"]
 # What a request asks for: an image operation (sent upstream), or the proxy's own views.
 ImageOperation = Literal["generation", "edit", "variation"]
-Operation = Literal[ImageOperation, "budget", "admin"]
+Operation = Literal[ImageOperation, "budget", "admin", "models"]
 
 # Each image operation's last path segment, upstream as here.
 ENDPOINTS: dict[ImageOperation, str] = {
@@ -26,6 +26,8 @@ OPENAI_PATHS = tuple(
 )
 # A client's own view of its limits, budgets and spending (GET).
 BUDGET_PATHS = ("/v1/imagegen/budget", "/imagegen/budget")
+# The models a pool serves (GET), served only by a pool: otherwise the host app's.
+MODELS_PATHS = ("/v1/models", "/models", "/openai/v1/models")
 # OpenAI's Admin API, for the admin key.
 ADMIN_PATHS = ("/v1/organization/", "/organization/")
 # Deliberately loose: anything between the fixed parts is captured, so that a bad
@@ -56,8 +58,9 @@ class Route(NamedTuple):
 class Router:
     """Matches scopes against the proxy paths, optionally under a mount prefix."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", *, models: bool = False) -> None:
         self.prefix = prefix.rstrip("/")
+        self._models = {self.prefix + path for path in MODELS_PATHS} if models else set()
         self._openai = {
             self.prefix + prefix + endpoint: Route("openai", operation=operation)
             for operation, endpoint in ENDPOINTS.items()
@@ -78,6 +81,8 @@ class Router:
             return route
         if path in self._budget:
             return _BUDGET
+        if path in self._models:
+            return _MODELS
         if path.startswith(self._admin):
             return _ADMIN
         found = self._azure.fullmatch(path)
@@ -89,6 +94,7 @@ class Router:
 
 
 _BUDGET = Route("openai", operation="budget")
+_MODELS = Route("openai", operation="models")
 _ADMIN = Route("openai", operation="admin")
 
 

@@ -63,7 +63,7 @@ def pooled(pools: list[Pool]) -> Iterator[Callable[..., tuple[str, Clock]]]:
 
         def start(members: list[dict[str, Any]], **sections: Any) -> tuple[str, Clock]:
             config = ProxyConfig.model_validate(
-                {"auth": {"open": True}, "upstreams": members, **sections}
+                {"auth": {"open": True}, "upstreams": members} | sections
             )
             proxy = ImageGenProxy(HostApp().app, config)
             assert proxy.pool is not None
@@ -262,3 +262,25 @@ def test_failovers_are_counted(pooled: Any, doubles: list[UpstreamDouble]) -> No
     assert generate(url).status_code == 200
     after = REGISTRY.get_sample_value("imagegen_proxy_failovers_total", labels)
     assert after == before + 1
+
+
+def test_the_sdk_lists_the_models_a_key_may_use(doubles: list[UpstreamDouble], pooled: Any) -> None:
+    a, b, _ = doubles
+    keys = [
+        {"name": "all", "key": CLIENT_KEY},
+        {"name": "one", "key": "sk-only-gpt-image-1", "models": ["gpt-image-1"]},
+    ]
+    url, _ = pooled(
+        [
+            member("a", a.url, models=["gpt-image-1", "dall-e-3"]),
+            member("b", b.url, models=["gpt-image-1-mini"]),
+        ],
+        auth={"open": False},
+        keys=keys,
+    )
+    listed = openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY).models.list()
+    assert [model.id for model in listed] == ["dall-e-3", "gpt-image-1", "gpt-image-1-mini"]
+    only = openai.OpenAI(base_url=url + "/v1", api_key="sk-only-gpt-image-1").models.list()
+    assert [model.id for model in only] == ["gpt-image-1"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-made-up").models.list()
