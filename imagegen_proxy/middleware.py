@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -258,10 +258,7 @@ class ImageGenProxy:
             "key": standing[0] if standing else {"name": principal.name},
             "project": standing[1] if len(standing) > 1 else None,
         }
-        body = json.dumps(view).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, view)
 
     async def _models(self, scope: Scope, send: Send) -> None:
         """`GET /v1/models`: the models the pool serves that the caller's key may use, in
@@ -282,10 +279,7 @@ class ImageGenProxy:
                 for model in models
             ],
         }
-        body = json.dumps(view).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, view)
 
     def _observe(self, entry: Entry) -> None:
         try:
@@ -401,6 +395,14 @@ async def read_upload(route: Route, upload: Upload) -> ImageRequest:
     # Until the body has been read to its end, more images may follow.
     images = upload.images if upload.done.is_set() else upload.max_files
     return parse_form(route, fields, images)
+
+
+async def send_json(send: Send, view: dict[str, Any]) -> None:
+    """A 200 answer of the proxy's own views (`/v1/imagegen/budget`, `/v1/models`)."""
+    body = json.dumps(view).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def ledger_row(entry: Entry) -> LedgerRow:
