@@ -157,6 +157,14 @@ class Pool:
         else:
             state.failures, state.backoff, state.until = 0, 0.0, 0.0
 
+    def left(self, target: Target, api_key: str | None) -> None:
+        """An attempt on `target` was abandoned before its answer (the client left): its
+        slot and any trial it held are given back, and nothing is learned."""
+        self.in_flight[target.name] -= 1
+        state = self._states.get((target.name, credential(api_key)))
+        if state is not None:
+            state.trial = False
+
     def state(self, target: Target) -> tuple[str, float | None]:
         """The configured credential's view of `target`: "up", "cooling" (until when, in
         seconds from now), for /healthz."""
@@ -205,6 +213,10 @@ class Tries:
     def ended(self, target: Target, status: int | None, retry_after: float | None) -> None:
         if self._pool is not None:
             self._pool.ended(target, self._key, status, retry_after)
+
+    def left(self, target: Target) -> None:
+        if self._pool is not None:
+            self._pool.left(target, self._key)
 
     def failed_over(self, source: Target, to: Target, reason: str) -> None:
         logger.warning("upstream %s failed (%s): trying %s", source.name, reason, to.name)

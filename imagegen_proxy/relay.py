@@ -54,6 +54,8 @@ class Attempts(Protocol):
 
     def ended(self, target: Target, status: int | None, retry_after: float | None) -> None: ...
 
+    def left(self, target: Target) -> None: ...
+
     def failed_over(self, source: Target, to: Target, reason: str) -> None: ...
 
 
@@ -199,6 +201,9 @@ class Relay:
             try:
                 async with asyncio.timeout_at(self._deadline):
                     response = await self.send_upstream(request)
+            except asyncio.CancelledError:
+                attempts.left(target)  # the client left: nothing learned of the upstream
+                raise
             except Exception as exc:
                 attempts.ended(target, None, None)
                 outcome.elapsed = time.perf_counter() - started
@@ -217,9 +222,9 @@ class Relay:
             status = response.status_code
             wait = retry_after(response.headers.get("retry-after"))
             if status in FAILOVER_STATUSES and self._may_fail_over(index, targets, upload):
-                await response.aclose()
                 attempts.ended(target, status, wait)
                 attempts.failed_over(target, targets[index + 1], str(status))
+                await response.aclose()
                 continue
             try:
                 await self._answer(response, started)

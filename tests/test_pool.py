@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEY, UPSTREAM_KEY, HostApp
 from double import UpstreamDouble, cut_json, error_json, stall
-from support import serve
+from support import json_request_headers, raw_request, serve, until
 from test_cli import running
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
@@ -284,3 +284,18 @@ def test_the_sdk_lists_the_models_a_key_may_use(doubles: list[UpstreamDouble], p
     assert [model.id for model in only] == ["gpt-image-1"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="sk-made-up").models.list()
+
+
+def test_a_client_that_leaves_gives_back_its_slot_and_blames_no_upstream(
+    pooled: Any, pools: list[Pool], doubles: list[UpstreamDouble]
+) -> None:
+    a = doubles[0]
+    a.answer = stall()
+    url, _ = pooled([member("a", a.url)], pool={"failures_to_open": 1})
+    sock = raw_request(url, json_request_headers(b'{"prompt": "p"}'), b'{"prompt": "p"}')
+    assert a.arrived.wait(10)
+    sock.close()
+    assert a.gone.wait(10)  # the proxy dropped the upstream request
+    [pool] = pools
+    until(lambda: pool.in_flight["a"] == 0, within=10)
+    assert pool.state(pool.targets[0]) == ("up", None)
