@@ -79,6 +79,13 @@ def parse_generation(body: bytes) -> Generation:
     prompt = _prompt(data.get("prompt"))
     size = data.get("size")
     width, height = parse_size(size if isinstance(size, str) else None)
+    return _generation(data, prompt, width, height)
+
+
+def _generation(
+    data: dict[str, Any], prompt: str, width: int, height: int, **extra: Any
+) -> Generation:
+    """The parameters a generation and an edit share, checked alike."""
     return Generation(
         prompt=prompt,
         n=_int_field(data, "n", 1, 1, MAX_IMAGES),
@@ -88,6 +95,7 @@ def parse_generation(body: bytes) -> Generation:
         stream=_bool_field(data, "stream"),
         partial_images=_int_field(data, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
         as_url=data.get("response_format") == "url",
+        **extra,
     )
 
 
@@ -111,15 +119,11 @@ def parse_edit(form: Form) -> Edit:
         width, height = min(width, MAX_SIDE), min(height, MAX_SIDE)
     else:
         width, height = parse_size(size)
-    gen = Generation(
-        prompt=prompt,
-        n=_int_field(data, "n", 1, 1, MAX_IMAGES),
-        width=width,
-        height=height,
-        quality=_quality(data.get("quality")),
-        stream=_bool_field(data, "stream"),
-        partial_images=_int_field(data, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
-        as_url=data.get("response_format") == "url",
+    gen = _generation(
+        data,
+        prompt,
+        width,
+        height,
         image_tokens=sum(image_tokens(image) for image in images),
         events=b"image_edit",
     )
