@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -84,20 +87,38 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
     return proxy
 
 
-def ops_app(config: ProxyConfig, *, mock: bool = False) -> Starlette:
+def ops_app(
+    config: ProxyConfig, *, mock: bool = False, pool: Pool | None = None, follow: bool = False
+) -> Starlette:
     """The `[server] ops_port` listener's app: `/healthz` with its details and `/metrics`,
-    without credentials. Bind it where only operators reach it."""
+    without credentials. Bind it where only operators reach it.
+
+    `pool`'s states are shown with the upstreams. `follow` starts its Redis mirror with
+    this app (for a pool that serves nowhere else: `--workers`' supervisor)."""
     ops = _Ops(config, mock)
+    mirror = pool.mirror if pool is not None and follow else None
 
     async def healthz(request: Request) -> Response:
-        return ops.health(True)
+        return ops.health(True, pool)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if mirror is not None:
+            mirror.start()
+        try:
+            yield
+        finally:
+            if mirror is not None:
+                await mirror.aclose()
 
     routes: list[Any] = [Route("/healthz", healthz, methods=["GET"])]
     if config.metrics.enabled:
         from .metrics import metrics_app
 
         routes.append(Route(config.metrics.path, metrics_app(), methods=["GET"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: _not_found}, lifespan=lifespan
+    )
 
 
 class _Ops:
@@ -120,6 +141,8 @@ class _Ops:
                 state, seconds = pool.state(target)
                 upstreams[target.name]["state"] = state
                 if seconds is not None:
+                    until = datetime.now(UTC) + timedelta(seconds=seconds)
+                    upstreams[target.name]["until"] = until.isoformat(timespec="seconds")
                     upstreams[target.name]["cooling_seconds"] = round(seconds, 1)
         body = {"status": self.status, "upstreams": upstreams}
         return JSONResponse(body, status_code=self.code)

@@ -80,7 +80,7 @@ class ImageGenProxy:
         self.config = config
         self.router = Router(config.proxy.mount_prefix, models=config.pooled)
         self.upstreams = Upstreams(config)
-        self.pool = Pool(self.upstreams.targets, config.pool) if config.pooled else None
+        self.pool = _pool(config, self.upstreams) if config.pooled else None
         self.store = _store(config)
         self.authenticator = authenticator or _authenticator(config, self.store)
         self.admin = AdminPlane(
@@ -111,6 +111,8 @@ class ImageGenProxy:
             from .metrics import Metrics
 
             self.metrics = Metrics.shared()
+            if self.pool is not None:
+                self.metrics.upstream_states.watch(self.pool)
 
     def _sender(self) -> SendUpstream:
         if self._given_client is not None:
@@ -121,13 +123,15 @@ class ImageGenProxy:
 
     async def aclose(self) -> None:
         """Close what this proxy created: its upstream transport (a later request makes a
-        new one), the Redis connections of its limiter, and its store (after the ledger has
+        new one), the Redis connections of its limiter and pool, and its store (after the ledger has
         written what waits)."""
         transport, self.transport = self.transport, None
         if transport is not None:
             await transport.aclose()
         if self._owns_limiter:
             await self.rate_limiter.aclose()
+        if self.pool is not None and self.pool.mirror is not None:
+            await self.pool.mirror.aclose()
         if self.ledger is not None:
             await self.ledger.aclose()
         if self.store is not None:
@@ -137,7 +141,7 @@ class ImageGenProxy:
         route = self.router.match(scope) if scope["type"] == "http" else None
         if route is None:
             if scope["type"] == "lifespan":
-                send = self._closing_on_shutdown(send)
+                send = self._lifespan(send)
             await self.app(scope, receive, send)
             return
         if route.operation == "budget":
@@ -374,8 +378,14 @@ class ImageGenProxy:
             except Exception:
                 logger.exception("usage observer %r failed", observer)
 
-    def _closing_on_shutdown(self, send: Send) -> Send:
+    def _lifespan(self, send: Send) -> Send:
+        """The host's lifespan messages, heard on their way: the pool's mirror starts with
+        the server, and what the proxy opened closes with it."""
+
         async def send_closing(message: Message) -> None:
+            pool = self.pool
+            if message["type"] == "lifespan.startup.complete" and pool and pool.mirror:
+                pool.mirror.start()
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.aclose()
                 if self.metrics is not None:
@@ -453,6 +463,17 @@ def _authenticator(config: ProxyConfig, store: Store | None) -> Authenticator:
             "a [store], or set [auth] open = true to serve without keys"
         )
     return table
+
+
+def _pool(config: ProxyConfig, upstreams: Upstreams) -> Pool:
+    """The pool; with Redis limits, its cooldowns are shared through the same Redis."""
+    if config.limits.storage == "memory":
+        return Pool(upstreams.targets, config.pool)
+    from .redis_pool import RedisMirror
+
+    pool = Pool(upstreams.targets, config.pool, clock=time.time)
+    RedisMirror(pool, config.limits.storage)
+    return pool
 
 
 def _rate_limiter(config: ProxyConfig) -> RateLimiter:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
@@ -36,11 +38,61 @@ FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass(slots=True)
-class _State:
+class State:
+    """What is known of one upstream for one credential. Times are the pool's clock."""
+
     failures: int = 0  # in a row
-    until: float = 0.0  # cooling down until then (time.monotonic())
+    until: float = 0.0  # sitting out until then
     backoff: float = 0.0  # the last cooldown after failures, doubled on the next
-    trial: bool = False  # a trial request is out after a cooldown
+    trial: float = 0.0  # a trial request is out (until then, should its process die)
+
+    @property
+    def blank(self) -> bool:
+        return not (self.failures or self.until or self.trial)
+
+    def ready(self, now: float) -> bool:
+        return now >= self.until and now >= self.trial
+
+    def due(self, now: float) -> bool:
+        """A cooldown has passed and no trial is out: the next request is the trial."""
+        return bool(self.until) and self.ready(now)
+
+
+# What happened to an upstream, as `advance` and the Redis mirror apply it: "trial" (a
+# request starts on it after its cooldown), "left" (that trial was abandoned), or
+# ("ended", status or None for no answer, retry-after seconds or None).
+Event = str | tuple[str, int | None, float | None]
+
+
+def advance(state: State, event: Event, now: float, config: PoolConfig) -> None:
+    """The one rule of circuit breaking: how `event` changes `state`."""
+    if isinstance(event, str):
+        if event == "left":
+            state.trial = 0.0
+        elif state.due(now):  # "trial"
+            state.trial = now + config.cooldown_max
+        return
+    _, status, wait = event
+    state.trial = 0.0
+    if status == 429:
+        state.until = now + (wait if wait is not None else config.cooldown_min)
+    elif status is None or status in FAILOVER_STATUSES:
+        state.failures += 1
+        if state.failures >= config.failures_to_open:
+            state.backoff = min(config.cooldown_max, max(config.cooldown_min, state.backoff * 2))
+            state.until = now + state.backoff
+    else:
+        state.failures, state.backoff, state.until = 0, 0.0, 0.0
+
+
+class Mirror(Protocol):
+    """Where a pool's changes are shared with other processes (`redis_pool.RedisMirror`)."""
+
+    def start(self) -> None: ...
+
+    def send(self, name: str, owner: str, event: Event) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 def credential(api_key: str | None) -> str:
@@ -49,7 +101,9 @@ def credential(api_key: str | None) -> str:
 
 
 class Pool:
-    """The upstreams' states in this process, and the order a request tries them in."""
+    """The upstreams' states as this process knows them, and the order a request tries
+    them in. With a `mirror`, every change is also sent to the other processes, and what
+    they learn arrives through `adopt`; requests never wait for that."""
 
     def __init__(
         self,
@@ -62,13 +116,14 @@ class Pool:
         self.targets = targets
         self.config = config or PoolConfig()
         self.clock = clock
+        self.mirror: Mirror | None = None
         self._rng = rng or random.Random()
-        self._states: dict[tuple[str, str], _State] = {}
+        self._states: dict[tuple[str, str], State] = {}
         self.in_flight = {target.name: 0 for target in targets}
 
     def candidates(self, request: ImageRequest, api_key: str | None) -> list[Target]:
         """The upstreams to try, best first, at most `max_attempts`: 404 when none serves
-        the model, 503 when every one that does is cooling down."""
+        the model, 503 when every one that does is sitting out."""
         model = request.model
         serving = [
             target
@@ -83,12 +138,19 @@ class Pool:
                 param="model",
                 code="model_not_found",
             )
+        if self.mirror is not None:
+            self.mirror.start()
         now = self.clock()
         owner = credential(api_key)
-        ready = [target for target in serving if self._ready(target, owner, now)]
+        states = self._states
+        ready = [
+            target
+            for target in serving
+            if (state := states.get((target.name, owner))) is None or state.ready(now)
+        ]
         if not ready:
-            soonest = min(self._state(target, owner).until for target in serving)
-            wait = max(1, round(soonest - now + 0.5))
+            soonest = min(self._back_at(target, owner) for target in serving)
+            wait = max(1, math.ceil(soonest - now))
             raise ProxyError(
                 503,
                 f"Every upstream serving {model!r} is cooling down: try again in {wait} s.",
@@ -96,7 +158,8 @@ class Pool:
                 code="upstreams_unavailable",
                 headers=[("retry-after", str(wait))],
             )
-        ready.sort(key=lambda target: (target.priority, self._load(target), self._draw(target)))
+        if len(ready) > 1:
+            ready.sort(key=lambda target: (target.priority, self._load(target), self._draw(target)))
         return ready[: self.config.max_attempts]
 
     def models(self, known: Iterable[str]) -> list[str]:
@@ -117,22 +180,42 @@ class Pool:
         # Efraimidis-Spirakis: sorting by -u ** (1 / w) picks in proportion to the weights.
         return -float(self._rng.random() ** (1 / target.weight))
 
-    def _state(self, target: Target, owner: str) -> _State:
+    def _back_at(self, target: Target, owner: str) -> float:
+        state = self._states[(target.name, owner)]
+        return max(state.until, state.trial)
+
+    def _apply(self, target: Target, owner: str, event: Event) -> None:
+        """Apply `event` here and, with a mirror, everywhere. A state back to blank is
+        dropped, so only upstreams with something against them take memory."""
         key = (target.name, owner)
         state = self._states.get(key)
         if state is None:
-            state = self._states[key] = _State()
-        return state
+            if isinstance(event, str) or event[1] not in _FAILED:
+                return  # nothing known against it, and nothing to learn
+            state = self._states[key] = State()
+        advance(state, event, self.clock(), self.config)
+        if state.blank:
+            del self._states[key]
+        if self.mirror is not None:
+            self.mirror.send(target.name, owner, event)
 
-    def _ready(self, target: Target, owner: str, now: float) -> bool:
-        state = self._states.get((target.name, owner))
-        return state is None or (now >= state.until and not state.trial)
+    def adopt(self, name: str, owner: str, state: State) -> None:
+        """What another process (or the mirror, for this one) made of an upstream."""
+        if state.blank:
+            self._states.pop((name, owner), None)
+        else:
+            self._states[(name, owner)] = state
 
-    def started(self, target: Target, api_key: str | None) -> None:
+    def started(self, target: Target, api_key: str | None) -> bool:
+        """An attempt on `target` starts. True when it is the upstream's trial after a
+        cooldown: other requests wait for it (`left` must then say if it is abandoned)."""
         self.in_flight[target.name] += 1
-        state = self._states.get((target.name, credential(api_key)))
-        if state is not None and state.until and self.clock() >= state.until:
-            state.trial = True  # the one request after a cooldown: others wait for it
+        owner = credential(api_key)
+        state = self._states.get((target.name, owner))
+        if state is None or not state.due(self.clock()):
+            return False
+        self._apply(target, owner, "trial")
+        return True
 
     def ended(
         self, target: Target, api_key: str | None, status: int | None, retry_after: float | None
@@ -140,39 +223,32 @@ class Pool:
         """An attempt on `target` ended: with the upstream's `status`, or None when it
         failed to answer (connect error, reset)."""
         self.in_flight[target.name] -= 1
-        state = self._state(target, credential(api_key))
-        state.trial = False
-        now = self.clock()
-        if status == 429:
-            wait = retry_after if retry_after is not None else self.config.cooldown_min
-            state.until = now + wait
-        elif status is None or status in FAILOVER_STATUSES:
-            state.failures += 1
-            if state.failures >= self.config.failures_to_open:
-                state.backoff = min(
-                    self.config.cooldown_max,
-                    max(self.config.cooldown_min, state.backoff * 2),
-                )
-                state.until = now + state.backoff
-        else:
-            state.failures, state.backoff, state.until = 0, 0.0, 0.0
+        self._apply(target, credential(api_key), ("ended", status, retry_after))
 
-    def left(self, target: Target, api_key: str | None) -> None:
+    def left(self, target: Target, api_key: str | None, trial: bool) -> None:
         """An attempt on `target` was abandoned before its answer (the client left): its
-        slot and any trial it held are given back, and nothing is learned."""
+        slot and the trial it held, if it did, are given back; nothing is learned."""
         self.in_flight[target.name] -= 1
-        state = self._states.get((target.name, credential(api_key)))
-        if state is not None:
-            state.trial = False
+        if trial:
+            self._apply(target, credential(api_key), "left")
 
     def state(self, target: Target) -> tuple[str, float | None]:
-        """The configured credential's view of `target`: "up", "cooling" (until when, in
-        seconds from now), for /healthz."""
+        """How `target` stands for the configured credential, for /healthz: "up"; "cooling"
+        after a 429 or "open" after failures, with the seconds left; "trial" while the
+        request after a cooldown is out."""
         state = self._states.get((target.name, ""))
         now = self.clock()
-        if state is None or now >= state.until:
+        if state is None:
             return "up", None
-        return "cooling", state.until - now
+        if now < state.until:
+            opened = state.failures >= self.config.failures_to_open
+            return ("open" if opened else "cooling"), state.until - now
+        if now < state.trial:
+            return "trial", None
+        return "up", None
+
+
+_FAILED = FAILOVER_STATUSES | {None}
 
 
 def retry_after(value: str | None) -> float | None:
@@ -190,7 +266,7 @@ class Tries:
     """One request's `relay.Attempts`: its candidates, how to build the request for each,
     and the pool (None without one) to tell how each try went."""
 
-    __slots__ = ("_build", "_key", "_pool", "failovers", "targets")
+    __slots__ = ("_build", "_key", "_pool", "_trial", "failovers", "targets")
 
     def __init__(
         self,
@@ -201,6 +277,7 @@ class Tries:
     ) -> None:
         self.targets = targets
         self._build, self._pool, self._key = build, pool, api_key
+        self._trial = False  # the current attempt is its upstream's trial
         self.failovers: list[tuple[str, str, str]] = []  # (from, to, reason)
 
     def build(self, target: Target) -> httpx.Request:
@@ -208,7 +285,7 @@ class Tries:
 
     def started(self, target: Target) -> None:
         if self._pool is not None:
-            self._pool.started(target, self._key)
+            self._trial = self._pool.started(target, self._key)
 
     def ended(self, target: Target, status: int | None, retry_after: float | None) -> None:
         if self._pool is not None:
@@ -216,7 +293,7 @@ class Tries:
 
     def left(self, target: Target) -> None:
         if self._pool is not None:
-            self._pool.left(target, self._key)
+            self._pool.left(target, self._key, self._trial)
 
     def failed_over(self, source: Target, to: Target, reason: str) -> None:
         logger.warning("upstream %s failed (%s): trying %s", source.name, reason, to.name)
