@@ -30,6 +30,7 @@ from .app import (
     with_mock,
 )
 from .config import ConfigError, OpenAIMember, ProxyConfig, mask_url
+from .pool import Pool
 from .server import raise_open_files_limit, uvicorn_options
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     if config.store.url is not None:
         _upgrade_store(config.store.url)
     raise_open_files_limit()
-    ops_url = _serve_ops(config, mock, args.log_level)
+    # The ops listener shows the pool's states: this process's when it serves alone; with
+    # workers, what Redis shares (without Redis each worker knows only its own).
+    pool = app.pool if args.workers == 1 or (app.pool and app.pool.mirror) else None
+    ops_url = _serve_ops(config, mock, args.log_level, pool, follow=args.workers > 1)
     print(_banner(url, config, mock), flush=True)
     if embedded:
         where = "open on loopback" if config.admin.open else "needs [admin] key"
@@ -156,7 +160,9 @@ def _upgrade_store(url: str) -> None:
         sys.exit(f"imagegen-proxy: cannot migrate the store at {mask_url(url)}: {exc}")
 
 
-def _serve_ops(config: ProxyConfig, mock: bool, log_level: str) -> str:
+def _serve_ops(
+    config: ProxyConfig, mock: bool, log_level: str, pool: Pool | None, *, follow: bool
+) -> str:
     """Start the `[server] ops_port` listener, if configured, in a thread of this process
     (with `--workers`, the supervisor's: metrics add up every worker's values anyway)."""
     server = config.server
@@ -169,9 +175,9 @@ def _serve_ops(config: ProxyConfig, mock: bool, log_level: str) -> str:
             f"imagegen-proxy: cannot listen on {server.ops_host}:{server.ops_port}: "
             f"{exc.strerror or exc}"
         )
-    app = ops_app(config, mock=mock)
+    app = ops_app(config, mock=mock, pool=pool, follow=follow)
     options = uvicorn_options(server)  # the same front door
-    ops = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", **options))
+    ops = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **options))
     threading.Thread(target=ops.run, kwargs={"sockets": [sock]}, name="ops", daemon=True).start()
     return f"http://{_url_host(server.ops_host)}:{sock.getsockname()[1]}"
 
@@ -211,11 +217,18 @@ def _check(config: ProxyConfig, mock: bool, path: str | None) -> str | int:
 
 def _workers_note(config: ProxyConfig, workers: int) -> str:
     note = f"{workers} worker processes"
+    if config.limits.storage != "memory":
+        return note
     limited = any(holder.limited for holder in [*config.keys, *config.projects])
-    if limited and config.limits.storage == "memory":
+    alone = [
+        what
+        for what, applies in (("limits", limited), ("the pool's cooldowns", config.pooled))
+        if applies
+    ]
+    if alone:
         note += (
-            ': limits are counted per process with [limits] storage = "memory"; '
-            'set storage = "redis://..." to share them'
+            f": {' and '.join(alone)} are kept per process with [limits] storage = "
+            '"memory"; set storage = "redis://..." to share them'
         )
     return note
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 import atexit
 import os
 import re
-from typing import Any
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
 from .observe import Entry
 from .types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 try:
     import prometheus_client
@@ -128,6 +133,8 @@ class Metrics:
             "protocol, or the upstream's status).",
             ["from", "to", "reason"],
         )
+        self.upstream_states = UpstreamStates()
+        p.REGISTRY.register(self.upstream_states)
         self._models = _Bounded(100)
         self._keys = _Bounded(10_000)
         if multiprocess_dir():
@@ -172,6 +179,49 @@ class Metrics:
             self.upstream_errors.labels(upstream, entry.error).inc()
 
 
+# The values of imagegen_proxy_upstream_state, from pool.Pool.state.
+STATES = {"up": 0, "trial": 1, "cooling": 2, "open": 3}
+
+
+class UpstreamStates:
+    """`imagegen_proxy_upstream_state{upstream}`, read from the pools at each scrape (a
+    cooldown ends by the clock, not by an event). With several processes the one that
+    answers the scrape reports what it knows: with Redis, every process knows the same."""
+
+    def __init__(self) -> None:
+        self._pools: list[weakref.ref[Pool]] = []
+
+    def watch(self, pool: Pool) -> None:
+        self._pools.append(weakref.ref(pool))
+
+    def describe(self) -> list[Any]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Any]:
+        states: dict[str, int] = {}
+        for ref in list(self._pools):
+            pool = ref()
+            if pool is None:
+                self._pools.remove(ref)
+                continue
+            for target in pool.targets:  # the latest proxy's view of a name wins
+                states[target.name] = STATES[pool.state(target)[0]]
+        family = self._family()
+        for name, value in states.items():
+            family.add_metric([name], value)
+        yield family
+
+    @staticmethod
+    def _family() -> Any:
+        return prometheus_client.metrics_core.GaugeMetricFamily(
+            "imagegen_proxy_upstream_state",
+            "Each pooled upstream's state for the configured key: 0 up, 1 trial (the one "
+            "request after a cooldown is out), 2 cooling (after a 429), 3 open (after "
+            "failures in a row).",
+            labels=["upstream"],
+        )
+
+
 _KINDS = frozenset({"connect", "timeout", "pool", "protocol", "status", "mid_stream", "too_large"})
 
 
@@ -186,6 +236,7 @@ class MetricsApp:
             # Not the default registry: it would export this process's values twice.
             registry = prometheus_client.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(Metrics.shared().upstream_states)
         self._app = prometheus_client.make_asgi_app(registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

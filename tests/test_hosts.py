@@ -177,7 +177,8 @@ def test_workers_serve_requests_and_say_limits_need_redis(tmp_path: Path) -> Non
     config = tmp_path / "proxy.toml"
     config.write_text(f'[[keys]]\nname = "a"\nkey = "{CLIENT_KEY}"\nrequests_per_minute = 100\n')
     with running("--workers", "2", "--config", str(config), lines=7) as (url, banner):
-        assert "2 worker processes" in banner and 'storage = "redis://' in banner
+        assert "2 worker processes: limits are kept per process" in banner
+        assert 'storage = "redis://' in banner
         client = sdk(url)
         for _ in range(6):
             assert client.images.generate(prompt="p", size="16x16").data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEY, UPSTREAM_KEY, HostApp
 from double import UpstreamDouble, cut_json, error_json, stall
+from redis_server import redis_server
 from support import json_request_headers, raw_request, serve, until
 from test_cli import running
 
@@ -109,7 +111,7 @@ def test_a_dead_upstream_costs_no_client_an_error(
     [pool] = pools
     dead = next(target for target in pool.targets if target.name == "dead")
     state, seconds = pool.state(dead)
-    assert state == "cooling" and seconds is not None and 0 < seconds <= 1
+    assert state == "open" and seconds is not None and 0 < seconds <= 1
 
 
 def test_a_429_sits_out_its_retry_after(pooled: Any, doubles: list[UpstreamDouble]) -> None:
@@ -205,7 +207,7 @@ def test_an_azure_member_gets_its_own_deployment(
     assert a.last.path == "/openai/deployments/img-eastus/images/generations"
 
 
-def test_healthz_and_the_banner_list_the_upstreams(
+def test_healthz_metrics_and_the_banner_show_the_upstreams(
     doubles: list[UpstreamDouble], tmp_path: Any
 ) -> None:
     a = doubles[0]
@@ -216,15 +218,84 @@ def test_healthz_and_the_banner_list_the_upstreams(
         "priority = 2\n"  # the dead one is always tried first, until it sits out
         f'[[upstreams]]\nname = "dead"\nkind = "openai"\nbase_url = "{closed_port()}/v1"\n'
         'api_key = "k"\n[pool]\nfailures_to_open = 1\ncooldown_min = 30\n'
+        "[metrics]\nenabled = true\n[server]\nops_port = 0\n"
     )
-    with running("--config", str(config)) as (url, banner):
+    with running("--config", str(config), lines=7) as (url, banner):
         assert "a http://127.0.0.1:" in banner and "dead http://127.0.0.1:" in banner
         for _ in range(6):  # the dead one is tried once, then sits out
             assert generate(url).status_code == 200
         upstreams = httpx.get(url + "/healthz").json()["upstreams"]
+        scraped = httpx.get(url + "/metrics").text
+        ops = banner.split("Operations (/healthz details, metrics) on ", 1)[1].split()[0]
+        assert httpx.get(ops + "/healthz").json()["upstreams"]["dead"]["state"] == "open"
+    assert 'imagegen_proxy_upstream_state{upstream="a"} 0.0' in scraped
+    assert 'imagegen_proxy_upstream_state{upstream="dead"} 3.0' in scraped
+    assert 'imagegen_proxy_failovers_total{from="dead",reason="connect",to="a"} 1.0' in scraped
     assert upstreams["a"]["state"] == "up" and upstreams["a"]["kind"] == "openai"
-    assert upstreams["dead"]["state"] == "cooling"
+    assert upstreams["dead"]["state"] == "open"
     assert 0 < upstreams["dead"]["cooling_seconds"] <= 30
+    until = datetime.fromisoformat(upstreams["dead"]["until"])
+    assert 0 < (until - datetime.now(UTC)).total_seconds() <= 31
+
+
+def test_two_processes_share_cooldowns_through_redis(
+    doubles: list[UpstreamDouble], tmp_path: Any
+) -> None:
+    a, b, _ = doubles
+    a.answer = error_json(429, RATE_LIMITED, [("retry-after", "30")])
+    with redis_server() as (redis_url, _):
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            f'[auth]\nopen = true\n[limits]\nstorage = "{redis_url}"\n'
+            f'[[upstreams]]\nname = "a"\nkind = "openai"\nbase_url = "{a.url}/v1"\n'
+            'api_key = "k"\npriority = 1\n'
+            f'[[upstreams]]\nname = "b"\nkind = "openai"\nbase_url = "{b.url}/v1"\n'
+            'api_key = "k"\npriority = 2\n'
+        )
+        with (
+            running("--config", str(config)) as (one, _),
+            running("--config", str(config)) as (two, _),
+        ):
+            assert generate(one).status_code == 200  # a said 429: b answered
+
+            def cooling_in_two() -> bool:
+                upstreams = httpx.get(two + "/healthz").json()["upstreams"]
+                return bool(upstreams["a"]["state"] == "cooling")
+
+            until(cooling_in_two, within=10)  # generous: the news travels in milliseconds
+            for _ in range(3):
+                assert generate(two).status_code == 200
+    assert (len(a.requests), len(b.requests)) == (1, 4)
+
+
+def test_with_workers_the_ops_listener_shows_what_redis_shares(
+    doubles: list[UpstreamDouble], tmp_path: Any
+) -> None:
+    a, b, _ = doubles
+    a.answer = error_json(429, RATE_LIMITED, [("retry-after", "30")])
+    with redis_server() as (redis_url, _):
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            f'[auth]\nopen = true\n[limits]\nstorage = "{redis_url}"\n'
+            f'[[upstreams]]\nname = "a"\nkind = "openai"\nbase_url = "{a.url}/v1"\n'
+            'api_key = "k"\npriority = 1\n'
+            f'[[upstreams]]\nname = "b"\nkind = "openai"\nbase_url = "{b.url}/v1"\n'
+            'api_key = "k"\npriority = 2\n'
+            "[metrics]\nenabled = true\n[server]\nops_port = 0\n"
+        )
+        with running("--config", str(config), "--workers", "2", lines=8) as (url, banner):
+            ops = banner.split("Operations (/healthz details, metrics) on ", 1)[1].split()[0]
+            assert httpx.get(ops + "/healthz").json()["upstreams"]["a"]["state"] == "up"
+            assert generate(url).status_code == 200  # a worker heard a's 429
+
+            def cooling() -> bool:
+                upstreams = httpx.get(ops + "/healthz").json()["upstreams"]
+                return bool(upstreams["a"]["state"] == "cooling")
+
+            until(cooling, within=10)  # generous: the news travels in milliseconds
+            scraped = httpx.get(ops + "/metrics").text
+    assert 'imagegen_proxy_upstream_state{upstream="a"} 2.0' in scraped
+    assert 'imagegen_proxy_upstream_state{upstream="b"} 0.0' in scraped
 
 
 def test_an_upload_fails_over_only_before_it_went_up(
