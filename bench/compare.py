@@ -6,6 +6,7 @@ working tree's without and with some configuration.
     python bench/compare.py --base v0.1 --quick              # 3 rounds of 2 s
     python bench/compare.py --against 'budget_usd = 1e6'     # the bench key with a budget
     python bench/compare.py --store-key                      # the key in [store] (SQLite)
+    python bench/compare.py --pool 4                         # [openai] vs a pool of four
 
 The base revision is checked out in a temporary git worktree and run from there (its
 `PYTHONPATH` comes first), with this venv's packages. `--against` TOML is appended to the
@@ -64,6 +65,11 @@ def pair(args: argparse.Namespace, upstream: str) -> Iterator[list[tuple[str, Pr
                 ("key in [[keys]]", procs.imagegen_proxy(upstream, QUIET)),
                 ("key in [store]", procs.imagegen_proxy(upstream, QUIET, store=store)),
             ]
+    elif args.pool:
+        yield [
+            ("one upstream", procs.imagegen_proxy(upstream, QUIET)),
+            (f"pool of {args.pool}", procs.imagegen_proxy(upstream, QUIET, pool=args.pool)),
+        ]
     elif args.base:
         with checkout(args.base) as tree:
             env = {"PYTHONPATH": str(tree)}
@@ -88,6 +94,9 @@ def main() -> None:
     which.add_argument(
         "--store-key", action="store_true", help="the bench key in the configuration vs a store"
     )
+    which.add_argument(
+        "--pool", type=int, metavar="N", help="[openai] vs a pool of N upstreams (the same mock)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true")
@@ -106,6 +115,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.store_key:
         name, how = "compare-store-key", "--store-key"
+    elif args.pool:
+        name, how = "compare-pool", f"--pool {args.pool}"
     elif args.base:
         name, how = "compare-base", f"--base {args.base}"
     else:

@@ -100,14 +100,21 @@ def imagegen_proxy(
     stderr: IO[bytes] | None = None,
     env: dict[str, str] | None = None,
     store: str | None = None,
+    pool: int = 0,
 ) -> Iterator[tuple[str, int]]:
     """The product as users run it: one key, the in-memory limiter doing real work.
     `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section); `env`
     is added to its environment (`PYTHONPATH` runs another checkout's code). With `store`
-    (a database URL), the bench key lives in that store instead of the configuration."""
+    (a database URL), the bench key lives in that store instead of the configuration. With
+    `pool`, `[openai]` becomes that many `[[upstreams]]`, all the same `upstream`."""
     limits = "requests_per_minute = 100000000\nimages_per_minute = 100000000\n"
     limits += "max_concurrent = 100000\n"
     config = f'[openai]\nbase_url = "{upstream}/v1"\n'
+    if pool:
+        config = "".join(
+            f'[[upstreams]]\nname = "u{index}"\nkind = "openai"\nbase_url = "{upstream}/v1"\n'
+            for index in range(pool)
+        )
     if store is None:
         config += f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n{limits}'
     else:
