@@ -86,7 +86,7 @@ class Metrics:
         self.images = p.Counter(
             "imagegen_proxy_images",
             "Images charged (n of each request that reached the upstream and got no error).",
-            ["key", "model", "operation"],
+            ["key", "project", "model", "operation"],
         )
         self.cost = p.Counter(
             "imagegen_proxy_cost_usd",
@@ -157,10 +157,10 @@ class Metrics:
         if entry.admitted:
             self.in_flight.labels(key).dec()
         self.requests.labels(entry.form, entry.operation, key, model, str(entry.status)).inc()
+        project = self._keys(entry.project)
         if entry.images:
-            self.images.labels(key, model, entry.operation).inc(entry.images)
+            self.images.labels(key, project, model, entry.operation).inc(entry.images)
         if entry.cost_micros:
-            project = self._keys(entry.project)
             self.cost.labels(key, project, model).inc(entry.cost_micros / 1_000_000)
         if entry.bytes_out:
             self.bytes.labels(key).inc(entry.bytes_out)

@@ -30,7 +30,7 @@ from imagegen_proxy.metrics import metrics_app
 PATH = "/v1/images/generations"
 KEYS = [{"name": "team-m", "key": CLIENT_KEY, "requests_per_minute": 3}]
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
-IMAGES = {"key": "team-m", "operation": "generation"}
+IMAGES = {"key": "team-m", "project": "", "operation": "generation"}
 
 
 def value(name: str, **labels: str) -> float:
