@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from .activity import Activity
 from .admin import AdminPlane
 from .auth import (
     Authenticator,
@@ -106,6 +107,7 @@ class ImageGenProxy:
         self._given_client = None if http_client is None else client_sender(http_client)
         self.transport: httpx.AsyncBaseTransport | None = None
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self.activity = Activity()
         self.metrics: Metrics | None = None
         if config.metrics.enabled:
             from .metrics import Metrics
@@ -287,6 +289,7 @@ class ImageGenProxy:
 
     def _observe(self, entry: Entry) -> None:
         try:
+            self.activity.ended(entry)
             if self.access_log is not None:
                 self.access_log.emit(entry)
             if self.metrics is not None:
@@ -357,6 +360,7 @@ class ImageGenProxy:
             max_bytes=self.config.proxy.max_response_bytes,
         )
         entry.upstream, entry.admitted = targets[0].name, True
+        self.activity.started(entry)
         if self.metrics is not None:
             self.metrics.started(entry)
         try:

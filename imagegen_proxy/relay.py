@@ -279,6 +279,8 @@ class Relay:
         headers += self.headers
         if self.outcome.upstream_request_id is None:
             headers.append((b"x-request-id", self.request_id))
+        # The proxy's own id (its access log's and ledger's), whatever the upstream's is.
+        headers.append((b"x-imagegen-request-id", self.request_id))
         if scanner is not None:
             headers += _SSE_HEADERS
         await send(

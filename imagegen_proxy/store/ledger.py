@@ -302,6 +302,29 @@ async def _lines(
     return sorted(lines, key=lambda line: (line.start, [v or "" for v in line.group.values()]))
 
 
+# What `latest` filters by: a value each, matched exactly.
+LATEST_FILTERS: Final[Mapping[str, ColumnElement[Any]]] = {
+    "request_id": ledger.c.request_id,
+    "key_name": ledger.c.key_name,
+    "project_name": ledger.c.project_name,
+    "model": ledger.c.model,
+    "outcome": ledger.c.outcome,
+}
+
+
+async def latest(
+    store: Store, *, limit: int = 100, filters: Mapping[str, str] | None = None
+) -> list[LedgerRow]:
+    """The latest generations, newest first, those matching every one of `filters`."""
+    query = select(*(ledger.c[name] for name in _COLUMNS))
+    for name, value in (filters or {}).items():
+        query = query.where(LATEST_FILTERS[name] == value)
+    query = query.order_by(ledger.c.at.desc(), ledger.c.id.desc()).limit(limit)
+    async with store.engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    return [LedgerRow(*row) for row in rows]
+
+
 # --- OpenAI's pages ------------------------------------------------------------------------
 
 
