@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from .auth import is_admin
-from .config import OpenAIMember, OpenAIUpstream, ProxyConfig, mask_url
+from .config import ConfigError, OpenAIMember, OpenAIUpstream, ProxyConfig, mask_url
 from .errors import ProxyError
 from .middleware import ImageGenProxy
 from .mock import MockUpstream
@@ -84,7 +84,28 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
     host = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
     proxy = ImageGenProxy(host, config)
     pool[0] = proxy.pool  # /healthz shows each upstream's state in this process
+    if console_enabled(config):
+        from .console.app import console_app
+
+        host.router.routes.append(Mount(config.console.path, app=console_app(proxy)))
     return proxy
+
+
+def console_enabled(config: ProxyConfig) -> bool:
+    """`[console] enabled`, or, unset, whether the console extra is installed."""
+    wanted = config.console.enabled
+    if wanted is False:
+        return False
+    try:
+        import itsdangerous  # noqa: F401
+        import jinja2  # noqa: F401
+    except ImportError:
+        if wanted:
+            raise ConfigError(
+                "[console] enabled needs the console extra: pip install 'imagegen-proxy[console]'"
+            ) from None
+        return False
+    return True
 
 
 def ops_app(

@@ -22,6 +22,7 @@ from . import manage
 from .app import (
     EMBEDDED_STORE,
     configure_logging,
+    console_enabled,
     create_app,
     describe_upstreams,
     ops_app,
@@ -288,4 +289,12 @@ def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
         f'    -d \'{{"model": "gpt-image-1", "prompt": "a lighthouse at dawn"}}\' \\\n'
         f"    | {save}\n"
         f'Or point the openai SDK at it: OpenAI(base_url="{url}/v1", api_key="...")'
+        + _console_note(url, config)
     )
+
+
+def _console_note(url: str, config: ProxyConfig) -> str:
+    if not console_enabled(config):
+        return ""
+    how = "open on loopback" if config.admin.open else "sign in with the [admin] key"
+    return f"; the console: {url}{config.console.path}/ ({how})"

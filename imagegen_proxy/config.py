@@ -426,6 +426,18 @@ class MetricsConfig(_Section):
         return value
 
 
+class ConsoleConfig(_Section):
+    """`[console]`: the operators' web pages on the bundled proxy (the `console` extra:
+    Jinja2 and itsdangerous). Signed in with the `[admin]` key."""
+
+    enabled: bool | None = None  # None: on when the console extra is installed
+    path: str = Field("/console", pattern=r"^(/[A-Za-z0-9._~-]+)+$")
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    # The session cookie's Secure flag: set it when clients reach the proxy over HTTPS
+    # (behind a TLS terminator), so that the cookie never travels in clear.
+    secure_cookie: bool = False
+
+
 class StoreConfig(_Section):
     """`[store]`: a database of projects and keys, changed while the proxy runs (the `store`
     extra). `sqlite:///path/proxy.db` or `postgresql://user@host/db`."""
@@ -468,6 +480,7 @@ class ProxyConfig(_Section):
     mock: MockConfig = Field(default_factory=MockConfig)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> ProxyConfig:

@@ -1,0 +1,195 @@
+"""The console's pages: Starlette routes rendering Jinja2 templates, over the proxy's own
+store, pool and activity.
+
+Signed in with the `[admin]` key (compared as a SHA-256 digest, in constant time), which
+opens a session: a signed `HttpOnly`, `SameSite=Strict` cookie, limited to the console's
+path and to `session_hours`. Every form that changes anything carries the session's CSRF
+token, checked in constant time. In open mode (`[admin] open`, the no-config mode on
+loopback) no sign-in is asked; the CSRF check still is. Pages are never cached, never
+framed, and load nothing from elsewhere (a Content-Security-Policy says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from ..types import ASGIApp, Message, Receive, Scope, Send
+from .views import Pages
+
+if TYPE_CHECKING:
+    from ..middleware import ImageGenProxy
+
+Handler = Callable[[Request, FormData | None], Awaitable[Response]]
+
+_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+]
+
+
+def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
+    """The console of `proxy`, to mount at `path` (default `[console] path`): the bundled
+    proxy mounts it itself; a host app can mount it where it likes."""
+    config = proxy.config
+    path = path or config.console.path
+    templates = Jinja2Templates(
+        env=Environment(
+            loader=PackageLoader("imagegen_proxy.console", "templates"),
+            autoescape=select_autoescape(default=True),
+        )
+    )
+    pages = Pages(proxy, templates)
+    admin = config.admin.digest
+    open_ = config.admin.open
+
+    def signed_in(request: Request) -> bool:
+        return open_ or request.session.get("admin") is True
+
+    def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Signed in, or to the sign-in page; a form post, only with the session's token."""
+
+        async def endpoint(request: Request) -> Response:
+            if not signed_in(request):
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return _redirect(request, f"/signin?next={quote(here)}")
+            form = None
+            if request.method == "POST":
+                form = await request.form(max_files=0, max_fields=50)
+                if not _csrf_ok(request, form):
+                    return pages.refused(request, "The form was stale or forged: reload it.")
+            return await handler(request, form)
+
+        return endpoint
+
+    async def signin(request: Request) -> Response:
+        if request.method == "GET":
+            if signed_in(request):
+                return _redirect(request, "/")
+            return pages.signin(request, error=None, needs_key=admin is None)
+        form = await request.form(max_files=0, max_fields=10)
+        if not _csrf_ok(request, form):
+            return pages.refused(request, "The form was stale or forged: reload it.")
+        key = str(form.get("key", ""))
+        digest = hashlib.sha256(key.encode()).digest()
+        if admin is None or not hmac.compare_digest(digest, admin):
+            return pages.signin(request, error="That is not the admin key.", status=401)
+        request.session.clear()
+        request.session.update({"admin": True, "csrf": secrets.token_urlsafe(32)})
+        target = str(form.get("next", ""))
+        return _redirect(request, _inside(request, target))
+
+    async def signout(request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=10)
+        if not _csrf_ok(request, form):
+            return pages.refused(request, "The form was stale or forged: reload it.")
+        request.session.clear()
+        return _redirect(request, "/signin")
+
+    routes = [
+        Route("/", page(pages.overview)),
+        Route("/signin", signin, methods=["GET", "POST"]),
+        Route("/signout", signout, methods=["POST"]),
+        Route("/spend", page(pages.spend)),
+        Route("/spend.csv", page(pages.spend_csv)),
+        Route("/keys", page(pages.keys)),
+        Route("/keys/projects", page(pages.create_project), methods=["POST"]),
+        Route("/keys/projects/{id}/limits", page(pages.project_limits), methods=["POST"]),
+        Route("/keys/projects/{id}/archive", page(pages.archive_project), methods=["POST"]),
+        Route("/keys/new", page(pages.create_key), methods=["POST"]),
+        Route("/keys/{id}/revoke", page(pages.revoke_key), methods=["POST"]),
+        Route("/keys/{id}/rotate", page(pages.rotate_key), methods=["POST"]),
+        Route("/requests", page(pages.requests)),
+        Route("/requests/{request_id}.json", page(pages.request_json)),
+        Route("/playground", page(pages.playground)),
+        Mount("/static", StaticFiles(packages=[("imagegen_proxy.console", "static")])),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: pages.not_found})
+    return _Hardened(
+        SessionMiddleware(
+            app,
+            secret_key=_session_secret(admin),
+            session_cookie="imagegen_console",
+            max_age=round(config.console.session_hours * 3600),
+            path=path,
+            same_site="strict",
+            https_only=config.console.secure_cookie,
+        )
+    )
+
+
+def _session_secret(admin: bytes | None) -> str:
+    """Sessions are signed with a secret derived from the admin key: the same in every
+    worker process, and a new admin key ends every session. Without an admin key (open
+    mode), a secret of this process's own."""
+    if admin is None:
+        return secrets.token_hex(32)
+    return hmac.new(admin, b"imagegen-proxy console session", hashlib.sha256).hexdigest()
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, made on first need."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def _csrf_ok(request: Request, form: FormData) -> bool:
+    sent, expected = form.get("csrf"), request.session.get("csrf")
+    if not isinstance(sent, str) or not isinstance(expected, str):
+        return False
+    return hmac.compare_digest(sent.encode(), expected.encode())
+
+
+def _inside(request: Request, target: str) -> str:
+    """`next` after signing in: a path inside the console, or its overview (never
+    another site: no scheme, no `//`, no backslash)."""
+    base = request.scope.get("root_path", "")
+    if target.startswith(base + "/") and "//" not in target and "\\" not in target:
+        return target[len(base) :]
+    return "/"
+
+
+def _redirect(request: Request, where: str) -> Response:
+    return RedirectResponse(request.scope.get("root_path", "") + where, status_code=303)
+
+
+class _Hardened:
+    """Every console answer: not cached, not framed, nothing loaded from elsewhere."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def hardened(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, hardened)

@@ -1,0 +1,272 @@
+"""The console in a real browser: headless Chromium from the system packages, driven by
+Playwright, against the bundled command (a store, the embedded mock upstream, an admin key).
+
+Screenshots of every page go to `$IMAGEGEN_CONSOLE_SHOTS` (default: a temporary folder
+the run prints); the README's come from `IMAGEGEN_CONSOLE_SHOTS=docs pytest tests/test_console.py`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from support import on_store
+from test_cli import running
+
+from imagegen_proxy.store import Store
+from imagegen_proxy.store.ledger import usage_lines
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+ADMIN = "sk-admin-console-0123456789"
+PAGES = ["/", "/spend", "/spend.csv", "/keys", "/requests", "/requests/pxy_x.json", "/playground"]
+# Generous: a page of the console answers in milliseconds, a mock generation in a second.
+WAIT_MS = 30_000
+
+
+@dataclass
+class Console:
+    url: str  # the proxy
+    base: str  # the console
+    store: str
+    banner: str
+    shots: Path
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    folder = tmp_path_factory.mktemp("console")
+    config = folder / "proxy.toml"
+    store = f"sqlite:///{folder}/proxy.db"
+    config.write_text(
+        f'[admin]\nkey = "{ADMIN}"\n'
+        f'[store]\nurl = "{store}"\ncache_seconds = 0\n'
+        "[mock]\ndelay = 0.2\n"  # partial images a moment apart, as real ones are
+    )
+    shots = Path(os.environ.get("IMAGEGEN_CONSOLE_SHOTS") or folder / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    print(f"console screenshots: {shots}")
+    with running("--config", str(config)) as (url, banner):
+        yield Console(url, url + "/console", store, banner, shots)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with playwright.sync_playwright() as driver:
+        # As root, in a closed network: no sandbox, and no calls home at start-up.
+        launched = driver.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+def sign_in(page: Any, console: Console) -> None:
+    page.goto(console.base + "/")
+    page.fill("#key", ADMIN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("h1:text('Overview')")
+
+
+def ledger_micros(console: Console, start: int, end: int) -> int:
+    """What the ledger says was spent in [start, end), read in a thread of its own (an
+    event loop beside Playwright's)."""
+
+    async def total(store: Store) -> int:
+        return sum(line.cost_micros for line in await usage_lines(store, start, end))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return int(pool.submit(on_store, console.store, total).result())
+
+
+def create_key(page: Any, console: Console, name: str, project: str | None = None) -> str:
+    """A key made through the Projects and keys page; the key as shown once."""
+    page.goto(console.base + "/keys")
+    form = page.locator("#new-key-form")
+    form.locator("input[name=name]").fill(name)
+    if project is not None:
+        form.locator("select[name=project]").select_option(label=project)
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("#new-key, [role=alert]")
+    assert page.locator("[role=alert]").count() == 0, page.locator("[role=alert]").inner_text()
+    secret = str(page.locator("#new-key").input_value())
+    assert secret.startswith("sk-")
+    return secret
+
+
+def test_signed_out_every_page_sends_you_to_sign_in(console: Console, page: Any) -> None:
+    with httpx.Client(follow_redirects=False) as client:
+        for path in PAGES:
+            answer = client.get(console.base + path)
+            assert answer.status_code == 303, path
+            assert answer.headers["location"].startswith("/console/signin?next=/console")
+        for path in ["/keys/new", "/keys/projects", "/keys/key_x/revoke", "/signout"]:
+            answer = client.post(console.base + path, data={"name": "x", "csrf": "x"})
+            assert answer.status_code in (303, 403), path
+            assert answer.status_code == 403 or "/signin" in answer.headers["location"]
+    page.goto(console.base + "/keys")
+    assert page.locator("h1").inner_text() == "Sign in"
+    assert "/console/signin?next=/console/keys" in page.url
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(
+    console: Console, page: Any
+) -> None:
+    page.goto(console.base + "/")
+    page.fill("#key", "sk-not-the-admin-key")
+    page.click("button[type=submit]")
+    assert page.locator("[role=alert]").inner_text() == "That is not the admin key."
+    page.fill("#key", ADMIN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("h1:text('Overview')")
+    [cookie] = page.context.cookies()
+    assert cookie["name"] == "imagegen_console"
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert cookie["path"] == "/console" and ADMIN not in cookie["value"]
+    page.click("text=Sign out")
+    page.wait_for_selector("h1:text('Sign in')")
+    page.goto(console.base + "/spend")
+    assert page.locator("h1").inner_text() == "Sign in"
+
+
+def test_a_form_post_without_the_token_is_refused(console: Console, page: Any) -> None:
+    sign_in(page, console)
+    for form in ({"name": "forged"}, {"name": "forged", "csrf": "made-up"}):
+        answer = page.request.post(console.base + "/keys/projects", form=form)
+        assert answer.status == 403
+        assert "stale or forged" in answer.text()
+    page.goto(console.base + "/keys")
+    assert page.locator("#projects tr[data-project=forged]").count() == 0
+    headers = page.request.get(console.base + "/keys").headers
+    assert headers["cache-control"] == "no-store" and headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+
+
+def test_the_operators_journey(console: Console, page: Any) -> None:
+    started = int(datetime.now(UTC).timestamp())
+    sign_in(page, console)
+    page.goto(console.base + "/keys")
+    new = page.locator("#new-project")
+    page.click("text=New project")
+    new.locator("input[name=name]").fill("growth")
+    new.locator("input[name=budget_usd]").fill("5")
+    new.locator("button[type=submit]").click()
+    page.wait_for_selector("#projects tr[data-project=growth]")
+    secret = create_key(page, console, "checkout-bot", project="growth")
+    page.screenshot(path=console.shots / "keys.png", full_page=True)
+    page.goto(console.base + "/keys")
+    assert secret not in page.content()  # shown once: masked after
+    assert page.locator("#keys tr[data-key=checkout-bot]").get_attribute("data-state") == "active"
+
+    sdk = openai.OpenAI(base_url=console.url + "/v1", api_key=secret, max_retries=0)
+    ids = []
+    for n, size in ((1, "1024x1024"), (2, "1024x1536")):
+        raw = sdk.images.with_raw_response.generate(
+            model="gpt-image-1", prompt="a lighthouse", n=n, size=size
+        )
+        assert len(raw.parse().data or []) == n
+        ids.append(raw.headers["x-imagegen-request-id"])
+    for request_id in ids:  # the ledger writes in the background: this waits for it
+        line = page.request.get(f"{console.base}/requests/{request_id}.json").json()
+        assert line["images"] in (1, 2) and line["cost_usd"] > 0
+
+    page.goto(console.base + "/")
+    assert int(page.locator("#today-images").inner_text()) >= 3
+    assert int(page.locator("#today-requests").inner_text()) >= 2
+    assert page.locator("#in-flight").inner_text() == "0"
+    assert page.locator("#upstreams tr[data-upstream=openai] .state").inner_text() == "up"
+    page.screenshot(path=console.shots / "overview.png", full_page=True)
+
+    today = str(datetime.now(UTC).date())
+    page.goto(f"{console.base}/spend?start={today}&end={today}&by=project")
+    day = started - started % 86400
+    spent = ledger_micros(console, day, day + 86400)
+    chart = page.locator("figure.chart svg")
+    assert int(chart.get_attribute("data-total-micros")) == spent > 0
+    assert int(page.locator("#spend-total").get_attribute("data-micros")) == spent
+    bars = page.locator("rect.bar[data-series=growth]")
+    assert sum(int(bars.nth(i).get_attribute("data-micros")) for i in range(bars.count())) > 0
+    page.screenshot(path=console.shots / "spend.png", full_page=True)
+    download = page.request.get(f"{console.base}/spend.csv?start={today}&end={today}&by=key")
+    rows = list(csv.DictReader(io.StringIO(download.text())))
+    assert round(sum(float(row["cost_usd"]) for row in rows) * 1_000_000) == spent
+    assert "checkout-bot" in {row["key"] for row in rows}
+
+    page.goto(console.base + "/requests?key=checkout-bot")
+    assert page.locator("#requests tbody tr").count() == 2
+    page.click(f"#requests a[href*='{ids[0]}']")
+    assert page.locator("#requests tbody tr").count() == 1
+    assert page.locator(f"#requests tr[id='{ids[0]}']").count() == 1
+    page.goto(console.base + "/requests?key=checkout-bot")
+    page.screenshot(path=console.shots / "requests.png", full_page=True)
+
+    page.goto(console.base + "/keys")
+    page.locator("#keys tr[data-key=checkout-bot] button:text('Revoke')").click()
+    page.wait_for_selector("#keys tr[data-key=checkout-bot][data-state=revoked]")
+    with pytest.raises(openai.AuthenticationError):
+        sdk.images.generate(prompt="after the revocation")
+
+
+def test_the_playground_paints_a_partial_image_before_the_final_one(
+    console: Console, page: Any
+) -> None:
+    sign_in(page, console)
+    secret = create_key(page, console, "playground")
+    page.goto(console.base + "/playground")
+    page.fill("input[name=key]", secret)
+    page.select_option("select[name=partial_images]", "2")
+    page.click("button:text('Generate')")
+    page.wait_for_selector("#events li[data-kind=completed]")
+    kinds = page.locator("#events li").evaluate_all("items => items.map(i => i.dataset.kind)")
+    assert kinds == ["partial", "partial", "completed"]
+    image = page.locator("#image")
+    assert image.get_attribute("data-kind") == "final"
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+    page.wait_for_selector("#cost:text('Cost: $')")
+    assert float(page.locator("#cost").get_attribute("data-cost-usd")) > 0
+    page.screenshot(path=console.shots / "playground.png", full_page=True)
+
+
+def test_the_no_config_mode_opens_the_console_on_loopback(tmp_path: Path) -> None:
+    with running(cwd=tmp_path, lines=7) as (url, banner):
+        assert f"the console: {url}/console/ (open on loopback)" in banner
+        overview = httpx.get(url + "/console/")
+        assert overview.status_code == 200 and "<h1>Overview</h1>" in overview.text
+        assert "Sign out" not in overview.text
