@@ -27,7 +27,7 @@ class Activity:
     def ended(self, entry: Entry) -> None:
         if entry.admitted:
             self.in_flight -= 1
-        if entry.outcome == "ok":
+        if entry.outcome in ("ok", "replayed"):
             return
         minute = int(self._clock()) // 60
         if not self._minutes or self._minutes[-1][0] != minute:

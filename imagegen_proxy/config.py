@@ -426,6 +426,17 @@ class MetricsConfig(_Section):
         return value
 
 
+class IdempotencyConfig(_Section):
+    """`[idempotency]`: retries that never pay twice (see `idempotency`)."""
+
+    enabled: bool = True
+    ttl: float = Field(600.0, gt=0)  # seconds a finished answer is kept for replays
+    grace: float = Field(10.0, ge=0)  # seconds a generation outlives its last client
+    sdk_retries: bool = True  # deduplicate the SDK's retries (x-stainless-retry-count >= 1)
+    max_bytes: int = Field(1024**3, gt=0)  # finished answers kept, in all; oldest dropped first
+    spool_dir: str | None = None  # where answers are spooled; default: the system's temp dir
+
+
 class ConsoleConfig(_Section):
     """`[console]`: the operators' web pages on the bundled proxy (the `console` extra:
     Jinja2 and itsdangerous). Signed in with the `[admin]` key."""
@@ -481,6 +492,7 @@ class ProxyConfig(_Section):
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> ProxyConfig:

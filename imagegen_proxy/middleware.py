@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,6 +25,8 @@ from .auth import (
 from .config import ConfigError, ProxyConfig
 from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
+from .idempotency import Idempotency, Recording, rate_only
+from .idempotency import marker as idempotency_marker
 from .memory_limiter import MemoryLimiter
 from .observe import AccessLog, Entry, client_request_id
 from .pool import Pool, Tries
@@ -108,6 +111,11 @@ class ImageGenProxy:
         self.transport: httpx.AsyncBaseTransport | None = None
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
         self.activity = Activity()
+        settings = config.idempotency
+        self.idempotency = _idempotency(config)
+        self._sdk_retries = settings.sdk_retries
+        # A repeat of a generation running in another process waits at most this long.
+        self._repeat_wait = max((m.read_timeout for m in config.members()), default=600.0)
         self.metrics: Metrics | None = None
         if config.metrics.enabled:
             from .metrics import Metrics
@@ -138,6 +146,10 @@ class ImageGenProxy:
             await self.ledger.aclose()
         if self.store is not None:
             await self.store.aclose()
+        if self.idempotency is not None:
+            if self.idempotency.shared is not None:
+                await self.idempotency.shared.aclose()
+            self.idempotency.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.router.match(scope) if scope["type"] == "http" else None
@@ -156,7 +168,7 @@ class ImageGenProxy:
             await self.admin(scope, receive, send)
             return
         entry = Entry(route.form, route.operation, client_request_id=client_request_id(scope))
-        upload = None
+        upload = recording = None
         try:
             expect_method(scope, "POST")
             check_route(route)
@@ -175,6 +187,17 @@ class ImageGenProxy:
                 request = await read_upload(route, upload)
             entry.describe(request)
             check_policy(principal, request)
+            if self.idempotency is not None and route.operation == "generation":
+                marker = idempotency_marker(scope, principal, body, self._sdk_retries)
+                if marker is not None:
+                    found = self.idempotency.find(marker)
+                    if found is None and self.idempotency.shared is not None:
+                        wait = self._repeat_wait
+                        found = await self.idempotency.shared.claim(marker, entry.id, wait)
+                    if found is not None:
+                        await self._replay(principal, request, found, entry, receive, send)
+                        return
+                    recording = self.idempotency.start(marker, entry.id)
             price, reservation = self._price(principal, request)
             targets = self._candidates(request, principal)
             decision = await self.rate_limiter.acquire(principal, request, reservation)
@@ -182,9 +205,21 @@ class ImageGenProxy:
                 entry.limit = decision.limit or decision.code
                 raise decision.refusal()
             await self._generate(
-                principal, request, price, decision, entry, scope, receive, send, upload, targets
+                principal,
+                request,
+                price,
+                decision,
+                entry,
+                scope,
+                receive,
+                send,
+                upload,
+                targets,
+                recording,
             )
         except ProxyError as error:
+            if recording is not None:
+                recording.fail(error)  # who joined it gets the same answer
             entry.refused(error)
             entry.bytes_out = await send_error(send, error, entry.id)
         except ClientGone:
@@ -204,6 +239,10 @@ class ImageGenProxy:
         finally:
             if upload is not None:
                 await upload.aclose()
+            if recording is not None and not recording.ended:  # refused before it went up
+                assert self.idempotency is not None
+                self.idempotency.ended(recording)
+                recording.detach()
             self._observe(entry)
 
     def _upload(self, scope: Scope, receive: Receive) -> Upload:
@@ -311,6 +350,7 @@ class ImageGenProxy:
         send: Send,
         upload: Upload | None,
         targets: list[Target],
+        recording: Recording | None = None,
     ) -> None:
         settled = False
 
@@ -350,7 +390,7 @@ class ImageGenProxy:
         entry.failovers = tries.failovers
         relay = Relay(
             self._sender(),
-            send,
+            send if recording is None else recording.send,
             images=request.images,
             headers=headers,
             request_id=entry.id,
@@ -364,10 +404,72 @@ class ImageGenProxy:
         if self.metrics is not None:
             self.metrics.started(entry)
         try:
-            await relay.run(tries, receive, upload)
+            if recording is None:
+                await relay.run(tries, receive, upload)
+            else:
+                await self._recorded(relay, tries, recording, receive, send)
         finally:
             await settle(relay.outcome)
             entry.relayed(relay.outcome, request.images)
+
+    async def _recorded(
+        self, relay: Relay, tries: Tries, recording: Recording, receive: Receive, send: Send
+    ) -> None:
+        """Run a repeatable generation into its recording, in a task of its own, while the
+        client reads it back like anyone who joins: the client may leave, and the
+        generation goes on for `grace` (see `idempotency`)."""
+        assert self.idempotency is not None
+        registry = self.idempotency
+
+        async def generate() -> None:
+            try:
+                await relay.run(tries, recording.receive)
+            except ProxyError as error:
+                recording.fail(error)
+                raise
+            finally:
+                registry.ended(recording)
+
+        task = asyncio.create_task(generate())
+        try:
+            await recording.stream(receive, send, replayed=False)
+        except ClientGone:
+            logger.info("client left; generation %s goes on for its retries", recording.request_id)
+        finally:
+            recording.detach()
+            try:
+                await task
+            except ProxyError:
+                pass  # the client got it from the recording
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+
+    async def _replay(
+        self,
+        principal: Principal,
+        request: ImageRequest,
+        recording: Recording,
+        entry: Entry,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Answer a repeat from the generation it repeats: joined as it runs, or replayed
+        once it finished. It counts against the request rate limits alone."""
+        try:
+            decision = await self.rate_limiter.acquire(rate_only(principal), request, 0)
+            if not decision.allowed:
+                entry.limit = decision.limit or decision.code
+                raise decision.refusal()
+            entry.outcome, entry.replay_of = "replayed", recording.request_id
+            try:
+                entry.bytes_out = await recording.stream(receive, send, replayed=True)
+                entry.status = recording.start["status"] if recording.start else 0
+            finally:
+                if decision.release is not None:
+                    await decision.release(None)
+        finally:
+            recording.detach()
 
     def _candidates(self, request: ImageRequest, principal: Principal) -> list[Target]:
         """The upstreams to try: the one of old without a pool, else the pool's order."""
@@ -467,6 +569,22 @@ def _authenticator(config: ProxyConfig, store: Store | None) -> Authenticator:
             "a [store], or set [auth] open = true to serve without keys"
         )
     return table
+
+
+def _idempotency(config: ProxyConfig) -> Idempotency | None:
+    """Repeats deduplicated in this process; with Redis limits, across processes too."""
+    settings = config.idempotency
+    if not settings.enabled:
+        return None
+    registry = Idempotency(settings)
+    if config.limits.storage != "memory":
+        from .redis_idempotency import SharedMarkers
+
+        longest = max((m.total_timeout for m in config.members()), default=900.0)
+        registry.shared = SharedMarkers(
+            config.limits.storage, ttl=settings.ttl, running=longest + settings.grace
+        )
+    return registry
 
 
 def _pool(config: ProxyConfig, upstreams: Upstreams) -> Pool:

@@ -28,7 +28,9 @@ access_logger = logging.getLogger("imagegen_proxy.access")
 _CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,512}")
 _CLIENT_ID_HEADERS = (b"x-client-request-id", b"x-request-id")
 
-Result = Literal["ok", "client_gone", "upstream_error", "limited", "rejected", "error"]
+Result = Literal[
+    "ok", "replayed", "client_gone", "upstream_error", "limited", "rejected", "error"
+]
 # nginx's "client closed request": the client left before any answer was sent.
 CLIENT_CLOSED = 499
 
@@ -83,6 +85,7 @@ class Entry:
     input_tokens: int = 0
     output_tokens: int = 0
     admitted: bool = False  # the limits let it through: it counts as in flight
+    replay_of: str | None = None  # the request id of the generation it joined or replayed
 
     @property
     def duration(self) -> float:
@@ -154,6 +157,7 @@ class Entry:
             "limit": self.limit,
             "upstream": self.upstream,
             "attempts": self.attempts,
+            "replay_of": self.replay_of,
             "bytes_out": self.bytes_out,
             "ttfb_ms": _ms(self.ttfb),
             "upstream_ms": _ms(self.upstream_time),
