@@ -3,6 +3,11 @@ wrk.method = "POST"
 wrk.body = '{"model": "gpt-image-1", "prompt": "a lighthouse at dawn", "size": "16x16"}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer bench-key-0123456789"
+-- BENCH_RETRY_COUNT=0 sends what the official SDK sends on a first attempt (the requests
+-- the proxy records for their retries: README "Retries").
+if os.getenv("BENCH_RETRY_COUNT") then
+  wrk.headers["X-Stainless-Retry-Count"] = os.getenv("BENCH_RETRY_COUNT")
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
