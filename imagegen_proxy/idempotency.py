@@ -27,10 +27,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from .auth import Principal, Project
 from .config import IdempotencyConfig, Policy
@@ -43,8 +44,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("imagegen_proxy")
 
 _READ = 256 * 1024  # a reader sends the spool on in pieces of at most this
+_SMALL = 64 * 1024  # an answer up to this size stays in memory, not in a file
+_MAX_MEMORY = 64 * 1024 * 1024  # small answers kept in memory, in all
 _REPLAYED = (b"idempotent-replayed", b"true")
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+_SET = asyncio.Event()  # what a finished recording's readers find: nothing more to wait for
+_SET.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +118,35 @@ def rate_only(principal: Principal) -> Principal:
 class Recording:
     """One generation's answer, spooled to a file as it comes, for any number of readers."""
 
+    __slots__ = (
+        "_buffer",
+        "_dropped",
+        "_fd",
+        "_gone",
+        "_grace",
+        "_news",
+        "_timer",
+        "complete",
+        "ended",
+        "error",
+        "finished_at",
+        "marker",
+        "path",
+        "readers",
+        "request_id",
+        "size",
+        "start",
+    )
+
     def __init__(
         self, marker: Marker, request_id: str, path: Path, grace: float, *, writing: bool = True
     ) -> None:
         self.marker = marker
         self.request_id = request_id
         self.path = path
-        self._fd: int | None = None
-        if writing:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd: int | None = None  # the spool file, once the answer outgrew `_SMALL`
+        # A small answer stays in memory (a file costs more than the whole exchange).
+        self._buffer: bytearray | None = bytearray() if writing else None
         self._grace = grace
         self.start: Message | None = None
         self.size = 0
@@ -170,6 +195,17 @@ class Recording:
         return {"type": "http.disconnect"}
 
     def _write(self, data: bytes) -> None:
+        buffer = self._buffer
+        if buffer is not None:
+            if len(buffer) + len(data) <= _SMALL:
+                buffer += data
+                self.size += len(data)
+                return
+            # Outgrown: to the file, from here on (readers move over at their offset).
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._buffer = None
+            data = bytes(buffer) + data
+            self.size -= len(buffer)
         assert self._fd is not None
         view = memoryview(data)
         while view:
@@ -187,7 +223,12 @@ class Recording:
             self._fd = None
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self._notify()
+        # Kept for minutes, by the thousand: as few objects as can be for the collector.
+        self._news = self._gone = _SET
+        if self.start is not None:
+            self.start = {**self.start, "headers": tuple(self.start["headers"])}
 
     def _notify(self) -> None:
         self._news.set()
@@ -211,6 +252,29 @@ class Recording:
         elif not self.ended:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._grace, self._expire)
+
+    def spill(self) -> None:
+        """Move a small answer held in memory to its file."""
+        buffer = self._buffer
+        if buffer is None:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(buffer)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        self._buffer = None
+
+    @property
+    def held(self) -> int:
+        """Bytes of its answer held in memory (a small one's)."""
+        return 0 if self._buffer is None else len(self._buffer)
+
+    @property
+    def dropped(self) -> bool:
+        return self._dropped
 
     def drop(self) -> None:
         """Remove its file, now or once its last reader is done."""
@@ -246,6 +310,12 @@ class Recording:
         finally:
             watcher.cancel()
 
+    def _open_at(self, offset: int) -> BinaryIO:
+        # A local file in the page cache: opening and reading it does not wait on anything.
+        spool = open(self.path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+        spool.seek(offset)
+        return spool
+
     async def _stream(self, send: Send, replayed: bool) -> int:
         while self.start is None:
             if self.error is not None:
@@ -263,11 +333,17 @@ class Recording:
             start = {**start, "headers": [*start["headers"], _REPLAYED]}
         await send(start)
         sent = 0
-        # A local file, in the page cache: opening and reading it does not wait on anything.
-        with open(self.path, "rb", buffering=0) as spool:  # noqa: ASYNC230
+        with contextlib.ExitStack() as stack:
+            spool = None
             while True:
                 if sent < self.size:
-                    chunk = spool.read(min(_READ, self.size - sent))
+                    buffer = self._buffer
+                    if buffer is not None:
+                        chunk = bytes(buffer[sent : self.size])
+                    else:
+                        if spool is None:
+                            spool = stack.enter_context(self._open_at(sent))
+                        chunk = spool.read(min(_READ, self.size - sent))
                     sent += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 elif self.complete:
@@ -297,8 +373,11 @@ class Idempotency:
     ) -> None:
         self.config = config
         self._clock = clock
-        self._recordings: dict[str, Recording] = {}  # oldest first
+        self._recordings: dict[str, Recording] = {}
+        self._finished: deque[Recording] = deque()  # the kept answers, oldest first
         self._kept = 0  # bytes of the finished answers kept
+        self._in_memory = 0  # of which small ones, held in memory
+        self._sweep: asyncio.TimerHandle | None = None  # when the oldest answer expires
         self._names = itertools.count()
         self._folder: Path | None = None
         self.repeats = 0  # requests answered from another's generation
@@ -352,6 +431,8 @@ class Idempotency:
         dropped (the next retry is a fresh attempt)."""
         recording.end()
         if self.shared is not None:
+            if recording.ok:
+                recording.spill()  # where the other processes can read it
             self.shared.ended(recording)
         if not recording.ok:
             if self._recordings.get(recording.marker.key) is recording:
@@ -360,26 +441,43 @@ class Idempotency:
             return
         recording.finished_at = self._clock()
         self._kept += recording.size
-        with contextlib.suppress(RuntimeError):  # no loop: expired on the next request
-            asyncio.get_running_loop().call_later(self.config.ttl, self._expire)
-        while self._kept > self.config.max_bytes:
-            oldest = next((r for r in self._recordings.values() if r.finished_at is not None), None)
-            if oldest is None:
-                break
-            self._forget(self._recordings.pop(oldest.marker.key))
+        self._in_memory += recording.held
+        self._finished.append(recording)
+        while self._finished and (
+            self._kept > self.config.max_bytes or self._in_memory > _MAX_MEMORY
+        ):
+            self._forget(self._finished.popleft())
+        if self._sweep is None:
+            self._schedule()
 
     def _expire(self) -> None:
+        """Drop the kept answers older than `ttl`: O(1) unless some are due."""
+        finished, ttl = self._finished, self.config.ttl
         now = self._clock()
-        for key, recording in list(self._recordings.items()):
-            done = recording.finished_at
-            if done is not None and now - done >= self.config.ttl:
-                self._forget(self._recordings.pop(key))
+        while finished and now - (finished[0].finished_at or 0.0) >= ttl:
+            self._forget(finished.popleft())
+
+    def _schedule(self) -> None:
+        """Wake when the oldest kept answer expires, so that its file goes on time."""
+        self._sweep = None
+        if not self._finished:
+            return
+        due = (self._finished[0].finished_at or 0.0) + self.config.ttl - self._clock()
+        with contextlib.suppress(RuntimeError):  # no loop: expired on the next request
+            self._sweep = asyncio.get_running_loop().call_later(max(due, 0.0), self._swept)
+
+    def _swept(self) -> None:
+        self._expire()
+        self._schedule()
 
     def _forget(self, recording: Recording | None) -> None:
-        """Drop a kept answer (its readers read on from the open file)."""
-        if recording is None or recording.finished_at is None:
+        """Drop a kept answer, once (its readers read on from the open file)."""
+        if recording is None or recording.finished_at is None or recording.dropped:
             return
+        if self._recordings.get(recording.marker.key) is recording:
+            del self._recordings[recording.marker.key]
         self._kept -= recording.size
+        self._in_memory -= recording.held
         recording.drop()
 
     @property
@@ -392,7 +490,12 @@ class Idempotency:
 
     def close(self) -> None:
         """Remove every spool file (at shutdown)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._recordings.clear()
+        self._finished.clear()
+        self._kept = self._in_memory = 0
         self._kept = 0
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)

@@ -431,12 +431,14 @@ class ImageGenProxy:
                 registry.ended(recording)
 
         task = asyncio.create_task(generate())
+        attached = True
         try:
             await recording.stream(receive, send, replayed=False)
         except ClientGone:
             logger.info("client left; generation %s goes on for its retries", recording.request_id)
+            recording.detach()  # its grace starts now
+            attached = False
         finally:
-            recording.detach()
             try:
                 await task
             except ProxyError:
@@ -444,6 +446,9 @@ class ImageGenProxy:
             except asyncio.CancelledError:
                 task.cancel()
                 raise
+            finally:
+                if attached:
+                    recording.detach()
 
     async def _replay(
         self,

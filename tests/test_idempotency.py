@@ -3,8 +3,10 @@ sockets with the official SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -15,18 +17,31 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, HostApp, proxy_config
-from double import Exchange, UpstreamDouble, completed, error_json, held, partial, sse, stall
+from double import (
+    Exchange,
+    UpstreamDouble,
+    completed,
+    error_json,
+    held,
+    json_image,
+    partial,
+    sse,
+    stall,
+)
 from redis_server import redis_server
 from support import serve, until
 from test_cli import running
 
 from imagegen_proxy import ImageGenProxy
+from imagegen_proxy.config import IdempotencyConfig
+from imagegen_proxy.idempotency import Idempotency, Marker, Recording
 
 PATH = "/v1/images/generations"
 BODY = {"model": "gpt-image-1", "prompt": "a lighthouse"}
 SERVER_ERROR = {"message": "boom", "type": "server_error", "param": None, "code": None}
 
 Start = Callable[..., tuple[str, ImageGenProxy]]
+LARGE = "QUFB" * 40_000  # an image of 160 kB: over what is held in memory
 
 
 @pytest.fixture
@@ -100,6 +115,7 @@ def test_a_stream_joined_midway_gets_every_event_from_the_first(
 def test_a_replay_within_the_ttl_and_a_fresh_generation_after(
     proxied: Start, upstream: UpstreamDouble
 ) -> None:
+    upstream.answer = json_image(LARGE)  # spooled to a file (a small one stays in memory)
     url, proxy = proxied()
     assert proxy.idempotency is not None
     now = [1000.0]
@@ -195,8 +211,9 @@ def test_a_refused_first_attempt_leaves_nothing_and_its_repeat_is_fresh(
     assert httpx.post(url + PATH, json=BODY, headers=other).status_code == 200  # replayed
     refused = httpx.post(url + PATH, json=BODY, headers=headers)
     assert refused.status_code == 429  # the replay counted against the rate
-    # The kept answer; nothing of the refused one (gone just after its answer was sent).
-    until(lambda: len(spooled(proxy)) == 1, within=5)
+    assert proxy.idempotency is not None
+    assert len(proxy.idempotency) == 1  # the kept answer (in memory: it is small)
+    assert spooled(proxy) == []  # and no file of the refused one
     assert len(upstream.requests) == 1
 
 
@@ -218,7 +235,8 @@ def test_the_access_log_names_what_a_replay_repeats(
     assert '"images": 0' in replayed
 
 
-def test_shutdown_removes_the_spool(proxied: Start) -> None:
+def test_shutdown_removes_the_spool(proxied: Start, upstream: UpstreamDouble) -> None:
+    upstream.answer = json_image(LARGE)
     url, proxy = proxied()
     keyed(url, "k-shutdown")
     assert proxy.idempotency is not None
@@ -343,3 +361,46 @@ def test_two_processes_share_a_generation_through_redis(
             assert refused.json()["error"]["code"] == "idempotency_in_progress"
             assert refused.headers["retry-after"] == "1"
     assert len(upstream.requests) == 1
+
+
+def _record(registry: Idempotency, key: str, body: bytes) -> Recording:
+    """A finished generation under `key`, answered `body`, as the relay writes one."""
+    recording = registry.start(Marker(key, "d", joins=True, explicit=True), f"pxy_{key}")
+
+    async def write() -> None:
+        await recording.send({"type": "http.response.start", "status": 200, "headers": []})
+        await recording.send({"type": "http.response.body", "body": body, "more_body": False})
+        registry.ended(recording)
+        recording.detach()
+
+    asyncio.run(write())
+    return recording
+
+
+def test_past_max_bytes_the_oldest_answers_go_first(tmp_path: Path) -> None:
+    config = IdempotencyConfig(max_bytes=250_000, spool_dir=str(tmp_path))
+    registry = Idempotency(config)
+    for key in ("a", "b", "c"):
+        _record(registry, key, b"x" * 100_000)  # each over what is held in memory: a file
+    found = [registry.find(Marker(key, "d", joins=True, explicit=True)) for key in "abc"]
+    assert [recording is not None for recording in found] == [False, True, True]
+    assert registry.kept == 200_000 and len(list(registry.folder.iterdir())) == 2
+    registry.close()
+
+
+def test_the_spool_of_a_process_that_died_is_removed_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "imagegen-proxy-spool"
+    leftover = root / str(_gone_pid())
+    leftover.mkdir(parents=True)
+    (leftover / "0.spool").write_bytes(b"an answer nobody will replay")
+    registry = Idempotency(IdempotencyConfig(spool_dir=str(tmp_path)))
+    assert registry.folder.parent == root
+    assert not leftover.exists()
+    registry.close()
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
