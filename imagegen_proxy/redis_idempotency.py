@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import secrets
 from pathlib import Path
@@ -22,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ProxyError
 from .idempotency import Marker, Recording
+from .redis_support import Outage, redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-
-logger = logging.getLogger("imagegen_proxy")
 
 _POLL = 0.25  # seconds between looks at a claim held elsewhere
 
@@ -43,19 +41,13 @@ class SharedMarkers:
         prefix: str = "imagegen_proxy",
         client: Redis | None = None,
     ) -> None:
-        try:
-            from redis.asyncio import Redis
-        except ImportError:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "Shared idempotency needs the redis package: pip install 'imagegen-proxy[redis]'"
-            ) from None
-        self._client = client or Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._client = client or redis_client(url, "Shared idempotency")
         self._prefix = f"{prefix}:idem:"
         self._ttl_ms = round(ttl * 1000)
         self._running_ms = round(running * 1000)  # how long a claim may stay "running"
         self.process = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._pending: set[asyncio.Task[None]] = set()
-        self._failing = False
+        self._outage = Outage("shared idempotency", "repeats are deduplicated per process")
 
     async def claim(self, marker: Marker, request_id: str, wait: float) -> Recording | None:
         """Claim `marker` for a generation here: None when claimed (go on), or the
@@ -70,7 +62,7 @@ class SharedMarkers:
             deadline = asyncio.get_running_loop().time() + wait
             while True:
                 if await self._client.set(key, mine, px=self._running_ms, nx=True):
-                    self._recovered()
+                    self._outage.over()
                     return None
                 found = _load(await self._client.get(key))
                 if found is None:
@@ -89,7 +81,7 @@ class SharedMarkers:
         except ProxyError:
             raise
         except Exception as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             return None
 
     def ended(self, recording: Recording) -> None:
@@ -121,27 +113,12 @@ class SharedMarkers:
             }
             await self._client.set(key, json.dumps(done), px=self._ttl_ms)
         except Exception as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
 
     async def aclose(self) -> None:
         while self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self._client.aclose()
-
-    def _failed(self, exc: Exception) -> None:
-        if not self._failing:
-            self._failing = True
-            logger.warning(
-                "shared idempotency failed (%s: %s); repeats are deduplicated per process "
-                "until Redis answers",
-                type(exc).__name__,
-                exc,
-            )
-
-    def _recovered(self) -> None:
-        if self._failing:
-            self._failing = False
-            logger.warning("shared idempotency: Redis answers again")
 
 
 def _load(raw: Any) -> dict[str, Any] | None:

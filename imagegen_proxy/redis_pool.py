@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .pool import Event, Pool, State, advance
+from .redis_support import Outage, redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -44,23 +45,15 @@ class RedisMirror:
         prefix: str = "imagegen_proxy",
         client: Redis | None = None,
     ) -> None:
-        try:
-            from redis.asyncio import Redis
-        except ImportError:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "Shared cooldowns need the redis package: pip install 'imagegen-proxy[redis]'"
-            ) from None
         self.pool = pool
-        self._client = client or Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
-        )
+        self._client = client or redis_client(url, "Shared cooldowns", health_check_interval=30)
         self._owns_client = client is None
         self._prefix = f"{prefix}:pool:"
         self._channel = f"{prefix}:pool"
         self._pending: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()  # set while subscribed and loaded
-        self._failing = False  # a Redis failure was logged: say when it is over
+        self._outage = Outage("shared cooldowns", "cooldowns stay per process")
         self.shared = 0  # changes this process published
         self.heard = 0  # changes published by any process (this one too) and adopted
         self._news = asyncio.Event()  # set (and replaced) on each change heard
@@ -79,7 +72,7 @@ class RedisMirror:
     def send(self, name: str, owner: str, event: Event) -> None:
         self.start()
         if len(self._pending) >= _MAX_PENDING:
-            self._failed("too many changes waiting for Redis: this one stays local")
+            logger.warning("too many cooldown changes wait for Redis: this one stays local")
             return
         task = asyncio.get_running_loop().create_task(self._share(name, owner, event))
         self._pending.add(task)
@@ -137,9 +130,9 @@ class RedisMirror:
                     except WatchError:
                         continue  # another process changed it meanwhile: apply to theirs
         except Exception as exc:
-            self._failed(f"sharing a cooldown failed ({type(exc).__name__}: {exc})")
+            self._outage.failed(exc)
         else:
-            self._recovered()
+            self._outage.over()
 
     async def _listen(self) -> None:
         """Subscribe, load every shared state, then adopt each published change; after a
@@ -151,7 +144,7 @@ class RedisMirror:
                     await pubsub.subscribe(self._channel)
                     await self._load()  # after subscribing: no change falls in between
                     self._listening.set()
-                    self._recovered()
+                    self._outage.over()
                     wait = 0.5
                     while True:
                         message = await pubsub.get_message(timeout=5.0)
@@ -161,7 +154,7 @@ class RedisMirror:
                 raise
             except Exception as exc:
                 self._listening.clear()
-                self._failed(f"following shared cooldowns failed ({type(exc).__name__}: {exc})")
+                self._outage.failed(exc)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 30.0)
 
@@ -185,16 +178,6 @@ class RedisMirror:
         self.heard += 1
         self._news.set()
         self._news = asyncio.Event()
-
-    def _failed(self, message: str) -> None:
-        if not self._failing:
-            self._failing = True
-            logger.warning("%s; cooldowns stay per process until Redis answers", message)
-
-    def _recovered(self) -> None:
-        if self._failing:
-            self._failing = False
-            logger.warning("shared cooldowns: Redis answers again")
 
 
 def _decode(found: dict[Any, Any]) -> State:

@@ -305,7 +305,7 @@ def test_without_redis_each_process_keeps_its_own_and_shares_again_after(
             a.ended(x, None, 429, 30.0)  # no exception: this process still knows
             await mirrors[0].settled()
             assert a.state(x)[0] == "cooling" and b.state(x)[0] == "up"
-            assert "cooldowns stay per process until Redis answers" in caplog.text
+            assert "cooldowns stay per process until it answers" in caplog.text
         with redis_server(port):
             for mirror in mirrors:
                 await mirror.listening()  # reconnected, with backoff
