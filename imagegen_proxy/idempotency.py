@@ -1,8 +1,9 @@
 """Retries that never pay twice.
 
 A generation that may be asked for again (it carries an `Idempotency-Key`, or the
-official SDK's `x-stainless-retry-count`) is recorded as it streams: its answer goes to a
-spool file, not to memory, and its client reads it back from there like anyone else. A
+official SDK's `x-stainless-retry-count`) is recorded as it streams (`recording`): its
+answer goes to a spool file (a small one stays in memory), and its client reads it back
+from there like anyone else. A
 repeat (the same client key and `Idempotency-Key`; or an SDK retry, count 1 or more, of
 the same body) joins it while it runs, from the first byte, or replays it from the file
 within `ttl` once it finished. A generation whose clients all left keeps running for
@@ -10,10 +11,11 @@ within `ttl` once it finished. A generation whose clients all left keeps running
 if nobody came back, it is cancelled. Only whole 2xx answers are kept: after a failure
 the next retry is a fresh attempt.
 
-Spool files live in a directory of this process's own (`<spool_dir>/imagegen-proxy-spool/PID`),
-removed at shutdown; one left by a process that died is removed by the next to start.
-Finished answers past `max_bytes` in all are dropped, oldest first. With Redis, a repeat
-that lands on another process finds the original there (`redis_idempotency`).
+Spool files live in a directory of this process's own
+(`<spool_dir>/imagegen-proxy-spool/PID`), removed at shutdown; one left by a process that
+died is removed by the next to start. Finished answers past `max_bytes` in all are
+dropped, oldest first. With Redis, a repeat that lands on another process finds the
+original there (`redis_idempotency`).
 """
 
 from __future__ import annotations
@@ -28,39 +30,23 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from .auth import Principal, Project
 from .config import IdempotencyConfig, Policy
 from .errors import ClientGone, ProxyError
-from .types import Message, Receive, Scope, Send
+from .recording import Marker, Recording
+from .types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from .redis_idempotency import SharedMarkers
 
 logger = logging.getLogger("imagegen_proxy")
 
-_READ = 256 * 1024  # a reader sends the spool on in pieces of at most this
-_SMALL = 64 * 1024  # an answer up to this size stays in memory, not in a file
 _MAX_MEMORY = 64 * 1024 * 1024  # small answers kept in memory, in all
-_REPLAYED = (b"idempotent-replayed", b"true")
-_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
-_SET = asyncio.Event()  # what a finished recording's readers find: nothing more to wait for
-_SET.set()
-
-
-@dataclass(frozen=True, slots=True)
-class Marker:
-    """What makes a request repeatable: its key in the registry, the digest of its body,
-    and whether it may join an earlier one (an SDK's first attempt never does)."""
-
-    key: str
-    digest: str
-    joins: bool
-    explicit: bool  # an Idempotency-Key, rather than an SDK retry
 
 
 def marker(scope: Scope, principal: Principal, body: bytes, sdk_retries: bool) -> Marker | None:
@@ -113,256 +99,6 @@ def rate_only(principal: Principal) -> Principal:
         project=project,
         organization=rates(principal.organization),
     )
-
-
-class Recording:
-    """One generation's answer, spooled to a file as it comes, for any number of readers."""
-
-    __slots__ = (
-        "_buffer",
-        "_dropped",
-        "_fd",
-        "_gone",
-        "_grace",
-        "_news",
-        "_timer",
-        "complete",
-        "ended",
-        "error",
-        "finished_at",
-        "marker",
-        "path",
-        "readers",
-        "request_id",
-        "size",
-        "start",
-    )
-
-    def __init__(
-        self, marker: Marker, request_id: str, path: Path, grace: float, *, writing: bool = True
-    ) -> None:
-        self.marker = marker
-        self.request_id = request_id
-        self.path = path
-        self._fd: int | None = None  # the spool file, once the answer outgrew `_SMALL`
-        # A small answer stays in memory (a file costs more than the whole exchange).
-        self._buffer: bytearray | None = bytearray() if writing else None
-        self._grace = grace
-        self.start: Message | None = None
-        self.size = 0
-        self.complete = False  # the answer's last message was written
-        self.ended = False  # the generation is over (whole, failed or cut)
-        self.error: ProxyError | None = None  # it failed before its answer started
-        self.finished_at: float | None = None  # kept for replays since then
-        self.readers = 1  # its own client, from the start
-        self._dropped = False  # its file goes when the last reader is done
-        self._news = asyncio.Event()
-        self._gone = asyncio.Event()  # every client left and `grace` ran out
-        self._timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def stored(
-        cls, marker: Marker, request_id: str, path: Path, start: Message, size: int
-    ) -> Recording:
-        """A finished answer another process spooled at `path`, to replay (attached)."""
-        recording = cls(marker, request_id, path, 0.0, writing=False)
-        recording.start, recording.size = start, size
-        recording.complete = recording.ended = True
-        return recording
-
-    @property
-    def ok(self) -> bool:
-        status = None if self.start is None else self.start["status"]
-        return self.complete and status is not None and 200 <= status < 300
-
-    # --- the generation's side: the relay's `send` and `receive` ------------------------
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.start = message
-        elif message["type"] == "http.response.body":
-            data = message.get("body", b"")
-            if data:
-                self._write(data)
-            if not message.get("more_body", False):
-                self.complete = True
-        self._notify()
-
-    async def receive(self) -> Message:
-        """The generation's client, as the relay sees it: gone only when every reader
-        left and `grace` ran out."""
-        await self._gone.wait()
-        return {"type": "http.disconnect"}
-
-    def _write(self, data: bytes) -> None:
-        buffer = self._buffer
-        if buffer is not None:
-            if len(buffer) + len(data) <= _SMALL:
-                buffer += data
-                self.size += len(data)
-                return
-            # Outgrown: to the file, from here on (readers move over at their offset).
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._buffer = None
-            data = bytes(buffer) + data
-            self.size -= len(buffer)
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self.size += len(data)
-
-    def fail(self, error: ProxyError) -> None:
-        self.error = error
-        self._notify()
-
-    def end(self) -> None:
-        self.ended = True
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._notify()
-        # Kept for minutes, by the thousand: as few objects as can be for the collector.
-        self._news = self._gone = _SET
-        if self.start is not None:
-            self.start = {**self.start, "headers": tuple(self.start["headers"])}
-
-    def _notify(self) -> None:
-        self._news.set()
-        self._news = asyncio.Event()
-
-    # --- the readers' side --------------------------------------------------------------
-
-    def attach(self) -> None:
-        """One more client will read it (`detach` when it is done)."""
-        self.readers += 1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def detach(self) -> None:
-        self.readers -= 1
-        if self.readers:
-            return
-        if self._dropped:
-            _unlink(self.path)
-        elif not self.ended:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._grace, self._expire)
-
-    def spill(self) -> None:
-        """Move a small answer held in memory to its file."""
-        buffer = self._buffer
-        if buffer is None:
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(buffer)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        self._buffer = None
-
-    @property
-    def held(self) -> int:
-        """Bytes of its answer held in memory (a small one's)."""
-        return 0 if self._buffer is None else len(self._buffer)
-
-    @property
-    def dropped(self) -> bool:
-        return self._dropped
-
-    def drop(self) -> None:
-        """Remove its file, now or once its last reader is done."""
-        self._dropped = True
-        if self.readers == 0:
-            _unlink(self.path)
-
-    async def stream(self, receive: Receive, send: Send, *, replayed: bool) -> int:
-        """Send the answer to one attached client, from its first byte, as it is
-        written; return the body bytes sent. Raises the generation's `ProxyError` if it
-        failed before its answer started, and `ClientGone` when the client leaves."""
-        task = asyncio.current_task()
-        assert task is not None
-        left = False
-
-        async def watch() -> None:
-            nonlocal left
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            left = True
-            task.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            return await self._stream(send, replayed)
-        except asyncio.CancelledError:
-            if not left:
-                raise
-            task.uncancel()
-            raise ClientGone from None
-        except OSError:
-            raise ClientGone from None
-        finally:
-            watcher.cancel()
-
-    def _open_at(self, offset: int) -> BinaryIO:
-        # A local file in the page cache: opening and reading it does not wait on anything.
-        spool = open(self.path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
-        spool.seek(offset)
-        return spool
-
-    async def _stream(self, send: Send, replayed: bool) -> int:
-        while self.start is None:
-            if self.error is not None:
-                raise self.error
-            if self.ended:
-                raise ProxyError(
-                    502,
-                    "The generation this request repeats ended without an answer.",
-                    type="server_error",
-                    code="upstream_error",
-                )
-            await self._news.wait()
-        start = self.start
-        if replayed:
-            start = {**start, "headers": [*start["headers"], _REPLAYED]}
-        await send(start)
-        sent = 0
-        with contextlib.ExitStack() as stack:
-            spool = None
-            while True:
-                if sent < self.size:
-                    buffer = self._buffer
-                    if buffer is not None:
-                        chunk = bytes(buffer[sent : self.size])
-                    else:
-                        if spool is None:
-                            spool = stack.enter_context(self._open_at(sent))
-                        chunk = spool.read(min(_READ, self.size - sent))
-                    sent += len(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                elif self.complete:
-                    await send(_END)
-                    return sent
-                elif self.ended:
-                    return sent  # cut: the server aborts the connection, as for the original
-                else:
-                    await self._news.wait()
-
-    def _expire(self) -> None:
-        self._timer = None
-        if self.readers == 0 and not self.ended:
-            logger.info(
-                "generation %s: nobody came back within %g s; cancelled",
-                self.request_id,
-                self._grace,
-            )
-            self._gone.set()
 
 
 class Idempotency:
@@ -502,11 +238,6 @@ class Idempotency:
             self._folder = None
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 def _remove_leftovers(root: Path) -> None:
     """Remove the spool directories of processes that are gone."""
     for folder in root.iterdir():
@@ -519,3 +250,44 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
+
+
+async def run_recorded(
+    registry: Idempotency,
+    recording: Recording,
+    generation: Callable[[], Awaitable[object]],
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Run a repeatable `generation` (the relay, sending into `recording`) in a task of its
+    own, while its client reads the recording back like anyone who joins: the client may
+    leave, and the generation goes on for `grace`."""
+
+    async def generate() -> None:
+        try:
+            await generation()
+        except ProxyError as error:
+            recording.fail(error)
+            raise
+        finally:
+            registry.ended(recording)
+
+    task = asyncio.create_task(generate())
+    attached = True
+    try:
+        await recording.stream(receive, send, replayed=False)
+    except ClientGone:
+        logger.info("client left; generation %s goes on for its retries", recording.request_id)
+        recording.detach()  # its grace starts now
+        attached = False
+    finally:
+        try:
+            await task
+        except ProxyError:
+            pass  # the client got it from the recording
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            if attached:
+                recording.detach()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import logging
 import time
@@ -13,25 +13,30 @@ import httpx
 
 from .activity import Activity
 from .admin import AdminPlane
+from .assembly import (
+    authenticator_for,
+    idempotency_for,
+    pool_for,
+    rate_limiter_for,
+    store_for,
+)
 from .auth import (
     Authenticator,
-    KeyTable,
-    OpenAccess,
     Principal,
     check_policy,
     may_use,
     read_credentials,
 )
-from .config import ConfigError, ProxyConfig
+from .config import ProxyConfig
 from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
-from .idempotency import Idempotency, Recording, rate_only
 from .idempotency import marker as idempotency_marker
-from .memory_limiter import MemoryLimiter
+from .idempotency import rate_only, run_recorded
 from .observe import AccessLog, Entry, client_request_id
-from .pool import Pool, Tries
+from .pool import Tries
 from .pricing import Price, Prices
 from .ratelimit import Decision, RateLimiter
+from .recording import Recording
 from .relay import Outcome, Relay
 from .request import (
     ImageRequest,
@@ -49,7 +54,6 @@ from .usage import Usage, UsageObserver
 
 if TYPE_CHECKING:
     from .metrics import Metrics
-    from .store import Store
     from .store.ledger import LedgerRow, LedgerWriter
 
 logger = logging.getLogger("imagegen_proxy")
@@ -84,9 +88,9 @@ class ImageGenProxy:
         self.config = config
         self.router = Router(config.proxy.mount_prefix, models=config.pooled)
         self.upstreams = Upstreams(config)
-        self.pool = _pool(config, self.upstreams) if config.pooled else None
-        self.store = _store(config)
-        self.authenticator = authenticator or _authenticator(config, self.store)
+        self.pool = pool_for(config, self.upstreams) if config.pooled else None
+        self.store = store_for(config)
+        self.authenticator = authenticator or authenticator_for(config, self.store)
         self.admin = AdminPlane(
             config.proxy.mount_prefix, config.admin.digest, self.store, open=config.admin.open
         )
@@ -95,7 +99,7 @@ class ImageGenProxy:
             from .store.ledger import LedgerWriter
 
             self.ledger = LedgerWriter(self.store)
-        self.rate_limiter = rate_limiter or _rate_limiter(config)
+        self.rate_limiter = rate_limiter or rate_limiter_for(config)
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
         self.prices = Prices(config.prices)
@@ -112,7 +116,7 @@ class ImageGenProxy:
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
         self.activity = Activity()
         settings = config.idempotency
-        self.idempotency = _idempotency(config)
+        self.idempotency = idempotency_for(config)
         self._sdk_retries = settings.sdk_retries
         # A repeat of a generation running in another process waits at most this long.
         self._repeat_wait = max((m.read_timeout for m in config.members()), default=600.0)
@@ -407,48 +411,12 @@ class ImageGenProxy:
             if recording is None:
                 await relay.run(tries, receive, upload)
             else:
-                await self._recorded(relay, tries, recording, receive, send)
+                assert self.idempotency is not None
+                generation = functools.partial(relay.run, tries, recording.receive)
+                await run_recorded(self.idempotency, recording, generation, receive, send)
         finally:
             await settle(relay.outcome)
             entry.relayed(relay.outcome, request.images)
-
-    async def _recorded(
-        self, relay: Relay, tries: Tries, recording: Recording, receive: Receive, send: Send
-    ) -> None:
-        """Run a repeatable generation into its recording, in a task of its own, while the
-        client reads it back like anyone who joins: the client may leave, and the
-        generation goes on for `grace` (see `idempotency`)."""
-        assert self.idempotency is not None
-        registry = self.idempotency
-
-        async def generate() -> None:
-            try:
-                await relay.run(tries, recording.receive)
-            except ProxyError as error:
-                recording.fail(error)
-                raise
-            finally:
-                registry.ended(recording)
-
-        task = asyncio.create_task(generate())
-        attached = True
-        try:
-            await recording.stream(receive, send, replayed=False)
-        except ClientGone:
-            logger.info("client left; generation %s goes on for its retries", recording.request_id)
-            recording.detach()  # its grace starts now
-            attached = False
-        finally:
-            try:
-                await task
-            except ProxyError:
-                pass  # the client got it from the recording
-            except asyncio.CancelledError:
-                task.cancel()
-                raise
-            finally:
-                if attached:
-                    recording.detach()
 
     async def _replay(
         self,
@@ -549,67 +517,4 @@ def ledger_row(entry: Entry) -> LedgerRow:
         output_tokens=entry.output_tokens,
         cost_micros=entry.cost_micros,
         duration_ms=round(entry.duration * 1000),
-    )
-
-
-def _store(config: ProxyConfig) -> Store | None:
-    if config.store.url is None:
-        return None
-    from .store import Store
-
-    return Store(config.store.url)
-
-
-def _authenticator(config: ProxyConfig, store: Store | None) -> Authenticator:
-    if config.auth.open:
-        return OpenAccess()
-    table = KeyTable(config.keys, config.projects)
-    if store is not None:
-        from .store.keys import StoreKeys
-
-        return StoreKeys(table, store, cache_seconds=config.store.cache_seconds)
-    if not config.keys:
-        raise ConfigError(
-            'no client keys: add [[keys]] entries (name = "team-a", key_env = "TEAM_A_KEY"), '
-            "a [store], or set [auth] open = true to serve without keys"
-        )
-    return table
-
-
-def _idempotency(config: ProxyConfig) -> Idempotency | None:
-    """Repeats deduplicated in this process; with Redis limits, across processes too."""
-    settings = config.idempotency
-    if not settings.enabled:
-        return None
-    registry = Idempotency(settings)
-    if config.limits.storage != "memory":
-        from .redis_idempotency import SharedMarkers
-
-        longest = max((m.total_timeout for m in config.members()), default=900.0)
-        registry.shared = SharedMarkers(
-            config.limits.storage, ttl=settings.ttl, running=longest + settings.grace
-        )
-    return registry
-
-
-def _pool(config: ProxyConfig, upstreams: Upstreams) -> Pool:
-    """The pool; with Redis limits, its cooldowns are shared through the same Redis."""
-    if config.limits.storage == "memory":
-        return Pool(upstreams.targets, config.pool)
-    from .redis_pool import RedisMirror
-
-    pool = Pool(upstreams.targets, config.pool, clock=time.time)
-    RedisMirror(pool, config.limits.storage)
-    return pool
-
-
-def _rate_limiter(config: ProxyConfig) -> RateLimiter:
-    if config.limits.storage == "memory":
-        return MemoryLimiter()
-    from .redis_limiter import RedisLimiter
-
-    return RedisLimiter(
-        config.limits.storage,
-        on_storage_error=config.limits.on_storage_error,
-        lease_seconds=config.limits.concurrency_lease_seconds,
     )

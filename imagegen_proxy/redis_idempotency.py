@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProxyError
-from .idempotency import Marker, Recording
+from .recording import Marker, Recording
 from .redis_support import Outage, redis_client
 
 if TYPE_CHECKING:

@@ -34,7 +34,8 @@ from test_cli import running
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.config import IdempotencyConfig
-from imagegen_proxy.idempotency import Idempotency, Marker, Recording
+from imagegen_proxy.idempotency import Idempotency
+from imagegen_proxy.recording import Marker, Recording
 
 PATH = "/v1/images/generations"
 BODY = {"model": "gpt-image-1", "prompt": "a lighthouse"}

@@ -1,0 +1,81 @@
+"""What a configuration builds for the middleware: its store, authenticator, limiter, pool
+and idempotency registry, each in the form its settings ask for (memory, or Redis)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .auth import Authenticator, KeyTable, OpenAccess
+from .config import ConfigError, ProxyConfig
+from .idempotency import Idempotency
+from .memory_limiter import MemoryLimiter
+from .pool import Pool
+from .ratelimit import RateLimiter
+from .upstream import Upstreams
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def store_for(config: ProxyConfig) -> Store | None:
+    if config.store.url is None:
+        return None
+    from .store import Store
+
+    return Store(config.store.url)
+
+
+def authenticator_for(config: ProxyConfig, store: Store | None) -> Authenticator:
+    if config.auth.open:
+        return OpenAccess()
+    table = KeyTable(config.keys, config.projects)
+    if store is not None:
+        from .store.keys import StoreKeys
+
+        return StoreKeys(table, store, cache_seconds=config.store.cache_seconds)
+    if not config.keys:
+        raise ConfigError(
+            'no client keys: add [[keys]] entries (name = "team-a", key_env = "TEAM_A_KEY"), '
+            "a [store], or set [auth] open = true to serve without keys"
+        )
+    return table
+
+
+def idempotency_for(config: ProxyConfig) -> Idempotency | None:
+    """Repeats deduplicated in this process; with Redis limits, across processes too."""
+    settings = config.idempotency
+    if not settings.enabled:
+        return None
+    registry = Idempotency(settings)
+    if config.limits.storage != "memory":
+        from .redis_idempotency import SharedMarkers
+
+        longest = max((m.total_timeout for m in config.members()), default=900.0)
+        registry.shared = SharedMarkers(
+            config.limits.storage, ttl=settings.ttl, running=longest + settings.grace
+        )
+    return registry
+
+
+def pool_for(config: ProxyConfig, upstreams: Upstreams) -> Pool:
+    """The pool; with Redis limits, its cooldowns are shared through the same Redis."""
+    if config.limits.storage == "memory":
+        return Pool(upstreams.targets, config.pool)
+    from .redis_pool import RedisMirror
+
+    pool = Pool(upstreams.targets, config.pool, clock=time.time)
+    RedisMirror(pool, config.limits.storage)
+    return pool
+
+
+def rate_limiter_for(config: ProxyConfig) -> RateLimiter:
+    if config.limits.storage == "memory":
+        return MemoryLimiter()
+    from .redis_limiter import RedisLimiter
+
+    return RedisLimiter(
+        config.limits.storage,
+        on_storage_error=config.limits.on_storage_error,
+        lease_seconds=config.limits.concurrency_lease_seconds,
+    )
