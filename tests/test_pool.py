@@ -238,20 +238,29 @@ def test_healthz_metrics_and_the_banner_show_the_upstreams(
     assert 0 < (until - datetime.now(UTC)).total_seconds() <= 31
 
 
+def shared_pool(
+    folder: Any, redis_url: str, a: UpstreamDouble, b: UpstreamDouble, extra: str = ""
+) -> Any:
+    """A config file: a pool of `a` then `b` (priorities 1 and 2), limits and cooldowns in
+    the Redis at `redis_url`, open access."""
+    config = folder / "proxy.toml"
+    config.write_text(
+        f'[auth]\nopen = true\n[limits]\nstorage = "{redis_url}"\n'
+        f'[[upstreams]]\nname = "a"\nkind = "openai"\nbase_url = "{a.url}/v1"\n'
+        'api_key = "k"\npriority = 1\n'
+        f'[[upstreams]]\nname = "b"\nkind = "openai"\nbase_url = "{b.url}/v1"\n'
+        'api_key = "k"\npriority = 2\n' + extra
+    )
+    return config
+
+
 def test_two_processes_share_cooldowns_through_redis(
     doubles: list[UpstreamDouble], tmp_path: Any
 ) -> None:
     a, b, _ = doubles
     a.answer = error_json(429, RATE_LIMITED, [("retry-after", "30")])
     with redis_server() as (redis_url, _):
-        config = tmp_path / "proxy.toml"
-        config.write_text(
-            f'[auth]\nopen = true\n[limits]\nstorage = "{redis_url}"\n'
-            f'[[upstreams]]\nname = "a"\nkind = "openai"\nbase_url = "{a.url}/v1"\n'
-            'api_key = "k"\npriority = 1\n'
-            f'[[upstreams]]\nname = "b"\nkind = "openai"\nbase_url = "{b.url}/v1"\n'
-            'api_key = "k"\npriority = 2\n'
-        )
+        config = shared_pool(tmp_path, redis_url, a, b)
         with (
             running("--config", str(config)) as (one, _),
             running("--config", str(config)) as (two, _),
@@ -274,15 +283,8 @@ def test_with_workers_the_ops_listener_shows_what_redis_shares(
     a, b, _ = doubles
     a.answer = error_json(429, RATE_LIMITED, [("retry-after", "30")])
     with redis_server() as (redis_url, _):
-        config = tmp_path / "proxy.toml"
-        config.write_text(
-            f'[auth]\nopen = true\n[limits]\nstorage = "{redis_url}"\n'
-            f'[[upstreams]]\nname = "a"\nkind = "openai"\nbase_url = "{a.url}/v1"\n'
-            'api_key = "k"\npriority = 1\n'
-            f'[[upstreams]]\nname = "b"\nkind = "openai"\nbase_url = "{b.url}/v1"\n'
-            'api_key = "k"\npriority = 2\n'
-            "[metrics]\nenabled = true\n[server]\nops_port = 0\n"
-        )
+        extra = "[metrics]\nenabled = true\n[server]\nops_port = 0\n"
+        config = shared_pool(tmp_path, redis_url, a, b, extra)
         with running("--config", str(config), "--workers", "2", lines=8) as (url, banner):
             ops = banner.split("Operations (/healthz details, metrics) on ", 1)[1].split()[0]
             assert httpx.get(ops + "/healthz").json()["upstreams"]["a"]["state"] == "up"
