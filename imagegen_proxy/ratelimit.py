@@ -185,13 +185,34 @@ def rfc3339(moment: datetime) -> str:
 
 def utc_day(now: float) -> tuple[str, float]:
     """Today's UTC date and the seconds until tomorrow."""
-    today = datetime.fromtimestamp(now, UTC)
-    midnight = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
-    return today.date().isoformat(), midnight.timestamp() - now
+    name, start, end = _DAY
+    if not start <= now < end:  # a new day (or a test's clock): once a day, not per request
+        today = datetime.fromtimestamp(now, UTC)
+        midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
+        start = midnight.timestamp()
+        name, end = today.date().isoformat(), start + 86400.0
+        _DAY[:] = name, start, end
+    return name, end - now
+
+
+# Today, as (name, start, end) in epoch seconds: every request asks, the answer changes daily.
+_DAY: list[Any] = ["", 0.0, 0.0]
+# Each period's last answer, with the epoch seconds it holds for.
+_PERIODS: dict[str, tuple[float, float, str, datetime | None]] = {}
 
 
 def budget_period(period: BudgetPeriod, now: float) -> tuple[str, datetime | None]:
     """The calendar period (UTC) `now` falls in, as an id, and when it ends."""
+    known = _PERIODS.get(period)
+    if known is not None and known[0] <= now < known[1]:
+        return known[2], known[3]
+    name, end = _budget_period(period, now)
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    _PERIODS[period] = (day.timestamp(), math.inf if end is None else end.timestamp(), name, end)
+    return name, end
+
+
+def _budget_period(period: BudgetPeriod, now: float) -> tuple[str, datetime | None]:
     moment = datetime.fromtimestamp(now, UTC)
     day = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
     if period == "day":
