@@ -7,12 +7,14 @@ working tree's without and with some configuration.
     python bench/compare.py --against 'budget_usd = 1e6'     # the bench key with a budget
     python bench/compare.py --store-key                      # the key in [store] (SQLite)
     python bench/compare.py --pool 4                         # [openai] vs a pool of four
+    python bench/compare.py --base main~3 --as-users --floor # as users run it; and the floor
 
 The base revision is checked out in a temporary git worktree and run from there (its
 `PYTHONPATH` comes first), with this venv's packages. `--against` TOML is appended to the
 configuration, right after the bench key's `[[keys]]` entry (so bare keys land in it).
-Every proxy has the access log off, as `bench/run.py` does, and sits in front of the same
-mock.
+Every proxy has the access log off and sits in front of the same mock; with `--as-users`,
+both run as `bench/run.py` runs the proxy (one key with a budget, a pool of two upstreams,
+the access log on). `--floor` adds `bench/floor.py`'s bare passthrough as a third row.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -52,7 +55,14 @@ def checkout(revision: str) -> Iterator[Path]:
             )
 
 
-Proxy = contextlib.AbstractContextManager[tuple[str, int]]
+Proxy = procs.Proxy
+
+
+def proxy(args: argparse.Namespace, upstream: str, **options: Any) -> Proxy:
+    """The proxy of a row: with the access log off, or with `--as-users` as users run it."""
+    if args.as_users:
+        return procs.as_users_run_it(upstream, **options)
+    return procs.imagegen_proxy(upstream, QUIET, **options)
 
 
 @contextlib.contextmanager
@@ -74,8 +84,8 @@ def pair(args: argparse.Namespace, upstream: str) -> Iterator[list[tuple[str, Pr
         with checkout(args.base) as tree:
             env = {"PYTHONPATH": str(tree)}
             yield [
-                (f"base ({args.base})", procs.imagegen_proxy(upstream, QUIET, env=env)),
-                ("working tree", procs.imagegen_proxy(upstream, QUIET)),
+                (f"base ({args.base})", proxy(args, upstream, env=env)),
+                ("working tree", proxy(args, upstream)),
             ]
     else:
         yield [
@@ -97,6 +107,10 @@ def main() -> None:
     which.add_argument(
         "--pool", type=int, metavar="N", help="[openai] vs a pool of N upstreams (the same mock)"
     )
+    parser.add_argument(
+        "--as-users", action="store_true", help="with --base: the proxies as bench/run.py runs it"
+    )
+    parser.add_argument("--floor", action="store_true", help="bench/floor.py as a third row")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true")
@@ -107,7 +121,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         upstream, _ = stack.enter_context(procs.server(procs.mock()))
         variants = stack.enter_context(pair(args, upstream))
-        started = {label: stack.enter_context(proxy) for label, proxy in variants}
+        started = {label: stack.enter_context(server) for label, server in variants}
+        if args.floor:
+            started["floor"] = stack.enter_context(procs.floor(upstream))
         result = load.side_by_side(started, args.rounds, args.seconds)
     base = variants[0][0]
     table = load.cpu_table(result, base, "proxy")
@@ -118,7 +134,7 @@ def main() -> None:
     elif args.pool:
         name, how = "compare-pool", f"--pool {args.pool}"
     elif args.base:
-        name, how = "compare-base", f"--base {args.base}"
+        name, how = "compare-base", f"--base {args.base}" + " --as-users" * args.as_users
     else:
         name, how = "compare-against", f"--against '{args.against}'"
     (out / f"{name}.json").write_text(json.dumps({"settings": vars(args), **result}))

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Any, Self
 
 import psutil
 
@@ -93,6 +93,9 @@ def mock(delay: float = 0.0, pad_to: int = 0) -> list[str]:
     ]
 
 
+Proxy = contextlib.AbstractContextManager[tuple[str, int]]
+
+
 @contextlib.contextmanager
 def imagegen_proxy(
     upstream: str,
@@ -101,14 +104,18 @@ def imagegen_proxy(
     env: dict[str, str] | None = None,
     store: str | None = None,
     pool: int = 0,
+    budget_usd: float | None = None,
 ) -> Iterator[tuple[str, int]]:
-    """The product as users run it: one key, the in-memory limiter doing real work.
+    """The product with one key, the in-memory limiter doing real work.
     `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section); `env`
     is added to its environment (`PYTHONPATH` runs another checkout's code). With `store`
     (a database URL), the bench key lives in that store instead of the configuration. With
-    `pool`, `[openai]` becomes that many `[[upstreams]]`, all the same `upstream`."""
+    `pool`, `[openai]` becomes that many `[[upstreams]]`, all the same `upstream`. With
+    `budget_usd`, the key spends on a daily dollar budget (never reached)."""
     limits = "requests_per_minute = 100000000\nimages_per_minute = 100000000\n"
     limits += "max_concurrent = 100000\n"
+    if budget_usd is not None:
+        limits += f"budget_usd = {budget_usd}\n"
     config = f'[openai]\nbase_url = "{upstream}/v1"\n'
     if pool:
         config = "".join(
@@ -137,6 +144,12 @@ def imagegen_proxy(
             yield running
     finally:
         os.unlink(file.name)
+
+
+def as_users_run_it(upstream: str, extra_config: str = "", **options: Any) -> Proxy:
+    """The product as users run it, issue 18's configuration: one key with a dollar budget,
+    a pool of two upstreams, and the JSON access log on (its lines go to /dev/null)."""
+    return imagegen_proxy(upstream, extra_config, pool=2, budget_usd=1e9, **options)
 
 
 def _store_key(store: str) -> None:

@@ -23,19 +23,18 @@ import procs
 import report
 
 NAMES = ["direct", "floor", "imagegen_proxy"]
-# The floor logs nothing: the proxy's access log is left out of the comparison (its cost is
-# bench/observability.py's figure).
-QUIET = "[access_log]\nenabled = false\n"
 Targets = dict[str, tuple[str, int | None]]
 
 
 @contextlib.contextmanager
 def targets(upstream: list[str]) -> Iterator[Targets]:
-    """The upstream, and the floor and imagegen_proxy in front of it."""
+    """The upstream, and the floor and imagegen_proxy in front of it: the proxy as users run
+    it (one key with a budget, a pool of two upstreams, the access log on), the floor with
+    no feature at all."""
     with (
         procs.server(upstream) as (up, _up_pid),
         procs.floor(up) as (floor, floor_pid),
-        procs.imagegen_proxy(up, QUIET) as (proxy, proxy_pid),
+        procs.as_users_run_it(up) as (proxy, proxy_pid),
     ):
         yield {
             "direct": (up, None),
