@@ -232,7 +232,8 @@ def test_custom_authenticator_is_used(upstream: UpstreamDouble) -> None:
     config = proxy_config(upstream, auth={"open": False})
     app = ImageGenProxy(HostApp().app, config, authenticator=TeamHeader())
     with serve(app) as proxy:
-        assert post(proxy, {"x-api-key": "sso-token-ok"}, {"prompt": "p", "model": "gpt-image-1"})
+        body = {"prompt": "p", "model": "gpt-image-1"}
+        assert post(proxy, {"x-api-key": "sso-token-ok"}, body).status_code == 200
         assert post(proxy, {"x-api-key": "nope"}).status_code == 401
         refused = post(proxy, {"x-api-key": "sso-token-ok"}, {"prompt": "p", "model": "dall-e-2"})
         assert refused.status_code == 403

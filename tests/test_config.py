@@ -6,9 +6,13 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import proxy_config
+from double import UpstreamDouble
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from support import serve
 
 from imagegen_proxy import ConfigError, ImageGenProxy, ProxyConfig
 
@@ -98,11 +102,13 @@ def test_proxy_refuses_to_start_open_unless_told() -> None:
         ImageGenProxy(Starlette(), ProxyConfig(openai={}))  # type: ignore[arg-type]
 
 
-def test_add_middleware_form_works() -> None:
+def test_add_middleware_form_works(upstream: UpstreamDouble) -> None:
     app = Starlette()
-    config = ProxyConfig(openai={}, auth={"open": True})  # type: ignore[arg-type]
-    app.add_middleware(ImageGenProxy, config=config)
-    app.build_middleware_stack()
+    app.add_middleware(ImageGenProxy, config=proxy_config(upstream))
+    with serve(app) as url:
+        answer = httpx.post(url + "/v1/images/generations", json={"prompt": "p"})
+    assert answer.status_code == 200  # the bare Starlette app alone would say 404
+    assert upstream.last.json == {"prompt": "p"}
 
 
 @pytest.mark.parametrize(
@@ -131,9 +137,7 @@ def test_a_virtual_key_header_that_would_travel_upstream_is_refused(header: str)
 
 def test_the_admin_key_cannot_also_be_a_client_key() -> None:
     with pytest.raises(ConfigError, match="also a client key"):
-        ProxyConfig.from_mapping(
-            {"admin": {"key": "same"}, "keys": [{"name": "a", "key": "same"}]}
-        )
+        ProxyConfig.from_mapping({"admin": {"key": "same"}, "keys": [{"name": "a", "key": "same"}]})
 
 
 def test_check_config_masks_passwords_in_the_redis_and_store_urls(tmp_path: Path) -> None:

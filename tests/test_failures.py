@@ -143,10 +143,10 @@ def test_client_leaving_while_upstream_works_cancels_the_upstream(
     body = json.dumps({"prompt": "p"}).encode()
     sock = raw_request(proxy, json_request_headers(body), body)
     assert upstream.arrived.wait(5)
-    left = time.monotonic()
     sock.close()
+    # 5 s: generous for a loaded CI machine, and far below the read and total timeouts
+    # (600 s, 900 s) that would otherwise end the upstream request.
     assert upstream.gone.wait(5), "the upstream request was not cancelled"
-    assert time.monotonic() - left < 1.0
 
 
 def test_client_leaving_mid_stream_cancels_the_upstream(
@@ -158,10 +158,8 @@ def test_client_leaving_mid_stream_cancels_the_upstream(
     received = b""
     while b"partial_image_index" not in received:
         received += sock.recv(65536)
-    left = time.monotonic()
     sock.close()
-    assert upstream.gone.wait(5)
-    assert time.monotonic() - left < 1.0
+    assert upstream.gone.wait(5), "the upstream request was not cancelled"
 
 
 def test_client_leaving_before_its_body_is_sent_reaches_nobody(

@@ -28,7 +28,7 @@ from double import (
     sse,
     stall,
 )
-from support import json_request_headers, raw_request, read_response, serving
+from support import json_request_headers, raw_request, read_response, serving, until
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.memory_limiter import MemoryLimiter
@@ -74,6 +74,8 @@ def test_a_body_sent_too_slowly_gets_408(
         reply = read_response(sock)
     assert reply.status_code == 408
     assert reply.json()["error"]["code"] == "request_timeout"
+    # Generous for a loaded CI machine, and far below the default body_timeout (30 s): the
+    # configured 0.5 s ended it.
     assert time.monotonic() - started < 5
     assert upstream.requests == []
 
@@ -297,12 +299,13 @@ def recv_until(sock: socket.socket, marker: bytes) -> bool:
 
 
 def test_requests_leave_no_reference_cycle_behind(
-    start_proxy: Callable[..., str], upstream: UpstreamDouble
+    start_proxy: Callable[..., str], upstream: UpstreamDouble, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Objects in cycles wait for the cyclic GC, whose full passes stall the event loop for
     milliseconds once a burst has filled the old generation: requests must free what they
     made by reference counting alone."""
     keys = [{"name": "team-a", "key": CLIENT_KEY, "requests_per_minute": 1000}]
+    caplog.set_level(logging.INFO, logger="imagegen_proxy.access")
     proxy = start_proxy(auth={"open": False}, keys=keys)
     dead = start_proxy(openai={"base_url": f"http://127.0.0.1:{closed_port()}/v1"})
     answers = [
@@ -326,10 +329,16 @@ def test_requests_leave_no_reference_cycle_behind(
             c.post(PATH, json={"prompt": ""})  # 400
             c.post(PATH, json={"prompt": "p"}, headers={"authorization": "Bearer wrong"})
             assert httpx.post(dead + PATH, json={"prompt": "p"}).status_code == 502
-            time.sleep(0.5)  # the abandoned requests' cancellation runs its course
+            # A request's access log line is the last thing it does: once the five abandoned
+            # ones are logged, their cancellation has run its course.
+            until(lambda: client_gone(caplog) == 5, within=10)
             gc.collect()
             ours = [o for o in gc.garbage if type(o).__module__.startswith("imagegen_proxy")]
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
     assert sorted({type(o).__qualname__ for o in ours}) == []
+
+
+def client_gone(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(getattr(r, "access", {}).get("outcome") == "client_gone" for r in caplog.records)

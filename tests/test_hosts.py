@@ -149,6 +149,7 @@ def test_uvicorn_root_path_is_respected(upstream: UpstreamDouble) -> None:
     proxy = ImageGenProxy(HostApp().app, proxy_config(upstream))
     with serve(proxy, root_path="/gateway") as url:  # behind a proxy that strips /gateway
         assert sdk(url).images.generate(prompt="p").data
+    assert upstream.last.path == "/v1/images/generations"  # the root path stays here
 
 
 def test_check_config_prints_the_resolved_config_with_secrets_masked(tmp_path: Path) -> None:

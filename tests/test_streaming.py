@@ -65,6 +65,8 @@ def test_completed_then_held_connection_still_ends_the_client_loop(
     upstream.answer = sse(partial(0), completed(), hold=True)
     started = time.monotonic()
     assert stream_types(proxy)[-1] == "image_generation.completed"
+    # Milliseconds normally, 5 s for a loaded CI machine; a loop left waiting on the held
+    # connection would end only at a timeout (the SDK's read timeout is 600 s).
     assert time.monotonic() - started < 5
     assert upstream.gone.wait(5), "the proxy kept the upstream connection open"
 
