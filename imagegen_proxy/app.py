@@ -25,6 +25,7 @@ from .config import ConfigError, OpenAIMember, OpenAIUpstream, ProxyConfig, mask
 from .errors import ProxyError
 from .middleware import ImageGenProxy
 from .mock import MockUpstream
+from .observe import LineHandler
 from .pool import Pool
 from .types import ASGIApp, Receive, Scope, Send
 
@@ -261,9 +262,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("imagegen_proxy").setLevel(level.upper())
     access = logging.getLogger("imagegen_proxy.access")
     if not access.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
+        access.addHandler(LineHandler(sys.stdout))
     access.setLevel(logging.INFO)
     access.propagate = False
 

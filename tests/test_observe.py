@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -15,6 +16,9 @@ import pytest
 from conftest import CLIENT_KEY, UPSTREAM_KEY
 from double import UPSTREAM_HEADERS, UpstreamDouble, error_json, sse, stall
 from support import json_request_headers, raw_request
+
+from imagegen_proxy.config import AccessLogConfig
+from imagegen_proxy.observe import AccessLog, Entry, LineHandler
 
 PATH = "/v1/images/generations"
 KEYS = [{"name": "team-a", "key": CLIENT_KEY, "requests_per_minute": 2}]
@@ -238,3 +242,34 @@ def wait_for_line(access: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
     while not access() and time.monotonic() < deadline:
         time.sleep(0.02)
     return access()[0]
+
+
+def test_the_commands_handler_writes_what_logging_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command writes its lines straight to the stream, skipping the log record: the same
+    line as logging would write. Any other handler, filter or propagation gets the record."""
+    access_logger = logging.getLogger("imagegen_proxy.access")
+    monkeypatch.setattr(access_logger, "handlers", [])
+    monkeypatch.setattr(access_logger, "filters", [])
+    monkeypatch.setattr(access_logger, "propagate", False)
+    monkeypatch.setattr(access_logger, "level", logging.INFO)
+    direct, logged = io.StringIO(), io.StringIO()
+    log = AccessLog(AccessLogConfig())
+    entry = Entry("openai", key="team-a", model='a "quoted"\nmodel', status=200)
+    access_logger.addHandler(LineHandler(direct))
+    log.emit(entry)
+    records: list[logging.LogRecord] = []
+    other = logging.StreamHandler(logged)
+    other.setFormatter(logging.Formatter("%(message)s"))
+    other.addFilter(lambda record: bool(records.append(record)) or True)
+    access_logger.addHandler(other)  # now a record is made, for both handlers
+    log.emit(entry)
+    first, second, *rest = direct.getvalue().splitlines()
+    assert rest == [] and logged.getvalue().splitlines() == [second]
+    assert json.loads(first) | {"ts": "", "duration_ms": 0} == json.loads(second) | {
+        "ts": "",
+        "duration_ms": 0,
+    }
+    assert json.loads(first)["model"] == 'a "quoted"\nmodel'
+    [record] = records
+    assert record.access["key"] == "team-a"  # type: ignore[attr-defined]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", json.loads(first)["ts"])
