@@ -92,34 +92,32 @@ class MemoryLimiter(RateLimiter):
             checked.append((subject, state))
         found = []
         periods = []
+        counted = Usage(requests=1, images=n)
         for subject, state in checked:
             used, images = len(state.requests), state.images_in_window
             state.requests.append(now)
             state.images.append((now, n))
             state.images_in_window += n
             state.in_flight += 1
-            state.spent = state.spent + Usage(requests=1, images=n)
+            state.spent = state.spent + counted
             reset = None
-            if subject.policy.budget_micros is not None:
+            if subject.policy.budget_usd is not None:
                 state.committed += reservation
                 reset = budget_period(subject.policy.budget_period, now)[1]
-            # A period of "" for a subject without a budget: nothing to settle there.
-            periods.append(state.period if subject.policy.budget_micros is not None else "")
+                periods.append(state.period)
+            else:
+                periods.append("")  # no budget: nothing to settle there
             found.append(Admitted(subject, used + 1, images + n, state.committed, reset))
 
         async def release(spent: Usage | None) -> None:
+            returned = Usage(images=-n) if spent is None else Usage(tokens=spent.tokens)
             for (_, state), period in zip(checked, periods, strict=True):
                 state.in_flight -= 1
-                if spent is None:  # nothing was billed: give it back
-                    if state.day == day:
-                        state.spent = state.spent - Usage(images=n)
-                    if period and state.period == period:
-                        state.committed -= reservation
-                    continue
                 if state.day == day:
-                    state.spent = state.spent + Usage(tokens=spent.tokens)
+                    state.spent = state.spent + returned
                 if period and state.period == period:
-                    state.committed += spent.cost_micros - reservation
+                    # Nothing was billed: the reservation goes back. Else the cost replaces it.
+                    state.committed += (0 if spent is None else spent.cost_micros) - reservation
 
         return admitted(found, release)
 

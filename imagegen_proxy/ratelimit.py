@@ -95,18 +95,20 @@ class Decision:
     def headers(self) -> list[tuple[str, str]]:
         headers = []
         for status in self.limits:
+            names = _LIMIT_HEADERS[status.name]
             headers += [
-                (f"x-ratelimit-limit-{status.name}", str(status.limit)),
-                (f"x-ratelimit-remaining-{status.name}", str(status.remaining)),
-                (f"x-ratelimit-reset-{status.name}", duration(status.reset)),
+                (names[0], str(status.limit)),
+                (names[1], str(status.remaining)),
+                (names[2], _WINDOW_RESET if status.reset == WINDOW else duration(status.reset)),
             ]
-        if self.budget is not None:
+        budget = self.budget
+        if budget is not None:
             headers += [
-                ("x-budget-limit-usd", usd(self.budget.limit)),
-                ("x-budget-remaining-usd", usd(max(0, self.budget.remaining))),
+                ("x-budget-limit-usd", usd(budget.limit)),
+                ("x-budget-remaining-usd", usd(max(0, budget.remaining))),
             ]
-            if self.budget.reset is not None:
-                headers.append(("x-budget-reset", rfc3339(self.budget.reset)))
+            if budget.reset is not None:
+                headers.append(("x-budget-reset", rfc3339(budget.reset)))
         return headers
 
     def refusal(self) -> ProxyError:
@@ -180,7 +182,23 @@ def duration(seconds: float) -> str:
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
+    text = _RFC3339.get(moment)
+    if text is None:  # a budget period's end: the same for every request of the period
+        text = moment.isoformat().replace("+00:00", "Z")
+        if len(_RFC3339) >= 64:
+            _RFC3339.clear()
+        _RFC3339[moment] = text
+    return text
+
+
+_RFC3339: dict[datetime, str] = {}
+
+
+_LIMIT_HEADERS = {
+    name: tuple(f"x-ratelimit-{what}-{name}" for what in ("limit", "remaining", "reset"))
+    for name in ("requests", "images")
+}
+_WINDOW_RESET = duration(WINDOW)
 
 
 def utc_day(now: float) -> tuple[str, float]:

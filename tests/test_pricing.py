@@ -3,6 +3,7 @@ before a request goes upstream and the cost read from the answer's usage, in mic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from typing import Any
@@ -389,8 +390,11 @@ def test_micro_dollars_print_as_exact_dollars_with_cents_at_least() -> None:
 
 
 def test_usage_adds_and_subtracts_every_field() -> None:
-    one = Usage(1, 2, 3, 4, 5, 6, 7, 8)
-    assert one + one == Usage(2, 4, 6, 8, 10, 12, 14, 16)
+    """`Usage.__add__` spells its fields out (it runs for every request): none is left out."""
+    count = len(dataclasses.fields(Usage))
+    one, other = Usage(*range(1, count + 1)), Usage(*range(10, 10 * count + 1, 10))
+    assert one + other == Usage(*range(11, 11 * count + 1, 11))
+    assert other - one == Usage(*range(9, 9 * count + 1, 9))
     assert one + one - one == one
     assert one - one == Usage()
 
