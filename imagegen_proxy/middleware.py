@@ -49,7 +49,15 @@ from .request import (
 from .routing import Route, Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upload import Upload, boundary_of
-from .upstream import SendUpstream, Target, Upstreams, client_sender, create_transport
+from .upstream import (
+    Call,
+    SendUpstream,
+    Target,
+    Upstreams,
+    client_sender,
+    create_transport,
+    sender_for,
+)
 from .usage import Usage, UsageObserver
 
 if TYPE_CHECKING:
@@ -113,6 +121,7 @@ class ImageGenProxy:
         self._response_headers = ResponseHeaders(config.proxy.forward_response_headers)
         self._given_client = None if http_client is None else client_sender(http_client)
         self.transport: httpx.AsyncBaseTransport | None = None
+        self._send_upstream: SendUpstream | None = None
         self.access_log = AccessLog(config.access_log) if config.access_log.enabled else None
         self.activity = Activity()
         settings = config.idempotency
@@ -131,9 +140,10 @@ class ImageGenProxy:
     def _sender(self) -> SendUpstream:
         if self._given_client is not None:
             return self._given_client
-        if self.transport is None:
+        if self.transport is None or self._send_upstream is None:
             self.transport = create_transport(self.config.proxy)
-        return self.transport.handle_async_request
+            self._send_upstream = sender_for(self.transport)
+        return self._send_upstream
 
     async def aclose(self) -> None:
         """Close what this proxy created: its upstream transport (a later request makes a
@@ -387,7 +397,7 @@ class ImageGenProxy:
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
         api_key, request_id = principal.upstream_api_key, entry.client_request_id or entry.id
 
-        def build(target: Target) -> httpx.Request:
+        def build(target: Target) -> Call:
             return self.upstreams.build(request, target, scope, api_key, request_id, upload)
 
         tries = Tries(targets, build, self.pool, api_key)

@@ -24,12 +24,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
-
 from .config import PoolConfig
 from .errors import ProxyError
 from .request import ImageRequest
-from .upstream import Target
+from .upstream import Call, Target
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -271,7 +269,7 @@ class Tries:
     def __init__(
         self,
         targets: list[Target],
-        build: Callable[[Target], httpx.Request],
+        build: Callable[[Target], Call],
         pool: Pool | None,
         api_key: str | None,
     ) -> None:
@@ -280,7 +278,7 @@ class Tries:
         self._trial = False  # the current attempt is its upstream's trial
         self.failovers: list[tuple[str, str, str]] = []  # (from, to, reason)
 
-    def build(self, target: Target) -> httpx.Request:
+    def build(self, target: Target) -> Call:
         return self._build(target)
 
     def started(self, target: Target) -> None:

@@ -25,7 +25,7 @@ from .pool import FAILOVER_STATUSES, retry_after
 from .sse import EventScanner
 from .types import Message, Receive, Send
 from .upload import Upload
-from .upstream import INVALID_STATUS, SendUpstream, Target, failure
+from .upstream import INVALID_STATUS, TIMED_OUT, Answer, Call, SendUpstream, Target, failure
 from .usage import Tail, Usage, tokens_in
 
 logger = logging.getLogger("imagegen_proxy")
@@ -48,7 +48,7 @@ class Attempts(Protocol):
     @property
     def targets(self) -> Sequence[Target]: ...
 
-    def build(self, target: Target) -> httpx.Request: ...
+    def build(self, target: Target) -> Call: ...
 
     def started(self, target: Target) -> None: ...
 
@@ -124,7 +124,10 @@ class Relay:
         self.max_bytes = max_bytes
         self.outcome = Outcome()
         self._finished = False
-        self._deadline = 0.0
+        self._expired = False  # total_timeout passed while the exchange was not settling
+        self._task: asyncio.Task[object] | None = None
+        self._scanner: EventScanner | None = None
+        self._started = False  # the response has started: a failure is answered on the wire
 
     async def run(
         self, attempts: Attempts, receive: Receive, upload: Upload | None = None
@@ -139,14 +142,15 @@ class Relay:
         """
         outcome = self.outcome
         error: ProxyError | None = None
-        task = asyncio.current_task()
+        self._task = task = asyncio.current_task()
         assert task is not None
-        self._deadline = asyncio.get_running_loop().time() + self.total_timeout
         # Plain asyncio, not an anyio task group: this runs for every request, and the
         # group's bookkeeping cost more than the rest of the proxy (see bench/README.md).
+        # Both the watcher and the timer cancel the exchange, unless it is settling.
         watcher = asyncio.create_task(self._watch(receive, task, upload))
+        timer = asyncio.get_running_loop().call_later(self.total_timeout, self._expire)
         try:
-            await self._exchange(attempts, upload)
+            await self._exchange_in_time(attempts, upload)
         except ProxyError as exc:
             error = exc
         except (OSError, ClientGone):
@@ -157,6 +161,7 @@ class Relay:
             task.uncancel()
         finally:
             self._finished = True
+            timer.cancel()
             watcher.cancel()
             if upload is not None and not upload.complete and outcome.status is None:
                 # The upstream never had the whole body: it cannot be making anything.
@@ -185,6 +190,35 @@ class Relay:
             self.outcome.client_gone = True
             task.cancel()
 
+    def _expire(self) -> None:
+        """`total_timeout` is over: end the exchange, unless it is settling."""
+        if not self._finished and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    async def _exchange_in_time(self, attempts: Attempts, upload: Upload | None) -> None:
+        """`_exchange`, ended at `total_timeout` as any upstream failure ends: a 504 before
+        the answer started, an error event or a cut connection after."""
+        try:
+            await self._exchange(attempts, upload)
+        except asyncio.CancelledError:
+            if not self._expired or self.outcome.client_gone:
+                raise
+            assert self._task is not None
+            self._task.uncancel()
+        else:
+            return
+        if self._started:
+            logger.warning("upstream answer not complete after total_timeout: cut")
+            message = f"The upstream did not finish within {self.total_timeout:g} seconds."
+            await self._fail(self._scanner, message, "timeout")
+            return
+        logger.warning("upstream %s failed: no answer within total_timeout", self.outcome.upstream)
+        if upload is not None and upload.error is not None:
+            self._upload_failed(upload.error)
+        self.outcome.failure = TIMED_OUT.kind
+        raise TIMED_OUT.error()
+
     async def _exchange(self, attempts: Attempts, upload: Upload | None) -> None:
         """Try the upstreams of `attempts` in turn until one answers, failing over only
         before anything reached the client: on a failure that left the upstream unable
@@ -194,15 +228,18 @@ class Relay:
         started = time.perf_counter()
         targets = attempts.targets
         for index, target in enumerate(targets):
-            request = attempts.build(target)
+            call = attempts.build(target)
             outcome.upstream, outcome.attempts = target.name, index + 1
             outcome.reached = True  # from here on it may have: count it unless proven otherwise
             attempts.started(target)
             try:
-                async with asyncio.timeout_at(self._deadline):
-                    response = await self.send_upstream(request)
+                answer = await self.send_upstream(call)
             except asyncio.CancelledError:
-                attempts.left(target)  # the client left: nothing learned of the upstream
+                if self._expired:  # no answer within total_timeout
+                    attempts.ended(target, None, None)
+                    outcome.elapsed = time.perf_counter() - started
+                else:
+                    attempts.left(target)  # the client left: nothing learned of the upstream
                 raise
             except Exception as exc:
                 attempts.ended(target, None, None)
@@ -219,15 +256,15 @@ class Relay:
                 outcome.failure = row.kind
                 outcome.reached = outcome.reached and row.reached
                 raise row.error() from None
-            status = response.status_code
-            wait = retry_after(response.headers.get("retry-after"))
+            status = answer.status
+            wait = retry_after(answer.header("retry-after"))
             if status in FAILOVER_STATUSES and self._may_fail_over(index, targets, upload):
                 attempts.ended(target, status, wait)
                 attempts.failed_over(target, targets[index + 1], str(status))
-                await response.aclose()
+                await answer.aclose()
                 continue
             try:
-                await self._answer(response, started)
+                await self._answer(answer, started)
             finally:
                 attempts.ended(target, status, wait)
             return
@@ -238,25 +275,25 @@ class Relay:
         it: an upload whose bytes began to go up cannot."""
         return index < len(targets) - 1 and (upload is None or not upload.started)
 
-    async def _answer(self, response: httpx.Response, started: float) -> None:
+    async def _answer(self, answer: Answer, started: float) -> None:
         outcome = self.outcome
         outcome.ttfb = time.perf_counter() - started
-        outcome.status = response.status_code
-        outcome.upstream_request_id = response.headers.get("x-request-id")
-        if not response.is_success:
+        outcome.status = status = answer.status
+        outcome.upstream_request_id = answer.header("x-request-id")
+        if not 200 <= status < 300:
             outcome.failure = "status"
         try:
-            if not 200 <= response.status_code <= 599:
+            if not 200 <= status <= 599:
                 # Informational (101 included) and made-up statuses: nothing a client of
                 # this API can use, and uvicorn cannot even send the latter.
                 outcome.failure = INVALID_STATUS.kind
-                logger.warning("upstream answered status %d", response.status_code)
+                logger.warning("upstream answered status %d", status)
                 raise INVALID_STATUS.error()
-            await self._relay(response)
+            await self._relay(answer)
         finally:
             # Closing is not interruptible: the watcher cancels only before this point.
             self._finished = True
-            await response.aclose()
+            await answer.aclose()
             outcome.elapsed = time.perf_counter() - started
 
     def _upload_failed(self, error: ProxyError | ClientGone) -> None:
@@ -265,16 +302,17 @@ class Relay:
             self.outcome.client_gone = True
         raise error
 
-    async def _relay(self, response: httpx.Response) -> None:
+    async def _relay(self, answer: Answer) -> None:
         send = self.send
-        content_type = response.headers.get("content-type", "")
+        status = answer.status
+        success = 200 <= status < 300
         scanner = None
-        if response.is_success and content_type.startswith("text/event-stream"):
+        if success and (answer.header("content-type") or "").startswith("text/event-stream"):
             scanner = EventScanner(finals=self.images)
-        inflate = _inflater(response)
+        inflate = _inflater(answer)
         own = frozenset(name for name, _ in self.headers)
         headers = self.response_headers.filter(
-            response.headers.raw, own if scanner is None else own | _SSE_DROPPED
+            answer.raw_headers, own if scanner is None else own | _SSE_DROPPED
         )
         headers += self.headers
         if self.outcome.upstream_request_id is None:
@@ -283,18 +321,11 @@ class Relay:
         headers.append((b"x-imagegen-request-id", self.request_id))
         if scanner is not None:
             headers += _SSE_HEADERS
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
-        tail = Tail() if scanner is None and response.is_success else None
+        self._scanner, self._started = scanner, True
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        tail = Tail() if scanner is None and success else None
         try:
-            async with asyncio.timeout_at(self._deadline):
-                last = await self._body(response, scanner, tail, inflate)
-        except TimeoutError:
-            logger.warning("upstream answer not complete after total_timeout: cut")
-            message = f"The upstream did not finish within {self.total_timeout:g} seconds."
-            await self._fail(scanner, message, "timeout")
-            return
+            last = await self._body(answer, scanner, tail, inflate)
         except (httpx.HTTPError, zlib.error) as exc:
             logger.warning("upstream failed mid-response: %s", type(exc).__name__)
             failed = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
@@ -324,7 +355,7 @@ class Relay:
 
     async def _body(
         self,
-        response: httpx.Response,
+        answer: Answer,
         scanner: EventScanner | None,
         tail: Tail | None,
         inflate: zlib._Decompress | None,
@@ -335,10 +366,10 @@ class Relay:
         outcome = self.outcome
         # With a content-length, the client has the whole answer with its last byte: that
         # chunk waits until the generation is settled, as the final empty message does else.
-        length = None if scanner is not None else _content_length(response)
+        length = None if scanner is not None else _content_length(answer)
         received = 0
         last = b""
-        async for chunk in response.aiter_raw():
+        async for chunk in answer.chunks():
             received += len(chunk)
             if received > self.max_bytes:
                 logger.warning("upstream answer over %d bytes: cut", self.max_bytes)
@@ -391,15 +422,15 @@ class Relay:
         await self.send(_END)
 
 
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "")
+def _content_length(answer: Answer) -> int | None:
+    value = answer.header("content-length") or ""
     return int(value) if value.isdigit() else None
 
 
-def _inflater(response: httpx.Response) -> zlib._Decompress | None:
+def _inflater(answer: Answer) -> zlib._Decompress | None:
     """A decoder for a compressed answer (the proxy asks for none, but an upstream may
     ignore that): the usage tail and the event scanner must read plain bytes."""
-    encoding = response.headers.get("content-encoding", "").strip().lower().encode()
+    encoding = (answer.header("content-encoding") or "").strip().lower().encode()
     if encoding in (b"", b"identity"):
         return None
     wbits = _DECODABLE.get(encoding)

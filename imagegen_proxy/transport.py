@@ -3,53 +3,67 @@
 httpx stays the API (a user's own `httpx.AsyncClient` works as well); this transport only
 moves the bytes, measurably faster than httpx's pure-Python default (see bench/README.md).
 Its contract is httpx's: `handle_async_request` returns a response whose stream must be
-closed, and every failure is raised as the matching `httpx` exception.
+closed, and every failure is raised as the matching `httpx` exception. The proxy itself
+calls `exchange`, the same without building httpx's request and response objects.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
+from yarl import URL
+
+from .upstream import Call, Timeouts
 
 _SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding"})
 
 
-@contextlib.contextmanager
-def _mapped(writing: bool = False) -> Iterator[None]:
-    """aiohttp's exceptions as httpx's, the single place where the two meet."""
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc)) from exc
-    except (TimeoutError, aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "timed out") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(str(exc)) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise httpx.RemoteProtocolError(str(exc) or "server disconnected") from exc
-    except aiohttp.ClientResponseError as exc:  # a malformed status line or headers
-        raise httpx.RemoteProtocolError(str(exc)) from exc
-    except (aiohttp.ClientOSError, OSError) as exc:
-        error = httpx.WriteError if writing else httpx.ReadError
-        raise error(str(exc)) from exc
-    except aiohttp.ClientError as exc:
-        raise httpx.TransportError(str(exc)) from exc
+def _as_httpx(exc: aiohttp.ClientError | OSError, writing: bool = False) -> httpx.TransportError:
+    """aiohttp's exception `exc` as httpx's, the single place where the two meet.
+
+    `exc` loses its traceback: aiohttp's frames in it hold `exc` itself, a reference cycle
+    that would keep every frame of the request's way down (and their locals) for the cyclic
+    GC. A function, not a context manager, for the same reason."""
+    exc.__traceback__ = None
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc))
+    if isinstance(exc, TimeoutError | aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout(str(exc) or "timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(str(exc) or "server disconnected")
+    if isinstance(exc, aiohttp.ClientResponseError):  # a malformed status line or headers
+        return httpx.RemoteProtocolError(str(exc))
+    if isinstance(exc, aiohttp.ClientOSError | OSError):
+        return (httpx.WriteError if writing else httpx.ReadError)(str(exc))
+    return httpx.TransportError(str(exc))
 
 
-class _Body(httpx.AsyncByteStream):
+class _Answer:
+    """An aiohttp response as the proxy's `upstream.Answer`."""
+
+    __slots__ = ("_response", "_transport", "raw_headers", "status")
+
     def __init__(self, response: aiohttp.ClientResponse, transport: AiohttpTransport) -> None:
         self._response = response
         self._transport: AiohttpTransport | None = transport
+        self.status = response.status
+        self.raw_headers = response.raw_headers
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _mapped():
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _as_httpx(exc) from exc
 
     async def aclose(self) -> None:
         if self._transport is not None:
@@ -60,6 +74,17 @@ class _Body(httpx.AsyncByteStream):
             self._response.release()
         else:
             self._response.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, answer: _Answer) -> None:
+        self._answer = answer
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._answer.chunks()
+
+    async def aclose(self) -> None:
+        await self._answer.aclose()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -75,18 +100,28 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # than everything else the proxy does.
         self._proxies = urllib.request.getproxies_environment()
         self._proxy_for: dict[tuple[str, str], str | None] = {}
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, tuple[URL, str | None]] = {}
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
         # Responses handed out and not closed yet: each holds a connection of the pool.
         self.in_use = 0
 
-    def _proxy(self, url: httpx.URL) -> str | None:
-        key = (url.scheme, url.host)
-        if key not in self._proxy_for:
-            bypass = urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
-                url.host, self._proxies
-            )
-            self._proxy_for[key] = None if bypass else self._proxies.get(url.scheme)
-        return self._proxy_for[key]
+    def _url(self, url: str) -> tuple[URL, str | None]:
+        """`url` parsed, and the proxy to reach it through (None: directly), per URL: a
+        handful per process (Azure's are bounded by its targets' own caches)."""
+        found = self._urls.get(url)
+        if found is None:
+            parsed = URL(url)
+            key = (parsed.scheme, parsed.host or "")
+            if key not in self._proxy_for:
+                bypass = urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+                    key[1], self._proxies
+                )
+                self._proxy_for[key] = None if bypass else self._proxies.get(key[0])
+            found = parsed, self._proxy_for[key]
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            self._urls[url] = found
+        return found
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -107,42 +142,50 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._guard = asyncio.get_running_loop().create_task(_close_at_exit(self._session))
         return self._session
 
-    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
-        given = request.extensions.get("timeout", {})
-        key = (given.get("pool"), given.get("connect"), given.get("read"))
-        timeout = self._timeouts.get(key)
+    def _timeout(self, given: Timeouts) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(given)
         if timeout is None:  # a handful per process: one per configured upstream
             timeout = aiohttp.ClientTimeout(
-                total=None, connect=key[0], sock_connect=key[1], sock_read=key[2]
+                total=None, connect=given.pool, sock_connect=given.connect, sock_read=given.read
             )
-            self._timeouts[key] = timeout
+            self._timeouts[given] = timeout
         return timeout
+
+    async def exchange(self, call: Call) -> _Answer:
+        """Send `call`; its answer, the body not read yet (`upstream.SendUpstream`)."""
+        url, proxy = self._url(call.url)
+        try:
+            response = await self._get_session().request(
+                "POST",
+                url,
+                headers=call.headers,
+                data=call.content or None,
+                allow_redirects=False,
+                proxy=proxy,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                timeout=self._timeout(call.timeouts),
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _as_httpx(exc, writing=True) from exc
+        self.in_use += 1
+        return _Answer(response, self)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         headers = request.headers.multi_items()
-        data: bytes | AsyncIterator[bytes] | None
+        content: bytes | AsyncIterator[bytes]
         if isinstance(request.stream, httpx.ByteStream):
-            data = request.content or None
+            content = request.content
         else:
             # A body sent as it is made (an upload being relayed): aiohttp chunks it itself.
-            data = _chunks(request.stream)
+            content = _chunks(request.stream)
             headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
-        with _mapped(writing=True):
-            response = await self._get_session().request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                proxy=self._proxy(request.url),
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                timeout=self._timeout(request),
-            )
-        self.in_use += 1
+        given = request.extensions.get("timeout", {})
+        timeouts = Timeouts(given.get("connect"), given.get("read"), None, given.get("pool"))
+        answer = await self.exchange(Call(str(request.url), headers, content, timeouts))
         return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_Body(response, self),
+            status_code=answer.status,
+            headers=answer.raw_headers,
+            stream=_Body(answer),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )

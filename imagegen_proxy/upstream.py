@@ -4,12 +4,18 @@ The upstream URL is built only from configuration and from values checked agains
 conservative patterns (deployment ids, api-versions). Headers going upstream are an
 allow-list, so no client credential, cookie or forwarding header can leak through,
 whatever it is called.
+
+A request goes upstream as a `Call` of plain values and comes back as an `Answer`. The
+default aiohttp transport sends a `Call` as it is; any httpx transport or client (a user's
+own, with its hooks) gets it as an `httpx.Request` (`httpx_sender`): httpx stays the API,
+and the hot path builds none of its objects (see bench/README.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -17,13 +23,63 @@ from cachetools import LRUCache
 
 from .config import AzureMember, ConfigError, OpenAIMember, ProxyConfig, ProxySettings
 from .errors import ProxyError, server_error
-from .headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX, Headers
+from .headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX
 from .request import ImageGenerationBody, ImageRequest
 from .routing import ENDPOINTS, ImageOperation, is_valid_deployment
 from .types import Scope
 from .upload import Upload
 
-SendUpstream = Callable[[httpx.Request], Awaitable[httpx.Response]]
+Content = bytes | AsyncIterator[bytes]
+# Upstream request headers: `str` pairs, what aiohttp takes (httpx takes them too).
+TextHeaders = list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """An upstream's timeouts, in seconds: httpx's four."""
+
+    connect: float | None
+    read: float | None
+    write: float | None
+    pool: float | None
+
+    def as_httpx(self) -> dict[str, Any]:
+        """As an httpx request's `timeout` extension."""
+        return {"connect": self.connect, "read": self.read, "write": self.write, "pool": self.pool}
+
+
+@dataclass(slots=True)
+class Call:
+    """One attempt's request to an upstream (always a POST), as plain values."""
+
+    url: str
+    headers: TextHeaders
+    content: Content
+    timeouts: Timeouts
+
+
+class Answer(Protocol):
+    """An upstream's answer, its body not read yet. `aclose()` must be awaited, once."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+    def header(self, name: str) -> str | None:
+        """The value of the (lower-case) header `name`, None without one."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, as sent (never decoded); failures raise httpx's errors."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+SendUpstream = Callable[[Call], Awaitable[Answer]]
+SendHttpx = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
 def create_transport(settings: ProxySettings) -> httpx.AsyncBaseTransport:
@@ -44,21 +100,70 @@ def create_transport(settings: ProxySettings) -> httpx.AsyncBaseTransport:
     return httpx.AsyncHTTPTransport(limits=limits)
 
 
+def sender_for(transport: httpx.AsyncBaseTransport) -> SendUpstream:
+    """How the proxy sends through `transport`: the aiohttp one takes a `Call` as it is."""
+    from .transport import AiohttpTransport
+
+    if isinstance(transport, AiohttpTransport):
+        return transport.exchange
+    return httpx_sender(transport.handle_async_request)
+
+
 def client_sender(client: httpx.AsyncClient) -> SendUpstream:
     """Send through a user's own client, with its hooks, transport and settings."""
 
     async def send(request: httpx.Request) -> httpx.Response:
         return await client.send(request, stream=True)
 
-    return send
+    return httpx_sender(send)
 
 
-_BASE_HEADERS: Headers = [
-    # The relay reads SSE event boundaries and usage: it must see the bytes as sent.
-    (b"accept-encoding", b"identity"),
-]
-_JSON = b"application/json"
-Content = bytes | AsyncIterator[bytes]
+def httpx_sender(send: SendHttpx) -> SendUpstream:
+    """Send a `Call` as an `httpx.Request` with `send`."""
+
+    async def send_call(call: Call) -> Answer:
+        request = httpx.Request(
+            "POST",
+            call.url,
+            headers=call.headers,
+            content=call.content,
+            extensions={"timeout": call.timeouts.as_httpx()},
+        )
+        return HttpxAnswer(await send(request))
+
+    return send_call
+
+
+class HttpxAnswer:
+    """An `httpx.Response` as an `Answer`."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self.response.headers.raw
+
+    def header(self, name: str) -> str | None:
+        value: str | None = self.response.headers.get(name)
+        return value
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+# The relay reads SSE event boundaries and usage: it must see the bytes as sent.
+_BASE_HEADERS: TextHeaders = [("accept-encoding", "identity")]
+_JSON = "application/json"
 
 
 class Target:
@@ -71,46 +176,42 @@ class Target:
         self.models = member.models
         self.weight, self.priority = member.weight, member.priority
         self.total_timeout = member.total_timeout
-        extra: Headers = []
+        extra: TextHeaders = []
         if isinstance(member, OpenAIMember):
-            self._key_header, self._key_prefix = b"authorization", b"Bearer "
+            self._key_header, self._key_prefix = "authorization", "Bearer "
             org, project = member.organization, member.project
-            extra += [(b"openai-organization", org.encode())] if org else []
-            extra += [(b"openai-project", project.encode())] if project else []
+            extra += [("openai-organization", org)] if org else []
+            extra += [("openai-project", project)] if project else []
             self._urls = {
-                operation: httpx.URL(f"{member.base_url}/images/{endpoint}")
+                operation: f"{member.base_url}/images/{endpoint}"
                 for operation, endpoint in ENDPOINTS.items()
             }
         else:
-            self._key_header, self._key_prefix = b"api-key", b""
+            self._key_header, self._key_prefix = "api-key", ""
             self._azure_base = member.endpoint + "/openai/deployments/"
             self.api_version = member.api_version
             self.deployments = member.deployments
-            self._azure_urls: LRUCache[tuple[str, str, str], httpx.URL] = LRUCache(maxsize=1024)
+            self._azure_urls: LRUCache[tuple[str, str, str], str] = LRUCache(maxsize=1024)
         self._fixed = _BASE_HEADERS + extra
         key = None if member.api_key is None else member.api_key.get_secret_value()
         self.headers = self._fixed + self._credentials(key)
-        self.extensions = {
-            "timeout": httpx.Timeout(
-                connect=member.connect_timeout,
-                read=member.read_timeout,
-                write=member.write_timeout,
-                pool=member.pool_timeout,
-            ).as_dict()
-        }
+        self.timeouts = Timeouts(
+            connect=member.connect_timeout,
+            read=member.read_timeout,
+            write=member.write_timeout,
+            pool=member.pool_timeout,
+        )
 
     def serves(self, model: str | None) -> bool:
         return self.models is None or model in self.models
 
-    def _credentials(self, key: str | None) -> Headers:
-        return [] if key is None else [(self._key_header, self._key_prefix + key.encode())]
+    def _credentials(self, key: str | None) -> TextHeaders:
+        return [] if key is None else [(self._key_header, self._key_prefix + key)]
 
-    def openai_url(self, operation: ImageOperation) -> httpx.URL:
+    def openai_url(self, operation: ImageOperation) -> str:
         return self._urls[operation]
 
-    def azure_url(
-        self, deployment: str, api_version: str | None, operation: ImageOperation
-    ) -> httpx.URL:
+    def azure_url(self, deployment: str, api_version: str | None, operation: ImageOperation) -> str:
         endpoint = ENDPOINTS[operation]
         key = (deployment, api_version or self.api_version, endpoint)
         url = self._azure_urls.get(key)
@@ -118,8 +219,8 @@ class Target:
             # Both parts were checked against conservative patterns; quote() is belt and braces.
             path = quote(deployment, safe="")
             version = quote(key[1], safe="")
-            url = httpx.URL(f"{self._azure_base}{path}/images/{endpoint}?api-version={version}")
-            self._azure_urls[key] = url  # parsed once: URL parsing shows in the profile
+            url = f"{self._azure_base}{path}/images/{endpoint}?api-version={version}"
+            self._azure_urls[key] = url
         return url
 
     def deployment_for(self, model: str | None) -> str:
@@ -142,29 +243,27 @@ class Target:
             )
         return deployment
 
-    def request(
+    def call(
         self,
-        url: httpx.URL,
+        url: str,
         content: Content,
-        content_type: bytes,
+        content_type: str,
         scope: Scope,
         api_key: str | None,
         request_id: str,
-    ) -> httpx.Request:
+    ) -> Call:
         headers = [
-            (key, value)
+            (key.decode("latin-1"), value.decode("latin-1"))
             for key, value in scope["headers"]
             if key in FORWARDED_REQUEST or key.startswith(FORWARDED_REQUEST_PREFIX)
         ]
-        headers.append((b"x-client-request-id", request_id.encode()))
-        headers.append((b"content-type", content_type))
+        headers.append(("x-client-request-id", request_id))
+        headers.append(("content-type", content_type))
         if api_key is None:
             headers += self.headers
         else:  # this client spends on its own upstream key
             headers += self._fixed + self._credentials(api_key)
-        return httpx.Request(
-            "POST", url, headers=headers, content=content, extensions=self.extensions
-        )
+        return Call(url, headers, content, self.timeouts)
 
 
 class Upstreams:
@@ -199,7 +298,7 @@ class Upstreams:
         api_key: str | None,
         request_id: str,
         upload: Upload | None = None,
-    ) -> httpx.Request:
+    ) -> Call:
         """The upstream request to `target`; `api_key` replaces the configured upstream
         key, and `request_id` goes as `X-Client-Request-Id`, for the upstream's logs. An
         edit or variation sends the rest of its `upload` as it arrives."""
@@ -217,14 +316,14 @@ class Upstreams:
                 model = request.deployment
         if upload is not None:
             content: Content = upload.body(None if model is None else {"model": model})
-            content_type = upload.content_type
+            content_type = upload.content_type.decode("latin-1")
         else:
             body = request.body
             assert isinstance(body, ImageGenerationBody)
             if model is not None:
                 body = body.model_copy(update={"model": model})
             content, content_type = body.to_json(), _JSON
-        return target.request(url, content, content_type, scope, api_key, request_id)
+        return target.call(url, content, content_type, scope, api_key, request_id)
 
     def target(self, request: ImageRequest) -> Target:
         """The upstream a request goes to without a pool."""
