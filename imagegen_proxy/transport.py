@@ -19,8 +19,6 @@ from yarl import URL
 
 from .upstream import Call, Timeouts
 
-_SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding"})
-
 
 def _as_httpx(exc: aiohttp.ClientError | OSError, writing: bool = False) -> httpx.TransportError:
     """aiohttp's exception `exc` as httpx's, the single place where the two meet.
@@ -152,7 +150,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return timeout
 
     async def exchange(self, call: Call) -> _Answer:
-        """Send `call`; its answer, the body not read yet (`upstream.SendUpstream`)."""
+        """Send `call`; its answer, the body not read yet (`upstream.SendUpstream`). The
+        call names its Accept-Encoding (aiohttp would ask for gzip, and nothing here
+        decodes)."""
         url, proxy = self._url(call.url)
         try:
             response = await self._get_session().request(
@@ -162,7 +162,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=call.content or None,
                 allow_redirects=False,
                 proxy=proxy,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
                 timeout=self._timeout(call.timeouts),
             )
         except (aiohttp.ClientError, OSError) as exc:
@@ -172,6 +171,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         headers = request.headers.multi_items()
+        if "accept-encoding" not in request.headers:
+            headers.append(("accept-encoding", "identity"))  # the bytes pass as they come
         content: bytes | AsyncIterator[bytes]
         if isinstance(request.stream, httpx.ByteStream):
             content = request.content

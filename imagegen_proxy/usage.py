@@ -19,9 +19,11 @@ _USAGE_KEY = b'"usage"'
 _decoder = json.JSONDecoder()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
-    """Requests, images, tokens and micro-USD spent; added up per key."""
+    """Requests, images, tokens and micro-USD spent; added up per key. A value: never
+    changed once made (not frozen only because a request makes several, and a frozen
+    dataclass takes four times as long to make: bench/README.md)."""
 
     requests: int = 0
     images: int = 0
