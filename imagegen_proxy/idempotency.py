@@ -30,16 +30,16 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .auth import Principal, Project
 from .config import IdempotencyConfig, Policy
-from .errors import ClientGone, ProxyError
+from .errors import ProxyError
 from .recording import Marker, Recording
-from .types import Receive, Scope, Send
+from .types import Scope
 
 if TYPE_CHECKING:
     from .redis_idempotency import SharedMarkers
@@ -250,44 +250,3 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
-
-
-async def run_recorded(
-    registry: Idempotency,
-    recording: Recording,
-    generation: Callable[[], Awaitable[object]],
-    receive: Receive,
-    send: Send,
-) -> None:
-    """Run a repeatable `generation` (the relay, sending into `recording`) in a task of its
-    own, while its client reads the recording back like anyone who joins: the client may
-    leave, and the generation goes on for `grace`."""
-
-    async def generate() -> None:
-        try:
-            await generation()
-        except ProxyError as error:
-            recording.fail(error)
-            raise
-        finally:
-            registry.ended(recording)
-
-    task = asyncio.create_task(generate())
-    attached = True
-    try:
-        await recording.stream(receive, send, replayed=False)
-    except ClientGone:
-        logger.info("client left; generation %s goes on for its retries", recording.request_id)
-        recording.detach()  # its grace starts now
-        attached = False
-    finally:
-        try:
-            await task
-        except ProxyError:
-            pass  # the client got it from the recording
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        finally:
-            if attached:
-                recording.detach()

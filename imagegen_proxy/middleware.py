@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from .config import ProxyConfig
 from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
 from .idempotency import marker as idempotency_marker
-from .idempotency import rate_only, run_recorded
+from .idempotency import rate_only
 from .observe import AccessLog, Entry, client_request_id
 from .pool import Tries
 from .pricing import Price, Prices
@@ -253,10 +252,11 @@ class ImageGenProxy:
         finally:
             if upload is not None:
                 await upload.aclose()
-            if recording is not None and not recording.ended:  # refused before it went up
+            if recording is not None:
                 assert self.idempotency is not None
-                self.idempotency.ended(recording)
-                recording.detach()
+                if not recording.ended:
+                    self.idempotency.ended(recording)
+                recording.let_go()
             self._observe(entry)
 
     def _upload(self, scope: Scope, receive: Receive) -> Upload:
@@ -404,7 +404,7 @@ class ImageGenProxy:
         entry.failovers = tries.failovers
         relay = Relay(
             self._sender(),
-            send if recording is None else recording.send,
+            send if recording is None else recording.tee(send),
             images=request.images,
             headers=headers,
             request_id=entry.id,
@@ -418,12 +418,9 @@ class ImageGenProxy:
         if self.metrics is not None:
             self.metrics.started(entry)
         try:
-            if recording is None:
-                await relay.run(tries, receive, upload)
-            else:
-                assert self.idempotency is not None
-                generation = functools.partial(relay.run, tries, recording.receive)
-                await run_recorded(self.idempotency, recording, generation, receive, send)
+            await relay.run(
+                tries, receive if recording is None else recording.receiving(receive), upload
+            )
         finally:
             await settle(relay.outcome)
             entry.relayed(relay.outcome, request.images)
@@ -446,7 +443,7 @@ class ImageGenProxy:
                 raise decision.refusal()
             entry.outcome, entry.replay_of = "replayed", recording.request_id
             try:
-                entry.bytes_out = await recording.stream(receive, send, replayed=True)
+                entry.bytes_out = await recording.stream(receive, send)
                 entry.status = recording.start["status"] if recording.start else 0
             finally:
                 if decision.release is not None:

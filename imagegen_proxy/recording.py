@@ -36,7 +36,11 @@ class Marker:
 
 
 class Recording:
-    """One generation's answer, spooled to a file as it comes, for any number of readers."""
+    """One generation's answer, spooled to a file as it comes, for any number of readers.
+
+    Its own client is one of them, and reads it as it goes: the generation sends to both
+    (`tee`) and watches that client (`receiving`). When the client leaves, the generation
+    goes on for `grace`, for a retry to join; others read the recording (`stream`)."""
 
     __slots__ = (
         "_buffer",
@@ -45,6 +49,7 @@ class Recording:
         "_gone",
         "_grace",
         "_news",
+        "_own",
         "_timer",
         "complete",
         "ended",
@@ -75,6 +80,7 @@ class Recording:
         self.error: ProxyError | None = None  # it failed before its answer started
         self.finished_at: float | None = None  # kept for replays since then
         self.readers = 1  # its own client, from the start
+        self._own = True  # its own client is still there
         self._dropped = False  # its file goes when the last reader is done
         self._news = asyncio.Event()
         self._gone = asyncio.Event()  # every client left and `grace` ran out
@@ -108,11 +114,43 @@ class Recording:
                 self.complete = True
         self._notify()
 
-    async def receive(self) -> Message:
-        """The generation's client, as the relay sees it: gone only when every reader
-        left and `grace` ran out."""
-        await self._gone.wait()
-        return {"type": "http.disconnect"}
+    def tee(self, send: Send) -> Send:
+        """The generation's `send`: each message recorded, then sent to its own client
+        while it is there."""
+
+        async def send_both(message: Message) -> None:
+            await self.send(message)
+            if self._own:
+                try:
+                    await send(message)
+                except (OSError, ClientGone):  # some servers raise once the client left
+                    self.let_go()
+
+        return send_both
+
+    def receiving(self, receive: Receive) -> Receive:
+        """The generation's client, as the relay sees it (`receive` is its own client's):
+        gone only when every reader left and `grace` ran out."""
+
+        async def receive_until_gone() -> Message:
+            if self._own:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                if self._own:
+                    logger.info(
+                        "client left; generation %s goes on for its retries", self.request_id
+                    )
+                    self.let_go()  # its grace starts now
+            await self._gone.wait()
+            return {"type": "http.disconnect"}
+
+        return receive_until_gone
+
+    def let_go(self) -> None:
+        """Its own client is done with it (left, or had the whole answer)."""
+        if self._own:
+            self._own = False
+            self.detach()
 
     def _write(self, data: bytes) -> None:
         buffer = self._buffer
@@ -202,9 +240,9 @@ class Recording:
         if self.readers == 0:
             unlink(self.path)
 
-    async def stream(self, receive: Receive, send: Send, *, replayed: bool) -> int:
-        """Send the answer to one attached client, from its first byte, as it is
-        written; return the body bytes sent. Raises the generation's `ProxyError` if it
+    async def stream(self, receive: Receive, send: Send) -> int:
+        """Send the answer to one attached client (a repeat), from its first byte, as it
+        is written; return the body bytes sent. Raises the generation's `ProxyError` if it
         failed before its answer started, and `ClientGone` when the client leaves."""
         task = asyncio.current_task()
         assert task is not None
@@ -219,7 +257,7 @@ class Recording:
 
         watcher = asyncio.create_task(watch())
         try:
-            return await self._stream(send, replayed)
+            return await self._stream(send)
         except asyncio.CancelledError:
             if not left:
                 raise
@@ -236,7 +274,7 @@ class Recording:
         spool.seek(offset)
         return spool
 
-    async def _stream(self, send: Send, replayed: bool) -> int:
+    async def _stream(self, send: Send) -> int:
         while self.start is None:
             if self.error is not None:
                 raise self.error
@@ -248,10 +286,7 @@ class Recording:
                     code="upstream_error",
                 )
             await self._news.wait()
-        start = self.start
-        if replayed:
-            start = {**start, "headers": [*start["headers"], _REPLAYED]}
-        await send(start)
+        await send({**self.start, "headers": [*self.start["headers"], _REPLAYED]})
         sent = 0
         with contextlib.ExitStack() as stack:
             spool = None
