@@ -8,6 +8,7 @@ working tree's without and with some configuration.
     python bench/compare.py --store-key                      # the key in [store] (SQLite)
     python bench/compare.py --pool 4                         # [openai] vs a pool of four
     python bench/compare.py --base main~3 --as-users --floor # as users run it; and the floor
+    python bench/compare.py --base main~3 --pad-to 4000000   # 4 MB answers instead of 1.6 KB
 
 The base revision is checked out in a temporary git worktree and run from there (its
 `PYTHONPATH` comes first), with this venv's packages. `--against` TOML is appended to the
@@ -111,6 +112,9 @@ def main() -> None:
         "--as-users", action="store_true", help="with --base: the proxies as bench/run.py runs it"
     )
     parser.add_argument("--floor", action="store_true", help="bench/floor.py as a third row")
+    parser.add_argument(
+        "--pad-to", type=int, default=0, metavar="BYTES", help="the mock's images padded to this"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true")
@@ -119,7 +123,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.seconds = 3, 2.0
     with contextlib.ExitStack() as stack:
-        upstream, _ = stack.enter_context(procs.server(procs.mock()))
+        upstream, _ = stack.enter_context(procs.server(procs.mock(pad_to=args.pad_to)))
         variants = stack.enter_context(pair(args, upstream))
         started = {label: stack.enter_context(server) for label, server in variants}
         if args.floor:
@@ -135,6 +139,7 @@ def main() -> None:
         name, how = "compare-pool", f"--pool {args.pool}"
     elif args.base:
         name, how = "compare-base", f"--base {args.base}" + " --as-users" * args.as_users
+        how += f" --pad-to {args.pad_to}" * bool(args.pad_to)
     else:
         name, how = "compare-against", f"--against '{args.against}'"
     (out / f"{name}.json").write_text(json.dumps({"settings": vars(args), **result}))

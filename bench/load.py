@@ -53,7 +53,7 @@ def stream_delays(url: str, streams: int = 4) -> dict[str, float]:
     """Per partial event: the time from the upstream sending it to the client having it."""
 
     async def one(session: aiohttp.ClientSession, delays: list[float]) -> None:
-        body = {"prompt": "p", "stream": True, "partial_images": 3}
+        body = {"model": "gpt-image-1", "prompt": "p", "stream": True, "partial_images": 3}
         headers = {"authorization": f"Bearer {KEY}"}
         async with session.post(url + PATH, json=body, headers=headers) as answer:
             async for line in answer.content:  # aiohttp splits lines of any length
@@ -83,7 +83,7 @@ def slow_generations(url: str, count: int) -> dict[str, float]:
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=120)
         headers = {"authorization": f"Bearer {KEY}"}
-        body = {"prompt": "slow", "size": "16x16"}
+        body = {"model": "gpt-image-1", "prompt": "slow", "size": "16x16"}
         started = time.monotonic()
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 

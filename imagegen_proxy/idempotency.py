@@ -2,11 +2,10 @@
 
 A generation that may be asked for again (it carries an `Idempotency-Key`, or the
 official SDK's `x-stainless-retry-count`) is recorded as it streams (`recording`): its
-answer goes to a spool file (a small one stays in memory), and its client reads it back
-from there like anyone else. A
+answer goes to a spool file (a small one stays in memory) as it goes to its own client. A
 repeat (the same client key and `Idempotency-Key`; or an SDK retry, count 1 or more, of
-the same body) joins it while it runs, from the first byte, or replays it from the file
-within `ttl` once it finished. A generation whose clients all left keeps running for
+the same body) joins it while it runs, reading the recording from the first byte, or
+replays it within `ttl` once it finished. A generation whose clients all left keeps running for
 `grace` seconds, so that the retry the SDK sends after its own timeout finds it; then,
 if nobody came back, it is cancelled. Only whole 2xx answers are kept: after a failure
 the next retry is a fresh attempt.

@@ -378,15 +378,18 @@ class Relay:
                 return None
             if scanner is None:
                 if tail is not None:
-                    for piece in _decoded(chunk, inflate):
-                        tail.feed(piece)
+                    if inflate is None:  # as it always is but for a misbehaving upstream
+                        tail.feed(chunk)
+                    else:
+                        for piece in _decoded(chunk, inflate):
+                            tail.feed(piece)
                 outcome.bytes_out += len(chunk)
                 if outcome.bytes_out == length:
                     last = chunk
                     continue  # to the end of the upstream body, so its connection is reused
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
-            for piece in _decoded(chunk, inflate):
+            for piece in (chunk,) if inflate is None else _decoded(chunk, inflate):
                 out = scanner.feed(piece)
                 if out:
                     outcome.bytes_out += len(out)
