@@ -138,7 +138,7 @@ class Idempotency:
         found = self._recordings.get(marker.key)
         if found is None:
             return None
-        if marker.explicit and found.marker.digest != marker.digest:
+        if marker.explicit and found.digest != marker.digest:
             raise ProxyError(
                 422,
                 "This Idempotency-Key was used with another request body: use a new key "
@@ -170,8 +170,8 @@ class Idempotency:
                 recording.spill()  # where the other processes can read it
             self.shared.ended(recording)
         if not recording.ok:
-            if self._recordings.get(recording.marker.key) is recording:
-                del self._recordings[recording.marker.key]
+            if self._recordings.get(recording.key) is recording:
+                del self._recordings[recording.key]
             recording.drop()
             return
         recording.finished_at = self._clock()
@@ -209,8 +209,8 @@ class Idempotency:
         """Drop a kept answer, once (its readers read on from the open file)."""
         if recording is None or recording.finished_at is None or recording.dropped:
             return
-        if self._recordings.get(recording.marker.key) is recording:
-            del self._recordings[recording.marker.key]
+        if self._recordings.get(recording.key) is recording:
+            del self._recordings[recording.key]
         self._kept -= recording.size
         self._in_memory -= recording.held
         recording.drop()

