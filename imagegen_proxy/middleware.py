@@ -139,7 +139,7 @@ class ImageGenProxy:
     def _sender(self) -> SendUpstream:
         if self._given_client is not None:
             return self._given_client
-        if self.transport is None or self._send_upstream is None:
+        if self._send_upstream is None:
             self.transport = create_transport(self.config.proxy)
             self._send_upstream = sender_for(self.transport)
         return self._send_upstream
@@ -148,7 +148,7 @@ class ImageGenProxy:
         """Close what this proxy created: its upstream transport (a later request makes a
         new one), the Redis connections of its limiter and pool, and its store (after the ledger has
         written what waits)."""
-        transport, self.transport = self.transport, None
+        transport, self.transport, self._send_upstream = self.transport, None, None
         if transport is not None:
             await transport.aclose()
         if self._owns_limiter:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -378,18 +378,15 @@ class Relay:
                 return None
             if scanner is None:
                 if tail is not None:
-                    if inflate is None:  # as it always is but for a misbehaving upstream
-                        tail.feed(chunk)
-                    else:
-                        for piece in _decoded(chunk, inflate):
-                            tail.feed(piece)
+                    for piece in _decoded(chunk, inflate):
+                        tail.feed(piece)
                 outcome.bytes_out += len(chunk)
                 if outcome.bytes_out == length:
                     last = chunk
                     continue  # to the end of the upstream body, so its connection is reused
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
-            for piece in (chunk,) if inflate is None else _decoded(chunk, inflate):
+            for piece in _decoded(chunk, inflate):
                 out = scanner.feed(piece)
                 if out:
                     outcome.bytes_out += len(out)
@@ -450,11 +447,14 @@ def _inflater(answer: Answer) -> zlib._Decompress | None:
     return zlib.decompressobj(wbits)
 
 
-def _decoded(chunk: bytes, inflate: zlib._Decompress | None) -> Iterator[bytes]:
-    """`chunk` as plain bytes, in steps of bounded size."""
-    if inflate is None:
-        yield chunk
-        return
+def _decoded(chunk: bytes, inflate: zlib._Decompress | None) -> Iterable[bytes]:
+    """`chunk` as plain bytes, in steps of bounded size. A plain answer's chunk as it is,
+    without a generator: this runs for every chunk (it is an upstream that compresses
+    anyway that gets `_inflated`)."""
+    return (chunk,) if inflate is None else _inflated(chunk, inflate)
+
+
+def _inflated(chunk: bytes, inflate: zlib._Decompress) -> Iterator[bytes]:
     yield inflate.decompress(chunk, _INFLATE_STEP)
     while inflate.unconsumed_tail:
         yield inflate.decompress(inflate.unconsumed_tail, _INFLATE_STEP)
