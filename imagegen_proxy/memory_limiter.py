@@ -29,6 +29,7 @@ from .ratelimit import (
     subjects,
     too_many_images,
     utc_day,
+    with_budgets,
 )
 from .request import ImageRequest
 from .usage import Usage
@@ -78,17 +79,29 @@ class MemoryLimiter(RateLimiter):
             found.append(Standing(subject, today, state.committed if state.period == period else 0))
         return found
 
+    def _committed(self, found: list[Subject], now: float) -> list[tuple[Subject, int]]:
+        """Each budgeted subject's spending in its current budget period."""
+        committed = []
+        for subject in found:
+            if subject.policy.budget_micros is not None:
+                state = self._states.get(subject.id)
+                period = budget_period(subject.policy.budget_period, now)[0]
+                spent = state.committed if state is not None and state.period == period else 0
+                committed.append((subject, spent))
+        return committed
+
     async def acquire(
         self, principal: Principal, request: ImageRequest, reservation: int = 0
     ) -> Decision:
         n, now = request.images, self._clock()
         day, until_tomorrow = utc_day(now)
         checked: list[tuple[Subject, _State]] = []
-        for subject in subjects(principal, request.model):
+        holders = subjects(principal, request.model)
+        for subject in holders:
             state = self._states.setdefault(subject.id, _State())
             refusal = self._check(subject, state, n, reservation, now, day, until_tomorrow)
             if refusal is not None:
-                return refusal
+                return with_budgets(refusal, self._committed(holders, now), now)
             checked.append((subject, state))
         found = []
         periods = []

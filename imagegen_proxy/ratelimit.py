@@ -275,7 +275,26 @@ def budget_refusal(subject: Subject, committed: int, reservation: int, now: floa
         f"cannot cover this request: ${usd(committed)} is spent or reserved, and it may "
         f"cost up to ${usd(reservation)}. {renews}",
         limit="budget_usd",
+        # The budget that refused, not the tighter one: the client needs this one's figures.
+        budget=BudgetStatus(policy.budget_micros, policy.budget_micros - committed, ends),
     )
+
+
+def with_budgets(refusal: Decision, committed: list[tuple[Subject, int]], now: float) -> Decision:
+    """A refusal for another limit still reports the tightest budget over the request, as
+    it stands (nothing reserved for the refused request): `committed` holds each budgeted
+    subject's micro-USD spent or reserved in its current period."""
+    if refusal.budget is None:
+        for subject, spent in committed:
+            limit, period = subject.policy.budget_micros, subject.policy.budget_period
+            assert limit is not None
+            status = BudgetStatus(limit, limit - spent, budget_period(period, now)[1])
+            refusal.budget = _tighter(refusal.budget, status)
+    return refusal
+
+
+def _tighter(known: BudgetStatus | None, status: BudgetStatus) -> BudgetStatus:
+    return status if known is None or status.remaining < known.remaining else known
 
 
 def rate_refusal(
@@ -337,7 +356,5 @@ def admitted(found: list[Admitted], release: Release) -> Decision:
             limits["images"] = LimitStatus("images", ipm, ipm - one.images, WINDOW)
         limit = policy.budget_micros
         if limit is not None:
-            status = BudgetStatus(limit, limit - one.committed, one.budget_reset)
-            if budget is None or status.remaining < budget.remaining:
-                budget = status
+            budget = _tighter(budget, BudgetStatus(limit, limit - one.committed, one.budget_reset))
     return Decision(True, list(limits.values()), release=release, budget=budget)

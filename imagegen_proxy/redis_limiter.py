@@ -38,6 +38,7 @@ from .ratelimit import (
     subjects,
     too_many_images,
     utc_day,
+    with_budgets,
 )
 from .request import ImageRequest
 from .usage import Usage
@@ -261,7 +262,28 @@ class RedisLimiter(RateLimiter):
                 )
             ]
             return admitted(each, self._releaser(keys, len(found), request_id, n, reservation))
-        subject = found[int(reply[1])]
+        refusal = self._refusal(found[int(reply[1])], reply, n, reservation, now, until_tomorrow)
+        held = [(i, s) for i, s in enumerate(found) if s.policy.budget_micros is not None]
+        if refusal.budget is None and held:
+            try:  # off the hot path: only a refusal pays this round trip
+                values = await self._redis.mget([keys[6 * i + 5] for i, _ in held])
+            except Exception as exc:  # the refusal stands; only its budget headers are lost
+                logger.warning("could not read budgets in Redis: %s", type(exc).__name__)
+            else:
+                spent = [(s, int(v or 0)) for (_, s), v in zip(held, values, strict=True)]
+                with_budgets(refusal, spent, now)
+        return refusal
+
+    @staticmethod
+    def _refusal(
+        subject: Subject,
+        reply: list[Any],
+        n: int,
+        reservation: int,
+        now: float,
+        until_tomorrow: float,
+    ) -> Decision:
+        verdict = _text(reply[0])
         if verdict == "quota":
             return quota_refusal(subject, _text(reply[2]), int(reply[3]), until_tomorrow)
         if verdict == "budget":

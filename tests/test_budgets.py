@@ -106,6 +106,21 @@ def test_a_budget_reached_exactly_refuses_the_next_request_before_the_upstream(
     assert len(upstream.requests) == 3  # nothing sent for the refused one, and no SDK retry
 
 
+def test_the_budgets_own_refusal_carries_the_budget_headers(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    proxy = budgeted(start_proxy, budget_usd=0.12, budget_period="day")
+    client = sdk(proxy)
+    for _ in range(3):
+        client.images.generate(model="dall-e-3", prompt="p", size="1024x1024")
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.images.generate(model="dall-e-3", prompt="p", size="1024x1024")
+    headers = refused.value.response.headers
+    assert headers["x-budget-limit-usd"] == "0.12"
+    assert headers["x-budget-remaining-usd"] == "0.00"
+    assert headers["x-budget-reset"].endswith("T00:00:00Z")
+
+
 def test_a_failed_generation_costs_nothing(
     start_proxy: Callable[..., str], upstream: UpstreamDouble
 ) -> None:

@@ -199,6 +199,66 @@ def test_the_budget_headers_report_the_tighter_of_key_and_project(make: Make) ->
     run(make, test)
 
 
+def test_a_budget_refusal_reports_the_budget_that_refused(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        bot = key(budget_usd=1.0, budget_period="day")
+        for _ in range(3):
+            assert (await admit(limiter, bot)).allowed
+        headers = dict((await admit(limiter, bot)).refusal().headers)
+        assert headers["x-budget-limit-usd"] == "1.00"
+        assert headers["x-budget-remaining-usd"] == "0.10"  # 0.90 reserved; 0.30 would not fit
+        assert headers["x-budget-reset"] == "2026-12-01T00:00:00Z"
+
+    run(make, test)
+
+
+def test_a_project_budget_refusal_reports_the_projects_budget(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        growth = Project("growth", Policy(budget_usd=0.6, budget_period="month"))
+        bot = key("bot", growth, budget_usd=100.0, budget_period="day")
+        for _ in range(2):
+            assert (await admit(limiter, bot)).allowed
+        refused = await admit(limiter, bot)
+        assert not refused.allowed and "project 'growth'" in refused.message
+        headers = dict(refused.refusal().headers)
+        assert headers["x-budget-limit-usd"] == "0.60"
+        assert headers["x-budget-remaining-usd"] == "0.00"
+        assert headers["x-budget-reset"] == "2026-12-01T00:00:00Z"
+
+    run(make, test)
+
+
+def test_an_organization_spend_limit_refusal_reports_its_budget(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        organization = Policy(budget_usd=0.3, budget_period="month")
+        bot = Principal("bot", Policy(), organization=organization)
+        assert (await admit(limiter, bot)).allowed
+        refused = await admit(limiter, bot)
+        assert not refused.allowed and refused.limit == "budget_usd"
+        headers = dict(refused.refusal().headers)
+        assert headers["x-budget-limit-usd"] == "0.30"
+        assert headers["x-budget-remaining-usd"] == "0.00"
+        assert headers["x-budget-reset"] == "2026-12-01T00:00:00Z"
+
+    run(make, test)
+
+
+def test_a_rate_limit_refusal_still_reports_the_tightest_budget(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        growth = Project("growth", Policy(budget_usd=0.5, budget_period="month"))
+        bot = key("bot", growth, budget_usd=2.0, requests_per_minute=1)
+        assert (await admit(limiter, bot)).allowed
+        refused = await admit(limiter, bot)
+        assert not refused.allowed and refused.limit == "requests_per_minute"
+        headers = dict(refused.refusal().headers)
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert headers["x-budget-limit-usd"] == "0.50"  # the project's: 0.20 left of it
+        assert headers["x-budget-remaining-usd"] == "0.20"
+        assert headers["x-budget-reset"] == "2026-12-01T00:00:00Z"
+
+    run(make, test)
+
+
 def test_tokens_settled_count_against_the_daily_token_quota(make: Make) -> None:
     async def test(limiter: RateLimiter, clock: Clock) -> None:
         bot = key(tokens_per_day=100)
