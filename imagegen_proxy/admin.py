@@ -8,6 +8,7 @@ generation paths.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
@@ -36,6 +37,7 @@ class AdminPlane:
         store: Store | None,
         *,
         open: bool = False,
+        models: Sequence[str] = (),
     ) -> None:
         self._digest = admin_digest
         self._open = open
@@ -45,7 +47,7 @@ class AdminPlane:
             from .admin_api import admin_routes
             from .usage_api import usage_routes
 
-            routes = [*admin_routes(store), *usage_routes(store)]
+            routes = [*admin_routes(store, models), *usage_routes(store)]
             mounts = [Mount(mount_prefix + prefix, routes=routes) for prefix in ADMIN_PREFIXES]
             self._app = Starlette(routes=mounts, exception_handlers={HTTPException: _not_found})
 

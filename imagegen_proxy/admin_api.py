@@ -8,7 +8,7 @@ checks the admin key. What the gateway adds to OpenAI's objects travels in one e
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -375,9 +375,10 @@ def _project_id(request: Request) -> str:
     return project_id
 
 
-def admin_routes(store: Store) -> list[BaseRoute]:
-    """The Admin API's routes for `store`, relative to `/organization`."""
-    api = _Endpoints(Admin(store))
+def admin_routes(store: Store, models: Sequence[str] = ()) -> list[BaseRoute]:
+    """The Admin API's routes for `store`, relative to `/organization`; `models` are those
+    the gateway serves (a project lists a rate limit for each)."""
+    api = _Endpoints(Admin(store, models))
     project = "/projects/{project_id}"
     return [
         Route(

@@ -203,15 +203,8 @@ def _policy(entry: Policy) -> Policy:
 
 def may_use(principal: Principal, model: str) -> bool:
     """Whether the principal's and its project's model lists let it use `model`."""
-    policies = [principal.policy]
-    if principal.project is not None:
-        policies.append(principal.project.policy)
-    for policy in policies:
-        if policy.models is not None and model not in policy.models:
-            return False
-        if policy.denied_models is not None and model in policy.denied_models:
-            return False
-    return True
+    project = principal.project
+    return principal.policy.allows(model) and (project is None or project.policy.allows(model))
 
 
 def check_policy(principal: Principal, request: ImageRequest) -> None:

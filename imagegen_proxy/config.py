@@ -269,6 +269,12 @@ class Policy(_Section):
         one)."""
         return any(getattr(self, name) is not None for name in _LIMITS)
 
+    def allows(self, model: str) -> bool:
+        """Whether the model lists let `model` through."""
+        if self.models is not None and model not in self.models:
+            return False
+        return self.denied_models is None or model not in self.denied_models
+
     @property
     def budget_micros(self) -> int | None:
         """The budget in millionths of a dollar, the unit every cost is counted in."""

@@ -98,8 +98,16 @@ class ImageGenProxy:
         self.pool = pool_for(config, self.upstreams) if config.pooled else None
         self.store = store_for(config)
         self.authenticator = authenticator or authenticator_for(config, self.store)
+        self.prices = Prices(config.prices)
+        # What the gateway serves: the pool's models, or the priced ones through one upstream.
+        priced = self.prices.models
+        self.models = priced if self.pool is None else self.pool.models(priced)
         self.admin = AdminPlane(
-            config.proxy.mount_prefix, config.admin.digest, self.store, open=config.admin.open
+            config.proxy.mount_prefix,
+            config.admin.digest,
+            self.store,
+            open=config.admin.open,
+            models=self.models,
         )
         self.ledger: LedgerWriter | None = None
         if self.store is not None:
@@ -109,7 +117,6 @@ class ImageGenProxy:
         self.rate_limiter = rate_limiter or rate_limiter_for(config)
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
-        self.prices = Prices(config.prices)
         self._unpriced = config.limits.unpriced
         self._unpriced_seen: set[str] = set()
         self._key_headers = frozenset(
@@ -329,8 +336,7 @@ class ImageGenProxy:
         except ProxyError as error:
             await send_error(send, error)
             return
-        assert self.pool is not None
-        models = [m for m in self.pool.models(self.prices.models) if may_use(principal, m)]
+        models = [m for m in self.models if may_use(principal, m)]
         view = {
             "object": "list",
             "data": [

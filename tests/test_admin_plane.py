@@ -116,6 +116,35 @@ def test_model_permissions_and_rate_limits_set_with_the_sdk_are_enforced(proxy: 
     assert [generate(proxy, key) for _ in range(3)] == [200, 200, 429]
 
 
+def test_a_new_project_lists_a_rate_limit_for_each_model_it_may_use(proxy: str) -> None:
+    org = admin(proxy)
+    project, _, key = new_key(org)
+    listed = list(org.projects.rate_limits.list_rate_limits(project))
+    served = {"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"}
+    assert {limit.model for limit in listed} >= served  # the priced models, at least
+    assert all(limit.id == "rl-" + limit.model for limit in listed)
+    assert all(limit.max_requests_per_1_minute is None for limit in listed)  # unlimited
+    org.projects.model_permissions.update(project, mode="allow_list", model_ids=["dall-e-3"])
+    [only] = org.projects.rate_limits.list_rate_limits(project)
+    assert only.model == "dall-e-3"
+    changed = org.projects.rate_limits.update_rate_limit(
+        only.id, project_id=project, max_requests_per_1_minute=1
+    )
+    assert changed.max_requests_per_1_minute == 1
+    assert list(org.projects.rate_limits.list_rate_limits(project)) == [changed]
+    assert [generate(proxy, key) for _ in range(2)] == [200, 429]
+
+
+def test_a_pools_models_have_rate_limits_to_list(upstream: UpstreamDouble, database: str) -> None:
+    members = [{"kind": "openai", "base_url": upstream.url + "/v1", "api_key": "sk-up"}]
+    pool = [{"name": "house", **members[0], "models": ["house-model"]}]
+    with start(upstream, database, openai=False, upstreams=pool) as proxy:
+        org = admin(proxy)
+        project, _, _ = new_key(org)
+        listed = [limit.model for limit in org.projects.rate_limits.list_rate_limits(project)]
+        assert listed == ["house-model"]
+
+
 def test_a_deleted_service_accounts_key_is_refused_on_another_process_within_2_s(
     upstream: UpstreamDouble, database: str
 ) -> None:

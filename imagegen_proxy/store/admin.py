@@ -133,8 +133,9 @@ def _id(value: str, kind: str) -> str:
 class Admin:
     """The Admin API's operations on `store`'s tables."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, models: Sequence[str] = ()) -> None:
         self.store = store
+        self.models = models  # what the gateway serves: each has a rate limit to list
 
     def _now(self) -> int:
         return self.store.now()
@@ -366,16 +367,19 @@ class Admin:
     async def rate_limits(
         self, project_id: str, limit: int, *, after: str | None = None, before: str | None = None
     ) -> Page[RateLimitRecord]:
-        """The project's rate limits, by model name."""
-        await self.project(project_id)
-        query = (
-            select(project_rate_limits)
-            .where(project_rate_limits.c.project_id == project_id)
-            .order_by(project_rate_limits.c.model)
-        )
+        """The project's rate limits, by model name: one for each model the gateway serves
+        that the project may use (unlimited where nothing is set), and each one set."""
+        project = await self.project(project_id)
+        query = select(project_rate_limits).where(project_rate_limits.c.project_id == project_id)
         async with self.store.engine.connect() as connection:
-            found = [_rate_limit(row._mapping) for row in await connection.execute(query)]
-        return paginate(found, limit, after=after, before=before)
+            found = {
+                row.model: _rate_limit(row._mapping) for row in await connection.execute(query)
+            }
+        for model in self.models:
+            if model not in found and project.policy.allows(model):
+                found[model] = RateLimitRecord(model, None, None)
+        listed = [found[model] for model in sorted(found)]
+        return paginate(listed, limit, after=after, before=before)
 
     async def update_rate_limit(
         self, project_id: str, model: str, changes: Mapping[str, int | None]
