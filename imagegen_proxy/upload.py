@@ -226,7 +226,9 @@ class Upload:
         if event[0] == "end":
             self._current = None
         elif event[0] == "error":
-            where = None if self._current is None else self._current.name
+            # The part being read, or the body itself: outside any part (a boundary that
+            # is not the Content-Type's, a body cut off between parts).
+            where = "body" if self._current is None else self._current.name
             raise _invalid(event[1], where)
         return event
 

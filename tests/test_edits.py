@@ -287,7 +287,7 @@ def test_a_deciding_field_after_streamed_files_is_refused(
             multipart(("prompt", None, b"p"), ("image", "a.png", PNG), boundary="other"),
             {},
             400,
-            None,
+            "body",  # no part could be read: the body is not of the Content-Type's boundary
             "invalid_multipart",
         ),
         (multipart(("image", "a.png", PNG)), {}, 400, "prompt", "missing_required_parameter"),
