@@ -47,12 +47,19 @@ class RedisMirror:
     ) -> None:
         self.pool = pool
         self._client = client or redis_client(url, "Shared cooldowns", health_check_interval=30)
+        # The subscription's own client, which never reconnects by itself: redis-py would
+        # resubscribe silently, and what was published meanwhile would be missed. A lost
+        # connection must reach `_listen`, which reloads every shared state on its return.
+        self._follower = client or redis_client(
+            url, "Shared cooldowns", health_check_interval=30, retry=_no_retry()
+        )
         self._owns_client = client is None
         self._prefix = f"{prefix}:pool:"
         self._channel = f"{prefix}:pool"
         self._pending: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()  # set while subscribed and loaded
+        self._lost = asyncio.Event()  # set from a lost subscription until it is back
         self._outage = Outage("shared cooldowns", "cooldowns stay per process")
         self.shared = 0  # changes this process published
         self.heard = 0  # changes published by any process (this one too) and adopted
@@ -68,6 +75,11 @@ class RedisMirror:
         """Wait until the shared states are loaded and followed."""
         self.start()
         await self._listening.wait()
+
+    async def lost(self) -> None:
+        """Wait until the subscription is known to be lost (Redis went away)."""
+        self.start()
+        await self._lost.wait()
 
     def send(self, name: str, owner: str, event: Event) -> None:
         self.start()
@@ -97,6 +109,7 @@ class RedisMirror:
             self._listener = None
         if self._owns_client:
             await self._client.aclose()
+            await self._follower.aclose()
 
     def _key(self, name: str, owner: str) -> str:
         return f"{self._prefix}{owner}:{name}"
@@ -140,9 +153,10 @@ class RedisMirror:
         wait = 0.5
         while True:
             try:
-                async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with self._follower.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._channel)
                     await self._load()  # after subscribing: no change falls in between
+                    self._lost.clear()
                     self._listening.set()
                     self._outage.over()
                     wait = 0.5
@@ -154,6 +168,7 @@ class RedisMirror:
                 raise
             except Exception as exc:
                 self._listening.clear()
+                self._lost.set()
                 self._outage.failed(exc)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 30.0)
@@ -178,6 +193,13 @@ class RedisMirror:
         self.heard += 1
         self._news.set()
         self._news = asyncio.Event()
+
+
+def _no_retry() -> Any:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return Retry(NoBackoff(), 0)
 
 
 def _decode(found: dict[Any, Any]) -> State:
