@@ -32,6 +32,9 @@ from .types import Receive
 # The fields the proxy decides on (model, price, limits): a client that sends one of them
 # after a file part that already went upstream is refused (see `Upload.head`).
 DECIDING = frozenset({"model", "n", "stream", "partial_images", "size", "quality", "prompt"})
+# Fields the proxy checks (ImageFormBody's): one copy each, or the upstream could act on a
+# copy other than the one checked.
+CHECKED = DECIDING | {"output_compression"}
 # Fields that are files whatever their part says.
 FILE_FIELDS = frozenset({"image", "image[]", "mask"})
 MAX_TEXT_BYTES = 1024 * 1024  # all text fields together: a prompt is at most 32,000 characters
@@ -272,7 +275,7 @@ class Upload:
 
     async def head(self, needed: Iterable[str]) -> dict[str, str]:
         """Read until the fields `needed` have come and a file part begins, or to the end
-        of the body; return the text fields read (the last of a repeated name wins).
+        of the body; return the text fields read (a checked field repeated is refused).
 
         File parts before that point are spooled to disk. Deciding fields that come later,
         after a file part has gone upstream, are refused by `body`.
@@ -302,7 +305,13 @@ class Upload:
 
     def _field(self, name: str, raw: bytes) -> None:
         """Keep a text field for the request's checks; it goes upstream as sent, whatever
-        its bytes, but one the proxy decides on must be UTF-8."""
+        its bytes, but one the proxy decides on must be UTF-8, and come once."""
+        if name in CHECKED and name in self.fields:
+            raise _invalid(
+                f"'{name}' was sent more than once: send each parameter once.",
+                name,
+                "duplicate_field",
+            )
         try:
             self.fields[name] = raw.decode()
         except UnicodeDecodeError:

@@ -253,6 +253,31 @@ def test_a_deciding_field_after_streamed_files_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("name", "first", "second"),
+    [
+        ("model", b"gpt-image-1", b"gpt-image-1-mini"),
+        ("model", b"gpt-image-1-mini", b"gpt-image-1"),
+        ("n", b"10", b"1"),
+        ("n", b"1", b"10"),
+        ("quality", b"low", b"high"),
+        ("prompt", b"p", b"q"),
+    ],
+)
+def test_a_checked_field_sent_twice_is_refused_before_the_upstream(
+    proxy: str, upstream: UpstreamDouble, name: str, first: bytes, second: bytes
+) -> None:
+    # Checked once and sent twice, an upstream reading the other copy would act on a model,
+    # n or quality the allow-list, quotas and reservation never saw.
+    fields = [("prompt", None, b"p")] if name != "prompt" else []
+    body = multipart(*fields, (name, None, first), (name, None, second), ("image", "a.png", PNG))
+    answer = post_form(proxy, body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["param"], error["code"]) == (name, "duplicate_field")
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
     ("body", "headers", "status", "param", "code"),
     [
         (
