@@ -26,6 +26,7 @@ from .ratelimit import (
     concurrency_refusal,
     quota_refusal,
     rate_refusal,
+    settled,
     subjects,
     too_many_images,
     utc_day,
@@ -123,14 +124,15 @@ class MemoryLimiter(RateLimiter):
             found.append(Admitted(subject, used + 1, images + n, state.committed, reset))
 
         async def release(spent: Usage | None) -> None:
-            returned = Usage(images=-n) if spent is None else Usage(tokens=spent.tokens)
+            tokens, cost = (0, 0) if spent is None else settled(spent)
+            returned = Usage(images=-n) if spent is None else Usage(tokens=tokens)
             for (_, state), period in zip(checked, periods, strict=True):
                 state.in_flight -= 1
                 if state.day == day:
                     state.spent = state.spent + returned
                 if period and state.period == period:
                     # Nothing was billed: the reservation goes back. Else the cost replaces it.
-                    state.committed += (0 if spent is None else spent.cost_micros) - reservation
+                    state.committed += cost - reservation
 
         return admitted(found, release)
 

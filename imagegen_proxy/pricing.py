@@ -126,7 +126,7 @@ class Price:
         micros = (
             text * self.text_in
             + image * self.image_in
-            + (usage.output_tokens - written) * self.image_out
+            + max(0, usage.output_tokens - written) * self.image_out
             + written * self.text_out
         )
         return _micros(micros)

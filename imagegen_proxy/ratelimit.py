@@ -173,6 +173,12 @@ class RateLimiter(Protocol):
         """Release what the limiter holds (connections); called on shutdown."""
 
 
+def settled(spent: Usage) -> tuple[int, int]:
+    """The tokens and micro-USD a release counts: never below zero, whatever a hook or an
+    upstream reported, so that no release credits a budget or a quota."""
+    return max(0, spent.tokens), max(0, spent.cost_micros)
+
+
 def duration(seconds: float) -> str:
     """OpenAI's reset format: "250ms", "12s", "1m3s"."""
     if seconds < 1:

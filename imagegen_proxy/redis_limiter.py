@@ -35,6 +35,7 @@ from .ratelimit import (
     concurrency_refusal,
     quota_refusal,
     rate_refusal,
+    settled,
     subjects,
     too_many_images,
     utc_day,
@@ -299,16 +300,17 @@ class RedisLimiter(RateLimiter):
         self, keys: list[str], count: int, request_id: str, n: int, reservation: int
     ) -> Release:
         # Per subject: its leases, its day's hash, its budget period's counter.
-        settled = [keys[6 * i + j] for i in range(count) for j in (2, 3, 5)]
+        touched = [keys[6 * i + j] for i in range(count) for j in (2, 3, 5)]
 
         async def release(spent: Usage | None) -> None:
             args: list[Any]
             if spent is None:
                 args = [request_id, n, 0, 0, -reservation, count]
             else:
-                args = [request_id, n, 1, spent.tokens, spent.cost_micros - reservation, count]
+                tokens, cost = settled(spent)
+                args = [request_id, n, 1, tokens, cost - reservation, count]
             try:
-                await self._release(settled, args)
+                await self._release(touched, args)
             except Exception as exc:
                 # A concurrency lease expires by itself after lease_seconds; the rest stays
                 # counted as admitted: never under what was spent.

@@ -114,4 +114,5 @@ def _dict(value: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _int(value: dict[str, Any], key: str) -> int:
     number = value.get(key)
-    return number if isinstance(number, int) and not isinstance(number, bool) else 0
+    # A count below zero is no count: it would credit budgets and quotas.
+    return max(0, number) if isinstance(number, int) and not isinstance(number, bool) else 0

@@ -121,6 +121,26 @@ def test_the_budgets_own_refusal_carries_the_budget_headers(
     assert headers["x-budget-reset"].endswith("T00:00:00Z")
 
 
+def test_negative_usage_from_the_upstream_credits_no_budget(
+    start_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    usage = {"total_tokens": -4_999_996, "input_tokens": 4, "output_tokens": -5_000_000}
+    body = json.dumps({"created": 1, "data": [{"b64_json": "eA=="}], "usage": usage}).encode()
+
+    async def answer(x: Any) -> None:
+        await x.start(200, [("content-type", "application/json")])
+        await x.body(body, more=False)
+
+    upstream.answer = answer
+    proxy = budgeted(start_proxy, budget_usd=0.05, budget_period="day", tokens_per_day=1000)
+    for _ in range(3):  # each reserves about $0.0116 (272 output tokens at $40/1M)
+        sdk(proxy).images.generate(model="gpt-image-1", prompt="p", size="1024x1024", quality="low")
+    mine = httpx.get(proxy + "/v1/imagegen/budget", headers=HEADERS).json()["key"]
+    # Each cost its 4 text input tokens at $5/1M, and its output nothing: not -$200.
+    assert mine["budget"]["spent_usd"] == 3 * 20 / 1_000_000
+    assert mine["today"]["tokens"] == 0  # total_tokens below zero counts as none
+
+
 def test_a_failed_generation_costs_nothing(
     start_proxy: Callable[..., str], upstream: UpstreamDouble
 ) -> None:

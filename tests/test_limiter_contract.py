@@ -259,6 +259,22 @@ def test_a_rate_limit_refusal_still_reports_the_tightest_budget(make: Make) -> N
     run(make, test)
 
 
+def test_negative_usage_never_credits_a_budget_or_a_quota(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        bot = key(budget_usd=0.6, tokens_per_day=100)
+        first = await admit(limiter, bot)
+        assert first.release is not None
+        credit = Usage(requests=1, images=1, tokens=-5_000_000, cost_micros=-200_000_000)
+        await first.release(credit)
+        # Charged nothing, not credited $200: one reservation of 0.30 fits beside it... twice.
+        decisions = [await admit(limiter, bot) for _ in range(3)]
+        assert [d.allowed for d in decisions] == [True, True, False]
+        [mine] = [one.json(clock.now) for one in await limiter.standing(bot)]
+        assert mine["today"]["tokens"] == 0
+
+    run(make, test)
+
+
 def test_tokens_settled_count_against_the_daily_token_quota(make: Make) -> None:
     async def test(limiter: RateLimiter, clock: Clock) -> None:
         bot = key(tokens_per_day=100)
