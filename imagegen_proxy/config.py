@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
@@ -382,6 +383,8 @@ class PriceConfig(_Section):
     input_image_tokens: int = Field(6240, ge=0)
     per_image: dict[str, float] = Field(default_factory=dict)
     source: str | None = None  # where the figures come from, and when they were checked
+    # When OpenAI shut the model down (or will): `/v1/models` says so, as OpenAI's does.
+    shutdown_date: datetime.date | None = None
 
     @field_validator("output_tokens", "per_image")
     @classmethod

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -340,7 +341,13 @@ class ImageGenProxy:
         view = {
             "object": "list",
             "data": [
-                {"id": model, "object": "model", "created": 0, "owned_by": "imagegen-proxy"}
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "imagegen-proxy",
+                    "shutdown_date": _iso(self.prices.shutdown_date(model)),
+                }
                 for model in models
             ],
         }
@@ -531,3 +538,7 @@ def ledger_row(entry: Entry) -> LedgerRow:
         cost_micros=entry.cost_micros,
         duration_ms=round(entry.duration * 1000),
     )
+
+
+def _iso(day: date | None) -> str | None:
+    return None if day is None else day.isoformat()

@@ -15,6 +15,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from fractions import Fraction
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -160,11 +161,18 @@ class Prices:
             base = table.get(model)
             table[model] = entry if base is None or _replaces(base, entry) else _over(base, entry)
         self._prices = {model: _price(model, _resolve(model, table)) for model in table}
+        # An entry's own, never inherited through same_as: an Azure deployment priced like
+        # a retired OpenAI model is not retired with it.
+        self._shutdown = {model: entry.shutdown_date for model, entry in table.items()}
 
     @property
     def models(self) -> list[str]:
         """Every model with a price."""
         return sorted(self._prices)
+
+    def shutdown_date(self, model: str) -> date | None:
+        """When OpenAI shut `model` down, or will; None if no date is announced."""
+        return self._shutdown.get(model)
 
     def get(self, model: str | None) -> Price | None:
         """The price of `model`; None for no model or one without a price."""

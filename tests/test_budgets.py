@@ -81,6 +81,28 @@ def test_the_cost_of_a_generation_comes_from_the_upstreams_usage(
     assert line["model"] == "gpt-image-1" and line["images"] == 1
 
 
+@pytest.mark.parametrize("model", ["gpt-image-2", "gpt-image-2.5-flare", "gpt-image-2.6-sunburst"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_budgeted_key_generates_on_todays_models_at_their_price(
+    start_proxy: Callable[..., str],
+    upstream: UpstreamDouble,
+    access: Callable[[], list[dict[str, Any]]],
+    model: str,
+    stream: bool,
+) -> None:
+    proxy = budgeted(start_proxy, budget_usd=1.0, budget_period="day")
+    asked: dict[str, Any] = {"model": model, "prompt": "p", "size": "1024x1024", "quality": "low"}
+    if stream:
+        upstream.answer = sse(partial(0), completed())
+        events = list(sdk(proxy).images.generate(**asked, stream=True))
+        assert events[-1].type == "image_generation.completed"
+    else:
+        assert sdk(proxy).images.generate(**asked).data
+    [line] = access()
+    # The double's usage: 4 text input tokens at $5/1M, 6 output tokens at $30/1M.
+    assert line["cost_usd"] == (4 * 5 + 6 * 30) / 1_000_000 and line["model"] == model
+
+
 def test_a_model_without_a_price_has_no_cost_when_no_budget_applies(
     start_proxy: Callable[..., str], access: Callable[[], list[dict[str, Any]]]
 ) -> None:

@@ -359,6 +359,17 @@ def test_the_sdk_lists_the_models_a_key_may_use(doubles: list[UpstreamDouble], p
         openai.OpenAI(base_url=url + "/v1", api_key="sk-made-up").models.list()
 
 
+def test_listed_models_carry_openais_shutdown_date(
+    doubles: list[UpstreamDouble], pooled: Any
+) -> None:
+    a, _, _ = doubles
+    url, _ = pooled([member("a", a.url, models=["gpt-image-1", "gpt-image-2.6-sunburst"])])
+    listed = openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY).models.list()
+    dates = {model.id: getattr(model, "shutdown_date", None) for model in listed}
+    assert dates == {"gpt-image-1": "2026-10-23", "gpt-image-2.6-sunburst": None}
+    assert "shutdown_date" in listed.data[1].model_dump()  # sent as null, not left out
+
+
 def test_a_client_that_leaves_gives_back_its_slot_and_blames_no_upstream(
     pooled: Any, pools: list[Pool], doubles: list[UpstreamDouble]
 ) -> None:

@@ -271,6 +271,14 @@ def test_an_estimate_for_gpt_image_1_reserves_images_and_prompt() -> None:
 def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
     shipped = shipped_prices()
     assert set(shipped) == {
+        "gpt-image-2",
+        "gpt-image-2-2026-04-21",
+        "gpt-image-2.5-flare",
+        "gpt-image-2.5-flare-2026-09-08",
+        "gpt-image-2.5-sunburst",
+        "gpt-image-2.5-sunburst-2026-09-08",
+        "gpt-image-2.6-flare",
+        "gpt-image-2.6-sunburst",
         "gpt-image-1",
         "gpt-image-1-mini",
         "gpt-image-1.5",
@@ -280,6 +288,42 @@ def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
     assert all(entry.source for entry in shipped.values())
     assert resources.files("imagegen_proxy").joinpath("prices.toml").is_file()
     assert all(Prices().get(model) is not None for model in shipped)
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["gpt-image-2", "gpt-image-2.5-flare", "gpt-image-2.5-sunburst", "gpt-image-2.6-flare"],
+)
+def test_the_gpt_image_2_family_costs_what_its_usage_says(model: str) -> None:
+    # 5.00 text and 8.00 image input, 30.00 image output per 1M tokens: a dollar per 1M
+    # tokens is a micro-dollar per token.
+    spent = Usage(input_tokens=58, input_text_tokens=48, input_image_tokens=10, output_tokens=7034)
+    assert price(model).spent(spent) == 48 * 5 + 10 * 8 + 7034 * 30
+    assert price(model) == price("gpt-image-2.6-sunburst") or model == "gpt-image-2"
+
+
+def test_gpt_image_2_prices_its_text_output_apart() -> None:
+    spent = Usage(input_tokens=48, input_text_tokens=48, output_tokens=472, output_text_tokens=200)
+    assert price("gpt-image-2").spent(spent) == 48 * 5 + 272 * 30 + 200 * 10
+
+
+def test_the_new_qualities_reserve_more_than_high() -> None:
+    high, xhigh, top = (
+        price("gpt-image-2.6-sunburst").estimate(request("gpt-image-2.6-sunburst", quality=q))
+        for q in ("high", "xhigh", "max")
+    )
+    assert high < xhigh < top
+    assert xhigh >= 2 * 7034 * 30  # twice high's 1024x1024 output at least
+
+
+def test_retired_models_keep_their_prices_and_carry_their_shutdown_date() -> None:
+    prices = Prices()
+    assert prices.get("gpt-image-1") is not None
+    assert str(prices.shutdown_date("gpt-image-1")) == "2026-10-23"
+    assert str(prices.shutdown_date("gpt-image-1.5")) == "2026-12-01"
+    assert prices.shutdown_date("gpt-image-2.6-sunburst") is None
+    # Not inherited: a deployment priced like a retired model is not retired with it.
+    assert prices_from({"img-eastus": {"same_as": "gpt-image-1"}}).shutdown_date("img-eastus") is None
 
 
 def test_no_model_or_an_unknown_one_has_no_price() -> None:
