@@ -323,7 +323,8 @@ def test_retired_models_keep_their_prices_and_carry_their_shutdown_date() -> Non
     assert str(prices.shutdown_date("gpt-image-1.5")) == "2026-12-01"
     assert prices.shutdown_date("gpt-image-2.6-sunburst") is None
     # Not inherited: a deployment priced like a retired model is not retired with it.
-    assert prices_from({"img-eastus": {"same_as": "gpt-image-1"}}).shutdown_date("img-eastus") is None
+    deployment = prices_from({"img-eastus": {"same_as": "gpt-image-1"}})
+    assert deployment.shutdown_date("img-eastus") is None
 
 
 def test_no_model_or_an_unknown_one_has_no_price() -> None:
