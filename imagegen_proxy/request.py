@@ -46,6 +46,11 @@ class ImageGenerationBody(BaseModel):
     stream: bool | None = None
     partial_images: Integer | None = Field(None, ge=0, le=3)
     user: str | None = None
+    # gpt-image-2.6: how much the model plans ("low", "medium", "high"), and animated GIFs
+    # (`output_format = "gif"`) of 2 to 16 frames, each shown `frame_duration_ms`.
+    complexity: str | None = None
+    frame_count: Integer | None = Field(None, ge=2, le=16)
+    frame_duration_ms: Integer | None = Field(None, ge=1)
 
     def to_json(self) -> bytes:
         """The body as it goes upstream: exactly the fields the client set (explicit nulls too)."""
@@ -67,6 +72,8 @@ class ImageFormBody(BaseModel):
     stream: bool | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
     output_compression: int | None = Field(None, ge=0, le=100)
+    frame_count: int | None = Field(None, ge=2, le=16)
+    frame_duration_ms: int | None = Field(None, ge=1)
 
 
 class ImageRequest(BaseModel):

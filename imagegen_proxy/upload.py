@@ -34,7 +34,7 @@ from .types import Receive
 DECIDING = frozenset({"model", "n", "stream", "partial_images", "size", "quality", "prompt"})
 # Fields the proxy checks (ImageFormBody's): one copy each, or the upstream could act on a
 # copy other than the one checked.
-CHECKED = DECIDING | {"output_compression"}
+CHECKED = DECIDING | {"output_compression", "frame_count", "frame_duration_ms"}
 # Fields that are files whatever their part says.
 FILE_FIELDS = frozenset({"image", "image[]", "mask"})
 MAX_TEXT_BYTES = 1024 * 1024  # all text fields together: a prompt is at most 32,000 characters

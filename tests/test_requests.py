@@ -41,6 +41,27 @@ def test_unknown_fields_and_values_pass_through(proxy: str, upstream: UpstreamDo
     }
 
 
+def test_gpt_image_2_6_parameters_round_trip_through_the_sdk(
+    proxy: str, upstream: UpstreamDouble
+) -> None:
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    asked = {"complexity": "low", "frame_count": 6, "frame_duration_ms": 150}
+    client.images.generate(
+        model="gpt-image-2.6-sunburst",
+        prompt="a spinning coin",
+        quality="max",  # type: ignore[arg-type]
+        output_format="gif",  # type: ignore[arg-type]
+        extra_body=asked,
+    )
+    assert upstream.last.json == {
+        "model": "gpt-image-2.6-sunburst",
+        "prompt": "a spinning coin",
+        "quality": "max",
+        "output_format": "gif",
+        **asked,
+    }
+
+
 def test_integral_floats_count_as_integers(proxy: str, upstream: UpstreamDouble) -> None:
     assert post(proxy, {"prompt": "p", "n": 2.0, "output_compression": 50.0}).status_code == 200
     assert upstream.last.json == {"prompt": "p", "n": 2, "output_compression": 50}
@@ -77,6 +98,11 @@ def test_explicit_nulls_pass_through(proxy: str, upstream: UpstreamDouble) -> No
             "integer_above_max_value",
         ),
         ({"prompt": "p", "size": 1024}, "size", "invalid_type"),
+        ({"prompt": "p", "frame_count": 1}, "frame_count", "integer_below_min_value"),
+        ({"prompt": "p", "frame_count": 17}, "frame_count", "integer_above_max_value"),
+        ({"prompt": "p", "frame_count": "9"}, "frame_count", "invalid_type"),
+        ({"prompt": "p", "frame_duration_ms": 0}, "frame_duration_ms", "integer_below_min_value"),
+        ({"prompt": "p", "complexity": 3}, "complexity", "invalid_type"),
         ({"prompt": "p", "model": ["gpt-image-1"]}, "model", "invalid_type"),
     ],
 )
