@@ -250,6 +250,9 @@ def test_the_playground_paints_a_partial_image_before_the_final_one(
     sign_in(page, console)
     secret = create_key(page, console, "playground")
     page.goto(console.base + "/playground")
+    offered = page.locator("select[name=model] option").all_inner_texts()
+    assert "gpt-image-2.6-sunburst" in offered and "gpt-image-1" not in offered  # shut down
+    assert page.locator("select[name=model]").input_value() == "gpt-image-2.6-sunburst"
     page.fill("input[name=key]", secret)
     page.select_option("select[name=partial_images]", "2")
     page.click("button:text('Generate')")
@@ -259,7 +262,7 @@ def test_the_playground_paints_a_partial_image_before_the_final_one(
     image = page.locator("#image")
     assert image.get_attribute("data-kind") == "final"
     assert image.evaluate("img => img.complete && img.naturalWidth") > 0
-    page.wait_for_selector("#cost:text('Cost: $')")
+    page.wait_for_selector("#cost:text('Cost: ')")  # "$0.01", or "<$0.01" below a cent
     assert float(page.locator("#cost").get_attribute("data-cost-usd")) > 0
     page.screenshot(path=console.shots / "playground.png", full_page=True)
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 OUTCOMES = ("ok", "upstream_error", "client_gone", "error")
 PERIODS = ("day", "week", "month", "total")
 SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
+DEFAULT_MODEL = "gpt-image-2.6-sunburst"  # the Playground's first choice: OpenAI's newest
 
 
 class Pages:
@@ -336,15 +337,26 @@ class Pages:
 
     # --- playground --------------------------------------------------------------------
 
+    def _current_models(self) -> list[str]:
+        """The models the gateway serves that are not shut down (the Playground's)."""
+        today = datetime.now(UTC).date()
+        found = []
+        for model in self.proxy.models:
+            shutdown = self.proxy.prices.shutdown_date(model)
+            if shutdown is None or shutdown > today:
+                found.append(model)
+        return found or [DEFAULT_MODEL]
+
     async def playground(self, request: Request, form: FormData | None) -> Response:
         config = self.proxy.config
         return self.render(
             request,
             "playground.html",
+            default_model=DEFAULT_MODEL,
             nav="playground",
             endpoint=config.proxy.mount_prefix + "/v1/images/generations",
             needs_key=not config.auth.open,
-            models=self.proxy.prices.models or ["gpt-image-1"],
+            models=self._current_models(),
             sizes=SIZES,
         )
 
