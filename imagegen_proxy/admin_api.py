@@ -92,7 +92,7 @@ class _ModelPermissions(_Body):
 class _SpendLimit(_Body):
     currency: Literal["USD"]
     interval: Literal["month"]
-    threshold_amount: int = Field(ge=1, le=2**53)  # cents, kept as dollars in a float
+    threshold_amount: int = Field(ge=1, le=10**11)  # cents, up to a budget's $1e9
 
 
 class _ListQuery(BaseModel):

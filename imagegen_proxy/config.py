@@ -250,18 +250,24 @@ class AuthConfig(_Section):
 BudgetPeriod = Literal["day", "week", "month", "total"]
 
 
+_MAX_COUNT = 2**53  # exact in a float, and far beyond any real limit
+_MAX_BUDGET_USD = 1e9  # a billion dollars: 1e15 micro-USD, exact in 64 bits
+
+
 class Policy(_Section):
     """What a client (a key, or a project's keys together) may do; absent limits are
     unlimited."""
 
     models: frozenset[str] | None = None
     denied_models: frozenset[str] | None = None  # a deny-list, checked after `models`
-    requests_per_minute: int | None = Field(None, gt=0)
-    images_per_minute: int | None = Field(None, gt=0)
-    max_concurrent: int | None = Field(None, gt=0)
-    images_per_day: int | None = Field(None, gt=0)
-    tokens_per_day: int | None = Field(None, gt=0)
-    budget_usd: float | None = Field(None, gt=0)
+    # Finite and bounded, whichever way they come (configuration, Admin API, CLI, console):
+    # the store and the limiters keep them as 64-bit integers (budgets in micro-USD).
+    requests_per_minute: int | None = Field(None, gt=0, le=_MAX_COUNT)
+    images_per_minute: int | None = Field(None, gt=0, le=_MAX_COUNT)
+    max_concurrent: int | None = Field(None, gt=0, le=_MAX_COUNT)
+    images_per_day: int | None = Field(None, gt=0, le=_MAX_COUNT)
+    tokens_per_day: int | None = Field(None, gt=0, le=_MAX_COUNT)
+    budget_usd: float | None = Field(None, gt=0, le=_MAX_BUDGET_USD, allow_inf_nan=False)
     budget_period: BudgetPeriod = "month"  # calendar periods in UTC; weeks start on Monday
 
     @property

@@ -510,6 +510,16 @@ BAD_REQUESTS: dict[str, tuple[Callable[[ProjectsAPI, str], Any], str | None]] = 
         ),
         "currency",
     ),
+    "a budget of more than a billion dollars": (
+        lambda p, real: p.update(real, extra_body={"limits": {"budget_usd": 1e308}}),
+        "limits.budget_usd",
+    ),
+    "a spend limit of more than a billion dollars": (
+        lambda p, real: p.spend_limit.update(
+            real, currency="USD", interval="month", threshold_amount=10**11 + 1
+        ),
+        "threshold_amount",
+    ),
     "amount as a string": (
         lambda p, real: p.spend_limit.update(
             real, currency="USD", interval="month", threshold_amount="100"
@@ -553,6 +563,19 @@ def test_text_the_database_cannot_keep_is_refused_rather_than_failing(admin: Adm
         admin.projects.spend_limit.update(
             real, currency="USD", interval="month", threshold_amount=10**400
         )
+
+
+@pytest.mark.parametrize("number", [b"Infinity", b"-Infinity", b"NaN", b"1e400"])
+def test_a_budget_that_is_not_a_finite_number_is_refused_and_nothing_is_saved(
+    admin: Admin, number: bytes
+) -> None:
+    # The SDK cannot send these (its JSON encoder refuses them); other clients can.
+    body = b'{"name": "x", "limits": {"budget_usd": ' + number + b"}}"
+    answer = admin.post("/projects", body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "limits.budget_usd" and "finite" in error["message"]
+    assert list(admin.projects.list()) == []  # nothing half-made that lists as a 500 later
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", '{"name": "\u00e9"'.encode()])

@@ -267,6 +267,34 @@ def test_the_playground_paints_a_partial_image_before_the_final_one(
     page.screenshot(path=console.shots / "playground.png", full_page=True)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("budget_usd", "inf", "finite"),
+        ("budget_usd", "1e308", "less than or equal"),
+        ("requests_per_minute", "1e308", "less than or equal"),
+        ("expires_days", "1e12", "lifetime"),
+        ("expires_days", "-1", "lifetime"),
+    ],
+)
+def test_numbers_the_store_cannot_keep_are_refused_on_the_keys_page(
+    console: Console, page: Any, field: str, value: str, said: str
+) -> None:
+    sign_in(page, console)
+    page.goto(console.base + "/keys")
+    form = page.locator("#new-key-form")
+    form.locator("input[name=name]").fill(f"hostile-{field}")
+    box = form.locator(f"input[name={field}]")
+    box.evaluate("input => { input.type = 'text'; }")  # what a hand-made POST can send
+    box.fill(value)
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("#new-key, [role=alert]")
+    assert said in page.locator("[role=alert]").inner_text()
+    listing = page.goto(console.base + "/keys")
+    assert listing is not None and listing.status == 200  # no row was saved to break it
+    assert f"hostile-{field}" not in page.content()
+
+
 def test_the_no_config_mode_opens_the_console_on_loopback(tmp_path: Path) -> None:
     with running(cwd=tmp_path, lines=7) as (url, banner):
         assert f"the console: {url}/console/ (open on loopback)" in banner

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 from conftest import HostApp, proxy_config
 from double import UpstreamDouble
 from sqlalchemy import text
@@ -154,6 +155,28 @@ def test_a_store_that_cannot_be_reached_is_a_503(
         assert answer.status_code == 503
         assert answer.json()["error"]["code"] == "store_unavailable"
         assert generate(proxy, TOML_KEY) == 200  # the configuration's keys need no store
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("projects", "create", "x", "--budget-usd", "inf"), "finite"),
+        (("projects", "create", "x", "--budget-usd", "1e308"), "less than or equal"),
+        (("keys", "create", "x", "--requests-per-minute", str(2**64)), "less than or equal"),
+        (("keys", "create", "x", "--expires-in", "-1"), "lifetime"),
+        (("keys", "create", "x", "--expires-in", "1e12"), "lifetime"),
+    ],
+)
+def test_the_shell_commands_refuse_numbers_the_store_cannot_keep(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    database = f"sqlite:///{tmp_path}/proxy.db"
+    refused = run(*args, "--store", database)
+    assert refused.returncode != 0 and said in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    listed = run("projects", "list", "--store", database)
+    assert listed.returncode == 0 and "x" not in listed.stdout.split()  # nothing half-made
+    assert run("keys", "list", "--store", database).returncode == 0
 
 
 def test_the_shell_commands_manage_the_store_a_running_proxy_uses(

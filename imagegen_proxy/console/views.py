@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -391,9 +392,12 @@ def _number(form: FormData, name: str) -> float | None:
     if not value:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ValueError(f"{name}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: {value!r} is not a finite number")
+    return number
 
 
 def _policy(form: FormData) -> Policy:

@@ -26,6 +26,7 @@ from ..config import Policy
 from .schema import api_keys, project_rate_limits, projects, service_accounts, settings
 
 KEY_PREFIX = "sk-igp-"
+MAX_LIFETIME = 100 * 365 * 86400  # seconds: the longest a key may be made to last
 _MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
 
 
@@ -88,8 +89,14 @@ class Store:
 
     def expiry(self, seconds: float | None) -> int | None:
         """When something that lasts `seconds` from now ends, in whole Unix seconds: never
-        before `seconds` have passed."""
-        return None if seconds is None else math.ceil(self._clock() + seconds)
+        before `seconds` have passed. As the Admin API, from a second to 100 years."""
+        if seconds is None:
+            return None
+        if not (math.isfinite(seconds) and 1 <= seconds <= MAX_LIFETIME):
+            raise StoreError(
+                f"A key's lifetime must be from 1 second to {MAX_LIFETIME} seconds (100 years)."
+            )
+        return math.ceil(self._clock() + seconds)
 
     def new_id(self, prefix: str) -> str:
         """`prefix` and 24 hex digits, the first 12 the time in milliseconds: lists ordered
