@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections import deque
@@ -123,9 +124,19 @@ class Idempotency:
         """This process's spool directory, made on first use (after removing those of
         processes that are gone)."""
         if self._folder is None:
-            root = Path(self.config.spool_dir or tempfile.gettempdir()) / "imagegen-proxy-spool"
+            parent = Path(self.config.spool_dir or tempfile.gettempdir())
+            root = parent / "imagegen-proxy-spool"
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _remove_leftovers(root)
+            if _private(root):
+                _remove_leftovers(root)
+            else:
+                # Someone else's (or open to others, or a link), made before this process
+                # came: answers must not be read or replaced there. A folder of its own.
+                logger.warning(
+                    "spool folder %s is a link or another user's: using a private one instead",
+                    root,
+                )
+                root = Path(tempfile.mkdtemp(prefix="imagegen-proxy-spool-", dir=parent))
             self._folder = root / str(os.getpid())
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder.mkdir(mode=0o700)
@@ -249,3 +260,14 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
+
+
+def _private(folder: Path) -> bool:
+    """Whether `folder` is a real directory of this user's, made one that no one else may
+    enter (mode 0700) if it was open to others."""
+    found = os.lstat(folder)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+        return False
+    if stat.S_IMODE(found.st_mode) & 0o077:
+        os.chmod(folder, 0o700)
+    return True

@@ -274,7 +274,9 @@ class Recording:
 
     def _open_at(self, offset: int) -> BinaryIO:
         # A local file in the page cache: opening and reading it does not wait on anything.
-        spool = open(self.path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+        # Never through a link: a spool path is this proxy's own file, or no file at all.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        spool = os.fdopen(fd, "rb", buffering=0)
         spool.seek(offset)
         return spool
 
@@ -303,6 +305,15 @@ class Recording:
                         if spool is None:
                             spool = stack.enter_context(self._open_at(sent))
                         chunk = spool.read(min(_READ, self.size - sent))
+                        if not chunk:  # shorter than recorded (cut or changed): end, cut
+                            logger.warning(
+                                "generation %s: its spool file ends at %d of %d bytes; "
+                                "the replay is cut",
+                                self.request_id,
+                                sent,
+                                self.size,
+                            )
+                            return sent
                     sent += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 elif self.complete:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -34,6 +36,7 @@ from test_cli import running
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.config import IdempotencyConfig
+from imagegen_proxy.errors import ClientGone
 from imagegen_proxy.idempotency import Idempotency
 from imagegen_proxy.recording import Marker, Recording
 
@@ -405,3 +408,81 @@ def _gone_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+def test_a_spool_file_shorter_than_recorded_ends_its_replay_instead_of_spinning(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "answer"
+    path.write_bytes(b"x" * 1000)  # recorded as 5,000 bytes: cut short, or changed since
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    marker = Marker("k", "d", joins=True, explicit=True)
+    recording = Recording.stored(marker, "pxy_short", path, start, 5000)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def main() -> int:
+        # Generous: a replay of 1,000 bytes takes microseconds; a spinning one never ends.
+        return await asyncio.wait_for(recording.stream(receive, send), 30)
+
+    assert asyncio.run(main()) == 1000
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert b"".join(m["body"] for m in bodies) == b"x" * 1000
+    assert all(m["more_body"] for m in bodies)  # no end: the connection is cut, not "done"
+
+
+def test_a_spool_file_that_is_a_link_is_not_replayed(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not an answer")
+    path = tmp_path / "answer"
+    path.symlink_to(secret)
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    recording = Recording.stored(Marker("k", "d", True, True), "pxy_link", path, start, 13)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        with pytest.raises(ClientGone):  # an OSError (ELOOP): the replay ends
+            await asyncio.wait_for(recording.stream(receive, send), 30)
+
+    asyncio.run(main())
+    assert b"not an answer" not in b"".join(m.get("body", b"") for m in sent)
+
+
+@pytest.mark.parametrize("kind", ["another user's", "a link"])
+def test_a_spool_folder_that_is_not_this_users_own_is_not_used(tmp_path: Path, kind: str) -> None:
+    shared = tmp_path / "imagegen-proxy-spool"
+    if kind == "a link":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        shared.symlink_to(elsewhere)
+    else:
+        if os.getuid() != 0:
+            pytest.skip("giving a folder to another user needs root (CI runs as root)")
+        shared.mkdir(mode=0o700)
+        os.chown(shared, 65534, 65534)  # nobody's
+    folder = Idempotency(IdempotencyConfig(spool_dir=str(tmp_path))).folder
+    assert shared not in folder.parents
+    assert folder.parent.name.startswith("imagegen-proxy-spool-")
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
+
+
+def test_a_spool_folder_of_this_users_open_to_others_is_closed_to_them(tmp_path: Path) -> None:
+    shared = tmp_path / "imagegen-proxy-spool"
+    shared.mkdir()
+    shared.chmod(0o777)
+    folder = Idempotency(IdempotencyConfig(spool_dir=str(tmp_path))).folder
+    assert folder.parent == shared and stat.S_IMODE(shared.stat().st_mode) == 0o700
