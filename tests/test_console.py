@@ -11,6 +11,7 @@ import concurrent.futures
 import csv
 import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import pytest
 from support import on_store
 from test_cli import running
 
+from imagegen_proxy.console.throttle import SignInThrottle
 from imagegen_proxy.store import Store
 from imagegen_proxy.store.ledger import usage_lines
 
@@ -295,9 +297,48 @@ def test_numbers_the_store_cannot_keep_are_refused_on_the_keys_page(
     assert f"hostile-{field}" not in page.content()
 
 
+def signin_from(console: Console, address: str, key: str) -> httpx.Response:
+    """A sign-in posted from the loopback `address` (each test its own: the console's
+    other tests sign in from 127.0.0.1)."""
+    transport = httpx.HTTPTransport(local_address=address)
+    with httpx.Client(transport=transport, follow_redirects=False) as client:
+        form = client.get(console.base + "/signin").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf is not None
+        return client.post(console.base + "/signin", data={"key": key, "csrf": csrf[1]})
+
+
+def test_wrong_keys_at_sign_in_are_slowed_per_address_without_locking_others_out(
+    console: Console,
+) -> None:
+    answers = [signin_from(console, "127.0.0.3", f"sk-guess-{i}") for i in range(5)]
+    assert [answer.status_code for answer in answers] == [401] * 5
+    slowed = signin_from(console, "127.0.0.3", ADMIN)  # even the right key waits its turn
+    assert slowed.status_code == 429 and "Too many wrong keys" in slowed.text
+    assert 1 <= int(slowed.headers["retry-after"]) <= 60
+    assert signin_from(console, "127.0.0.4", ADMIN).status_code == 303  # the operator
+
+
 def test_the_no_config_mode_opens_the_console_on_loopback(tmp_path: Path) -> None:
     with running(cwd=tmp_path, lines=7) as (url, banner):
         assert f"the console: {url}/console/ (open on loopback)" in banner
         overview = httpx.get(url + "/console/")
         assert overview.status_code == 200 and "<h1>Overview</h1>" in overview.text
         assert "Sign out" not in overview.text
+
+
+def test_the_sign_in_throttle_lets_an_address_try_again_as_its_window_slides() -> None:
+    now = [1000.0]
+    throttle = SignInThrottle(lambda: now[0])
+    for _ in range(4):
+        throttle.failed("10.0.0.1")
+    assert throttle.wait("10.0.0.1") == 0  # four wrong keys: a fifth try is allowed
+    throttle.failed("10.0.0.1")
+    assert throttle.wait("10.0.0.1") == 60.0 and throttle.wait("10.0.0.2") == 0
+    now[0] += 30
+    assert throttle.wait("10.0.0.1") == 30.0
+    now[0] += 30.5
+    assert throttle.wait("10.0.0.1") == 0  # slowed, never locked out
+    throttle.failed("10.0.0.1")
+    throttle.succeeded("10.0.0.1")
+    assert throttle.wait("10.0.0.1") == 0

@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..types import ASGIApp, Message, Receive, Scope, Send
+from .throttle import SignInThrottle, retry_after
 from .views import Pages
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
     pages = Pages(proxy, templates)
     admin = config.admin.digest
     open_ = config.admin.open
+    throttle = SignInThrottle()
 
     def signed_in(request: Request) -> bool:
         return open_ or request.session.get("admin") is True
@@ -91,10 +93,23 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
         form = await request.form(max_files=0, max_fields=10)
         if not _csrf_ok(request, form):
             return pages.refused(request, "The form was stale or forged: reload it.")
+        address = request.client.host if request.client is not None else ""
+        wait = throttle.wait(address)
+        if wait > 0:  # the key is not even compared: no guess counts while it waits
+            refused = pages.signin(
+                request,
+                error=f"Too many wrong keys from this address: try again in "
+                f"{retry_after(wait)} s.",
+                status=429,
+            )
+            refused.headers["retry-after"] = retry_after(wait)
+            return refused
         key = str(form.get("key", ""))
         digest = hashlib.sha256(key.encode()).digest()
         if admin is None or not hmac.compare_digest(digest, admin):
+            throttle.failed(address)
             return pages.signin(request, error="That is not the admin key.", status=401)
+        throttle.succeeded(address)
         request.session.clear()
         request.session.update({"admin": True, "csrf": secrets.token_urlsafe(32)})
         target = str(form.get("next", ""))
