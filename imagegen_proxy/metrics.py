@@ -127,6 +127,12 @@ class Metrics:
             "mid_stream (after the answer started), too_large (over max_response_bytes).",
             ["upstream", "kind"],
         )
+        self.over_reservation = p.Counter(
+            "imagegen_proxy_usage_over_reservation",
+            "Generations whose usage cost more than the worst case reserved for them (an "
+            "out-of-date price table, or an upstream's wrong usage), by model.",
+            ["model"],
+        )
         self.failovers = p.Counter(
             "imagegen_proxy_failovers",
             "Requests moved from one upstream of a pool to the next, by why (connect, "
@@ -162,6 +168,8 @@ class Metrics:
             self.images.labels(key, project, model, entry.operation).inc(entry.images)
         if entry.cost_micros:
             self.cost.labels(key, project, model).inc(entry.cost_micros / 1_000_000)
+            if entry.cost_micros > entry.reserved > 0:
+                self.over_reservation.labels(model).inc()
         if entry.bytes_out:
             self.bytes.labels(key).inc(entry.bytes_out)
         if entry.limit:

@@ -34,7 +34,7 @@ from .idempotency import marker as idempotency_marker
 from .idempotency import rate_only
 from .observe import AccessLog, Entry, client_request_id
 from .pool import Tries
-from .pricing import Price, Prices
+from .pricing import Price, Prices, usd
 from .ratelimit import Decision, RateLimiter
 from .recording import Recording
 from .relay import Outcome, Relay
@@ -220,6 +220,7 @@ class ImageGenProxy:
                         return
                     recording = self.idempotency.start(marker, entry.id)
             price, reservation = self._price(principal, request)
+            entry.reserved = reservation
             targets = self._candidates(request, principal)
             decision = await self.rate_limiter.acquire(principal, request, reservation)
             if not decision.allowed:
@@ -402,6 +403,16 @@ class ImageGenProxy:
                     requests=1, images=request.images, cost_micros=cost
                 )
                 entry.cost_micros = None if price is None else cost
+                if cost > entry.reserved > 0:
+                    # Above the worst case the price table allows: the table is out of
+                    # date, or the upstream's usage is wrong. Kept, as billed; said.
+                    logger.warning(
+                        "request %s: usage cost $%s, above its reservation of $%s (%s)",
+                        entry.id,
+                        usd(cost),
+                        usd(entry.reserved),
+                        request.model,
+                    )
             if decision.release is not None:
                 await decision.release(spent)
             if spent is not None:

@@ -77,6 +77,7 @@ class Entry:
     limit: str | None = None  # the limit that refused the request
     images: int = 0  # images charged: the request reached the upstream, which answered no error
     cost_micros: int | None = None  # what was charged, in micro-USD; None: no price known
+    reserved: int = 0  # micro-USD reserved against its budgets before it went upstream
     size: str | None = None
     quality: str | None = None
     reached: bool = False  # the request may have reached the upstream (a ledger line)

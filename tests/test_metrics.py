@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -245,3 +247,30 @@ def test_strangers_cannot_spend_the_model_label_slots(metered: Callable[..., str
             assert client.post(PATH, json=body).status_code == 401
     scraped = prometheus_client.generate_latest(REGISTRY).decode()
     assert "stranger-model" not in scraped  # before: 100 labels made, then "other"
+
+
+def test_usage_above_the_reservation_is_kept_logged_and_counted(
+    metered: Callable[..., str], upstream: UpstreamDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 1,000,000 output tokens at $30/1M: $30, against a reservation of about $0.0116.
+    usage = {"total_tokens": 1_000_004, "input_tokens": 4, "output_tokens": 1_000_000}
+    body = json.dumps({"created": 1, "data": [{"b64_json": "eA=="}], "usage": usage}).encode()
+
+    async def answer(x: Any) -> None:
+        await x.start(200, [("content-type", "application/json")])
+        await x.body(body, more=False)
+
+    upstream.answer = answer
+    keys = [{"name": "team-m", "key": CLIENT_KEY, "budget_usd": 100.0}]
+    proxy = metered(auth={"open": False}, keys=keys)
+    delta = Delta()
+    model = "gpt-image-2.6-sunburst"
+    asked = {"prompt": "p", "model": model, "size": "1024x1024", "quality": "low"}
+    assert httpx.post(proxy + PATH, json=asked, headers=AUTH).status_code == 200
+    assert delta("imagegen_proxy_usage_over_reservation_total", model=model) == 1
+    assert delta("imagegen_proxy_cost_usd_total", key="team-m", project="", model=model) == (
+        pytest.approx(30.00002)  # kept as the upstream billed it: never under what was spent
+    )
+    assert "above its reservation" in caplog.text
+    httpx.post(proxy + PATH, json={**asked, "quality": "high"}, headers=AUTH)
+    assert delta("imagegen_proxy_usage_over_reservation_total", model=model) == 2
