@@ -48,7 +48,6 @@ def _plain(value: str) -> str:
 # "<name> (<account id>)": 160 leaves it room.
 _Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_plain)]
 _AccountName = Annotated[str, Field(min_length=1, max_length=160), AfterValidator(_plain)]
-_BIG = 2**63 - 1  # the store's BigInteger
 
 
 class _ProjectCreate(_Body):
@@ -80,8 +79,8 @@ class _ServiceAccountCreate(_Body):
 
 
 class _RateLimitUpdate(_Body):
-    max_requests_per_1_minute: int | None = Field(None, ge=1, le=_BIG)  # null: unlimited
-    max_images_per_1_minute: int | None = Field(None, ge=1, le=_BIG)
+    max_requests_per_1_minute: int | None = Field(None, ge=1, le=2**53)  # null: unlimited
+    max_images_per_1_minute: int | None = Field(None, ge=1, le=2**53)  # as any Policy count
 
 
 class _ModelPermissions(_Body):

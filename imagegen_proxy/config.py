@@ -251,6 +251,13 @@ BudgetPeriod = Literal["day", "week", "month", "total"]
 
 
 _MAX_COUNT = 2**53  # exact in a float, and far beyond any real limit
+_COUNTS = (
+    "requests_per_minute",
+    "images_per_minute",
+    "max_concurrent",
+    "images_per_day",
+    "tokens_per_day",
+)
 _MAX_BUDGET_USD = 1e9  # a billion dollars: 1e15 micro-USD, exact in 64 bits
 
 
@@ -287,6 +294,12 @@ class Policy(_Section):
         """The budget in millionths of a dollar, the unit every cost is counted in."""
         return None if self.budget_usd is None else round(self.budget_usd * 1_000_000)
 
+
+# The most each limit may be: what a stored row beyond it is read as (store.stored_policy).
+POLICY_BOUNDS: dict[str, float] = {
+    **{name: _MAX_COUNT for name in _COUNTS},
+    "budget_usd": _MAX_BUDGET_USD,
+}
 
 _LIMITS = [
     name for name in Policy.model_fields if name not in ("models", "denied_models", "budget_period")

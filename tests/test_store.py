@@ -98,6 +98,27 @@ def test_a_stored_key_carries_its_limits_and_its_projects_budget(
         assert refused.status_code == 403
 
 
+def test_limits_saved_out_of_range_before_they_were_bounded_are_read_at_their_bounds(
+    store_url: str, upstream: UpstreamDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def make(store: Store) -> str:
+        project = await store.create_project("growth", Policy(budget_usd=5.0))
+        _, key = await store.create_key("bot", project="growth")
+        async with store.engine.begin() as connection:  # as an earlier version let it be
+            await connection.execute(
+                text("UPDATE projects SET policy = :policy WHERE id = :id"),
+                {"policy": '{"budget_usd": 1e308, "requests_per_minute": 1e400}', "id": project.id},
+            )
+        return key
+
+    key = on_store(store_url, make)
+    with proxy_on(store_url, upstream) as proxy:
+        assert generate(proxy, key) == 200  # not a 500 for every request of its keys
+        admin = on_store(store_url, lambda store: store.projects())
+        assert admin[0].policy.budget_usd == 1e9 and admin[0].policy.requests_per_minute == 2**53
+    assert "budget_usd, requests_per_minute out of range in the store" in caplog.text
+
+
 def test_keys_are_stored_as_digests_only(store_url: str) -> None:
     async def make(store: Store) -> tuple[str, list[Any]]:
         _, key = await store.create_key("bot")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import secrets
@@ -18,12 +19,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, delete, event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..auth import Principal, Project
-from ..config import Policy
+from ..config import POLICY_BOUNDS, Policy
 from .schema import api_keys, project_rate_limits, projects, service_accounts, settings
+
+logger = logging.getLogger("imagegen_proxy")
 
 KEY_PREFIX = "sk-igp-"
 MAX_LIFETIME = 100 * 365 * 86400  # seconds: the longest a key may be made to last
@@ -240,7 +244,7 @@ class Store:
         query = select(settings.c.value).where(settings.c.name == "organization_policy")
         async with self.engine.connect() as connection:
             value = (await connection.execute(query)).scalar()
-        return None if value is None else Policy.model_validate(value)
+        return None if value is None else stored_policy(value, "the organization")
 
     async def set_organization(self, policy: Policy | None) -> None:
         async with self.engine.begin() as connection:
@@ -284,7 +288,7 @@ class Store:
                 )
                 project = Project(
                     found["project_name"],
-                    Policy.model_validate(found["project_policy"]),
+                    stored_policy(found["project_policy"], f"project {key.project_id}"),
                     {limit.model: _rate_limit(limit._mapping) for limit in limits},
                     key.project_id,
                 )
@@ -299,6 +303,28 @@ def new_secret(secret: str | None = None) -> tuple[str, dict[str, str]]:
     return secret, {"digest": digest, "redacted": f"{secret[:10]}...{secret[-4:]}"}
 
 
+def stored_policy(value: Mapping[str, Any] | None, where: str) -> Policy:
+    """A policy as the store kept it. One saved before limits were bounded (an infinite
+    budget, a count past 2^53) is read with each such limit at its bound, and said, rather
+    than failing every request and page of its keys."""
+    try:
+        return Policy.model_validate(value or {})
+    except ValidationError as exc:
+        fixed = dict(value or {})
+        names = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        if not names or not names <= POLICY_BOUNDS.keys():
+            raise
+        for name in names:
+            fixed[name] = POLICY_BOUNDS[name]
+        logger.warning(
+            "%s: %s out of range in the store, read as the most allowed; set %s again",
+            where,
+            ", ".join(sorted(names)),
+            "it" if len(names) == 1 else "them",
+        )
+        return Policy.model_validate(fixed)
+
+
 def dump_policy(policy: Policy | None) -> dict[str, Any]:
     return (policy or Policy()).model_dump(mode="json", exclude_unset=True)
 
@@ -309,7 +335,7 @@ def project_record(row: Mapping[Any, Any]) -> ProjectRecord:
         row["name"],
         row["created_at"],
         row["archived_at"],
-        Policy.model_validate(row["policy"]),
+        stored_policy(row["policy"], f"project {row['id']}"),
     )
 
 
@@ -322,7 +348,7 @@ def key_record(row: Mapping[Any, Any]) -> KeyRecord:
         row["created_at"],
         row["expires_at"],
         row["revoked_at"],
-        Policy.model_validate(row["policy"]),
+        stored_policy(row["policy"], f"key {row['id']}"),
     )
 
 

@@ -24,6 +24,7 @@ from . import (
     key_record,
     new_secret,
     project_record,
+    stored_policy,
 )
 from .schema import api_keys, project_rate_limits, projects, service_accounts
 
@@ -431,7 +432,7 @@ def _account(row: Mapping[Any, Any]) -> ServiceAccountRecord:
         row["role"],
         row["created_at"],
         row["deleted_at"],
-        Policy.model_validate(row["policy"] or {}),
+        stored_policy(row["policy"], f"service account {row['id']}"),
     )
 
 
