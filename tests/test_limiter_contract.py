@@ -275,6 +275,21 @@ def test_negative_usage_never_credits_a_budget_or_a_quota(make: Make) -> None:
     run(make, test)
 
 
+def test_usage_above_the_reservation_is_charged_in_full(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        bot = key(budget_usd=10.0)
+        first = await admit(limiter, bot)
+        assert first.release is not None
+        # Reserved $0.30, billed $9.80: the budget holds what was billed, not the reservation.
+        await first.release(Usage(requests=1, images=1, cost_micros=9_800_000))
+        refused = await admit(limiter, bot)
+        assert not refused.allowed and refused.limit == "budget_usd"
+        headers = dict(refused.refusal().headers)
+        assert headers["x-budget-remaining-usd"] == "0.20"
+
+    run(make, test)
+
+
 def test_tokens_settled_count_against_the_daily_token_quota(make: Make) -> None:
     async def test(limiter: RateLimiter, clock: Clock) -> None:
         bot = key(tokens_per_day=100)
