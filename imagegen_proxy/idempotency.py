@@ -130,8 +130,8 @@ class Idempotency:
             if _private(root):
                 _remove_leftovers(root)
             else:
-                # Someone else's (or open to others, or a link), made before this process
-                # came: answers must not be read or replaced there. A folder of its own.
+                # A link, or someone else's, made before this process came: answers must
+                # not be read or replaced there. A folder of its own.
                 logger.warning(
                     "spool folder %s is a link or another user's: using a private one instead",
                     root,

@@ -168,7 +168,7 @@ class Metrics:
             self.images.labels(key, project, model, entry.operation).inc(entry.images)
         if entry.cost_micros:
             self.cost.labels(key, project, model).inc(entry.cost_micros / 1_000_000)
-            if entry.cost_micros > entry.reserved > 0:
+            if entry.over_reservation:
                 self.over_reservation.labels(model).inc()
         if entry.bytes_out:
             self.bytes.labels(key).inc(entry.bytes_out)

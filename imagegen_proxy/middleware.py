@@ -403,7 +403,7 @@ class ImageGenProxy:
                     requests=1, images=request.images, cost_micros=cost
                 )
                 entry.cost_micros = None if price is None else cost
-                if cost > entry.reserved > 0:
+                if entry.over_reservation:
                     # Above the worst case the price table allows: the table is out of
                     # date, or the upstream's usage is wrong. Kept, as billed; said.
                     logger.warning(

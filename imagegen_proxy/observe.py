@@ -87,6 +87,11 @@ class Entry:
     replay_of: str | None = None  # the request id of the generation it joined or replayed
 
     @property
+    def over_reservation(self) -> bool:
+        """Whether it cost more than the worst case reserved for it (a budgeted request)."""
+        return self.cost_micros is not None and self.cost_micros > self.reserved > 0
+
+    @property
     def duration(self) -> float:
         return time.perf_counter() - self.started
 
