@@ -83,6 +83,9 @@ def create_app(config: ProxyConfig, *, mock: bool = False) -> ImageGenProxy:
         )
         routes.append(Mount(MOCK_PATH, app=upstream))
     host = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
+    if config.proxy.list_models is None:  # the bundled proxy's host serves no /v1/models
+        settings = config.proxy.model_copy(update={"list_models": True})
+        config = config.model_copy(update={"proxy": settings})
     proxy = ImageGenProxy(host, config)
     pool[0] = proxy.pool  # /healthz shows each upstream's state in this process
     if console_enabled(config):

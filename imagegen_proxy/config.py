@@ -67,6 +67,10 @@ class ProxySettings(_Section):
     # Edits and variations: the multipart upload's size (413 beyond) and file parts (400).
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_upload_files: int = Field(16, gt=0)
+    # `GET /v1/models` (and `/models`, `/openai/v1/models`): the models served, answered by
+    # the proxy. Unset: with a pool, and in the bundled proxy; otherwise the path is the
+    # host app's.
+    list_models: bool | None = None
     # Upstream response headers to relay beyond the built-in allow-list (headers.py).
     forward_response_headers: tuple[str, ...] = ()
 
@@ -404,6 +408,8 @@ class PriceConfig(_Section):
     source: str | None = None  # where the figures come from, and when they were checked
     # When OpenAI shut the model down (or will): `/v1/models` says so, as OpenAI's does.
     shutdown_date: datetime.date | None = None
+    # The model OpenAI names in its place, once shut down (see `[limits] retired`).
+    replacement: str | None = None
 
     @field_validator("output_tokens", "per_image")
     @classmethod
@@ -422,6 +428,9 @@ class LimitsConfig(_Section):
     # A model without a price, asked for by a key or project with a budget: refused (403
     # model_not_priced) or served with its cost unknown.
     unpriced: Literal["deny", "allow"] = "deny"
+    # A model past its `shutdown_date`, bound for OpenAI: refused (404 model_not_found,
+    # naming its replacement) before it waits in line, or sent on as asked.
+    retired: Literal["refuse", "pass"] = "refuse"
     concurrency_lease_seconds: float = Field(3600.0, gt=0)
 
     @field_validator("storage")

@@ -88,3 +88,13 @@ def too_large(limit: int) -> ProxyError:
         f"Request body too large: the limit is {limit} bytes.",
         code="request_too_large",
     )
+
+
+def gif_refusal(param: str, why: str) -> ProxyError:
+    """400 for a parameter an animated GIF cannot be made with (see `check_animation`)."""
+    return ProxyError(
+        400,
+        f"'{param}' cannot be used with output_format 'gif': {why}.",
+        param=param,
+        code="unsupported_parameter_combination",
+    )

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -32,6 +32,7 @@ from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .headers import ResponseHeaders
 from .idempotency import marker as idempotency_marker
 from .idempotency import rate_only
+from .json_upload import Incoming, JsonUpload
 from .observe import AccessLog, Entry, client_request_id
 from .pool import Tries
 from .pricing import Price, Prices, usd
@@ -42,11 +43,13 @@ from .request import (
     ImageRequest,
     check_content_type,
     header,
+    is_json,
     parse_form,
+    parse_json_edit,
     parse_request,
     read_body,
 )
-from .routing import Route, Router, check_route
+from .routing import ImageOperation, Route, Router, check_route
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upload import Upload, boundary_of
 from .upstream import (
@@ -94,7 +97,10 @@ class ImageGenProxy:
     ) -> None:
         self.app = app
         self.config = config
-        self.router = Router(config.proxy.mount_prefix, models=config.pooled)
+        listed = config.proxy.list_models
+        self.router = Router(
+            config.proxy.mount_prefix, models=config.pooled if listed is None else listed
+        )
         self.upstreams = Upstreams(config)
         self.pool = pool_for(config, self.upstreams) if config.pooled else None
         self.store = store_for(config)
@@ -120,6 +126,11 @@ class ImageGenProxy:
         self.usage_observers = list(usage_observers)
         self._unpriced = config.limits.unpriced
         self._unpriced_seen: set[str] = set()
+        self._refuse_retired = config.limits.retired == "refuse"
+        # Whether `/v1/models` leaves out what is shut down: no upstream could serve it.
+        self._unlist_retired = self._refuse_retired and all(
+            target.is_openai_api for target in self.upstreams.targets
+        )
         self._key_headers = frozenset(
             {b"x-api-key", b"api-key", config.auth.virtual_key_header.encode()}
         )
@@ -204,7 +215,7 @@ class ImageGenProxy:
                 body = await read_body(scope, receive, self._max_body, self._body_timeout)
                 request = parse_request(route, body)
             else:
-                upload = self._upload(scope, receive)
+                upload = self._upload(scope, receive, route.operation)
                 request = await read_upload(route, upload)
             entry.describe(request)
             check_policy(principal, request)
@@ -222,6 +233,8 @@ class ImageGenProxy:
             price, reservation = self._price(principal, request)
             entry.reserved = reservation
             targets = self._candidates(request, principal)
+            if self._refuse_retired:
+                self._check_retired(request, targets)
             decision = await self.rate_limiter.acquire(principal, request, reservation)
             if not decision.allowed:
                 entry.limit = decision.limit or decision.code
@@ -268,11 +281,14 @@ class ImageGenProxy:
                 recording.let_go()
             self._observe(entry)
 
-    def _upload(self, scope: Scope, receive: Receive) -> Upload:
-        """The multipart body of an edit or variation, refused from its headers if it can be:
-        not multipart (415), or declaring more than `max_upload_bytes` (413)."""
+    def _upload(self, scope: Scope, receive: Receive, operation: ImageOperation) -> Incoming:
+        """The body of an edit or variation, refused from its headers if it can be: neither
+        multipart nor (for an edit) JSON (415), or declaring more than `max_upload_bytes`
+        (413)."""
         settings = self.config.proxy
-        boundary = boundary_of(header(scope, b"content-type") or b"")
+        content_type = header(scope, b"content-type") or b""
+        json_edit = operation == "edit" and is_json(content_type)
+        boundary = b"" if json_edit else boundary_of(content_type)
         declared = header(scope, b"content-length")
         if (
             declared is not None
@@ -280,6 +296,10 @@ class ImageGenProxy:
             and int(declared) > settings.max_upload_bytes
         ):
             raise too_large(settings.max_upload_bytes)
+        if json_edit:
+            return JsonUpload(
+                receive, max_bytes=settings.max_upload_bytes, within=self._body_timeout
+            )
         return Upload(
             receive,
             boundary,
@@ -310,6 +330,19 @@ class ImageGenProxy:
             logger.warning("model %r has no price: served on a budget at no cost", request.model)
         return None, 0
 
+    def _check_retired(self, request: ImageRequest, targets: list[Target]) -> None:
+        """Refuse a model OpenAI has shut down when every upstream it may go to is OpenAI's
+        own API (an Azure deployment keeps its own dates, another OpenAI-compatible service
+        its own models), naming the model OpenAI put in its place."""
+        day = self.prices.shut_down(request.model, datetime.now(UTC).date())
+        if day is None or not all(target.is_openai_api for target in targets):
+            return
+        model = str(request.model)
+        instead = self.prices.replacement(model)
+        message = f"The model '{model}' was shut down on {day.isoformat()}"
+        message += f": use {instead} instead." if instead else "."
+        raise ProxyError(404, message, param="model", code="model_not_found")
+
     async def _budget(self, scope: Scope, send: Send) -> None:
         """`GET /v1/imagegen/budget`: a client's own limits, spending and budgets."""
         try:
@@ -338,7 +371,13 @@ class ImageGenProxy:
         except ProxyError as error:
             await send_error(send, error)
             return
-        models = [m for m in self.models if may_use(principal, m)]
+        today = datetime.now(UTC).date()
+        models = [
+            model
+            for model in self.models
+            if may_use(principal, model)
+            and not (self._unlist_retired and self.prices.shut_down(model, today))
+        ]
         view = {
             "object": "list",
             "data": [
@@ -376,7 +415,7 @@ class ImageGenProxy:
         scope: Scope,
         receive: Receive,
         send: Send,
-        upload: Upload | None,
+        upload: Incoming | None,
         targets: list[Target],
         recording: Recording | None = None,
     ) -> None:
@@ -505,9 +544,12 @@ class ImageGenProxy:
         return send_closing
 
 
-async def read_upload(route: Route, upload: Upload) -> ImageRequest:
+async def read_upload(route: Route, upload: Incoming) -> ImageRequest:
     """Read an upload until the fields that decide the request are known: the model (the
-    Azure form has it in the path) and, for an edit, the prompt."""
+    Azure form has it in the path) and, for an edit, the prompt. A JSON edit is read to its
+    end (its images to disk)."""
+    if isinstance(upload, JsonUpload):
+        return parse_json_edit(route, await upload.read(), upload)
     needed = {"model"} if route.form == "openai" else set()
     if route.operation == "edit":
         needed.add("prompt")

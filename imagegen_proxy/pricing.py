@@ -164,6 +164,7 @@ class Prices:
         # An entry's own, never inherited through same_as: an Azure deployment priced like
         # a retired OpenAI model is not retired with it.
         self._shutdown = {model: entry.shutdown_date for model, entry in table.items()}
+        self._replacement = {model: entry.replacement for model, entry in table.items()}
 
     @property
     def models(self) -> list[str]:
@@ -173,6 +174,15 @@ class Prices:
     def shutdown_date(self, model: str) -> date | None:
         """When OpenAI shut `model` down, or will; None if no date is announced."""
         return self._shutdown.get(model)
+
+    def shut_down(self, model: str | None, today: date) -> date | None:
+        """`model`'s shutdown date if it is `today` or before: it is no longer served."""
+        day = None if model is None else self._shutdown.get(model)
+        return day if day is not None and day <= today else None
+
+    def replacement(self, model: str) -> str | None:
+        """The model OpenAI names in the place of `model`, once it is shut down."""
+        return self._replacement.get(model)
 
     def get(self, model: str | None) -> Price | None:
         """The price of `model`; None for no model or one without a price."""

@@ -21,10 +21,10 @@ import httpx
 
 from .errors import ClientGone, ProxyError
 from .headers import Headers, ResponseHeaders
+from .json_upload import Incoming
 from .pool import FAILOVER_STATUSES, retry_after
 from .sse import EventScanner
 from .types import Message, Receive, Send
-from .upload import Upload
 from .upstream import INVALID_STATUS, TIMED_OUT, Answer, Call, SendUpstream, Target, failure
 from .usage import Tail, Usage, tokens_in
 
@@ -130,7 +130,7 @@ class Relay:
         self._started = False  # the response has started: a failure is answered on the wire
 
     async def run(
-        self, attempts: Attempts, receive: Receive, upload: Upload | None = None
+        self, attempts: Attempts, receive: Receive, upload: Incoming | None = None
     ) -> Outcome:
         """Send the request upstream (to the first of `attempts` that answers) and relay
         the answer to the client; `upload` is the client's body still being read, which
@@ -176,7 +176,7 @@ class Relay:
         return outcome
 
     async def _watch(
-        self, receive: Receive, task: asyncio.Task[object], upload: Upload | None
+        self, receive: Receive, task: asyncio.Task[object], upload: Incoming | None
     ) -> None:
         """From the end of the body on, the client's disconnect cancels the exchange (an
         upload that is still being read watches for it itself)."""
@@ -196,7 +196,7 @@ class Relay:
             self._expired = True
             self._task.cancel()
 
-    async def _exchange_in_time(self, attempts: Attempts, upload: Upload | None) -> None:
+    async def _exchange_in_time(self, attempts: Attempts, upload: Incoming | None) -> None:
         """`_exchange`, ended at `total_timeout` as any upstream failure ends: a 504 before
         the answer started, an error event or a cut connection after."""
         try:
@@ -219,7 +219,7 @@ class Relay:
         self.outcome.failure = TIMED_OUT.kind
         raise TIMED_OUT.error()
 
-    async def _exchange(self, attempts: Attempts, upload: Upload | None) -> None:
+    async def _exchange(self, attempts: Attempts, upload: Incoming | None) -> None:
         """Try the upstreams of `attempts` in turn until one answers, failing over only
         before anything reached the client: on a failure that left the upstream unable
         to act (a refused or reset connection), or an answer that says "not here, not
@@ -270,7 +270,7 @@ class Relay:
             return
 
     @staticmethod
-    def _may_fail_over(index: int, targets: Sequence[Target], upload: Upload | None) -> bool:
+    def _may_fail_over(index: int, targets: Sequence[Target], upload: Incoming | None) -> bool:
         """Whether another upstream is left to try, and the request can still be sent to
         it: an upload whose bytes began to go up cannot."""
         return index < len(targets) - 1 and (upload is None or not upload.started)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
-from .errors import ClientGone, ProxyError, too_large
+from .errors import ClientGone, ProxyError, gif_refusal, too_large
+from .json_upload import MAX_IMAGE_URL, JsonUpload
 from .routing import Form, ImageOperation, Route
 from .types import Receive, Scope
 
@@ -57,6 +65,31 @@ class ImageGenerationBody(BaseModel):
         return self.model_dump_json(exclude_unset=True).encode()
 
 
+class ImageRef(BaseModel):
+    """One image of a JSON edit (OpenAI's `ImageRefParam`): exactly one of `image_url` (an
+    https URL or a base64 data URL) and `file_id` (a file of the Files API), nothing else."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    image_url: str | None = Field(None, min_length=1)
+    file_id: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ImageRef:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of 'image_url' and 'file_id'")
+        return self
+
+
+class ImageEditBody(ImageGenerationBody):
+    """The JSON body of an edit (OpenAI's `EditImageBodyJsonParam`): a generation's fields,
+    with its images by reference or inline (1 to 16) instead of multipart files, and the
+    mask likewise."""
+
+    images: list[ImageRef] = Field(min_length=1, max_length=16)
+    mask: ImageRef | None = None
+
+
 class ImageFormBody(BaseModel):
     """The text fields of a multipart edit or variation, checked as the API reads them:
     form values are strings ("2", "true"), converted where a type is expected. Unknown
@@ -72,6 +105,7 @@ class ImageFormBody(BaseModel):
     stream: bool | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
     output_compression: int | None = Field(None, ge=0, le=100)
+    output_format: str | None = None
     frame_count: int | None = Field(None, ge=2, le=16)
     frame_duration_ms: int | None = Field(None, ge=1)
 
@@ -132,9 +166,14 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def is_json(content_type: bytes) -> bool:
+    """Whether a Content-Type is JSON's (`application/json`, or a `+json` type)."""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
 def check_content_type(scope: Scope) -> None:
-    content_type = (header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
-    if content_type != b"application/json" and not content_type.endswith(b"+json"):
+    if not is_json(header(scope, b"content-type") or b""):
         raise ProxyError(
             415,
             "Content-Type must be application/json.",
@@ -209,6 +248,7 @@ def parse_form(route: Route, fields: dict[str, str], input_images: int) -> Image
     if route.operation == "edit" and body.prompt is None:
         raise _invalid({"type": "missing", "loc": ("prompt",), "msg": "", "input": None})
     assert route.operation in ("edit", "variation")
+    check_animation(body)
     return ImageRequest(
         operation=route.operation,
         form=route.form,
@@ -224,12 +264,73 @@ def parse_request(route: Route, raw: bytes) -> ImageRequest:
         body = ImageGenerationBody.model_validate_json(raw)
     except ValidationError as exc:
         raise _invalid(exc.errors(include_url=False, include_input=False)[0]) from None
+    check_animation(body)
     return ImageRequest(
         form=route.form,
         deployment=route.deployment,
         api_version=route.api_version,
         body=body,
     )
+
+
+def parse_json_edit(route: Route, skeleton: bytes, upload: JsonUpload) -> ImageRequest:
+    """The request a JSON edit describes (`skeleton`, as `JsonUpload.read` left it): checked
+    as a generation's body is, and its long strings only where images go."""
+    try:
+        body = ImageEditBody.model_validate_json(skeleton)
+    except ValidationError as exc:
+        raise _invalid(exc.errors(include_url=False, include_input=False)[0]) from None
+    for path, spooled in upload.placeholders(body.model_dump(exclude_unset=True)):
+        param = ".".join(str(part) for part in path)
+        if path[-1:] != ("image_url",) or path[0] not in ("images", "mask"):
+            raise ProxyError(
+                400,
+                f"Invalid value for '{param}': too long (only images may be longer than 256 KB).",
+                param=param,
+                code="string_above_max_length",
+            )
+        if spooled.characters > MAX_IMAGE_URL:
+            raise ProxyError(
+                400,
+                f"Invalid value for '{param}': longer than {MAX_IMAGE_URL} characters.",
+                param=param,
+                code="string_above_max_length",
+            )
+    if body.model is not None and body.model.startswith("dall-e"):
+        raise ProxyError(
+            400,
+            f"JSON edits are for GPT image models, not {body.model}: send its edits as "
+            "multipart/form-data.",
+            param="model",
+            code="invalid_value",
+        )
+    check_animation(body, mask=body.mask is not None)
+    return ImageRequest(
+        operation="edit",
+        form=route.form,
+        deployment=route.deployment,
+        api_version=route.api_version,
+        body=body,
+        input_images=len(body.images),
+    )
+
+
+def check_animation(body: ImageGenerationBody | ImageFormBody, *, mask: bool = False) -> None:
+    """Refuse what an animated GIF (`output_format = "gif"`) cannot be made with: it is
+    not streamed (no `stream`, no `partial_images`), is not an edit under a mask, and is
+    not compressed. The upstream would refuse them too, after the request has waited in
+    line and been counted; the proxy says so first."""
+    if (body.output_format or "").lower() != "gif":
+        return
+    refused = [
+        ("stream", body.stream is True, "GIFs are not streamed"),
+        ("partial_images", bool(body.partial_images), "GIFs have no partial images"),
+        ("mask", mask, "GIFs are not made with a mask"),
+        ("output_compression", body.output_compression is not None, "GIFs are not compressed"),
+    ]
+    for param, sent, why in refused:
+        if sent:
+            raise gif_refusal(param, why)
 
 
 _CODES = {

@@ -26,7 +26,8 @@ OPENAI_PATHS = tuple(
 )
 # A client's own view of its limits, budgets and spending (GET).
 BUDGET_PATHS = ("/v1/imagegen/budget", "/imagegen/budget")
-# The models a pool serves (GET), served only by a pool: otherwise the host app's.
+# The models served (GET): the proxy answers them with a pool, in the bundled proxy, or
+# with `[proxy] list_models`; otherwise they are the host app's.
 MODELS_PATHS = ("/v1/models", "/models", "/openai/v1/models")
 # OpenAI's Admin API, for the admin key.
 ADMIN_PATHS = ("/v1/organization/", "/organization/")

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import ClientGone, ProxyError, too_large
+from .errors import ClientGone, ProxyError, gif_refusal, too_large
 from .types import Receive
 
 # The fields the proxy decides on (model, price, limits): a client that sends one of them
@@ -90,7 +90,8 @@ def boundary_of(content_type: bytes) -> bytes:
     if media != b"multipart/form-data":
         raise ProxyError(
             415,
-            "Content-Type must be multipart/form-data on image edits and variations.",
+            "Content-Type must be multipart/form-data on image variations, and "
+            "multipart/form-data or application/json on image edits.",
             code="unsupported_media_type",
         )
     boundary = options.get(b"boundary", b"")
@@ -262,6 +263,8 @@ class Upload:
                     part.name,
                     "invalid_type",
                 )
+            if part.name == "mask" and self.fields.get("output_format", "").lower() == "gif":
+                raise gif_refusal("mask", "GIFs are not made with a mask")
             if part.name != "mask" and self.images == self.max_files:
                 raise _invalid(
                     f"Too many files: at most {self.max_files} images in one request.",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from cachetools import LRUCache
@@ -24,12 +24,13 @@ from cachetools import LRUCache
 from .config import AzureMember, ConfigError, OpenAIMember, ProxyConfig, ProxySettings
 from .errors import ProxyError, server_error
 from .headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX
+from .json_upload import Incoming, JsonUpload
 from .request import ImageGenerationBody, ImageRequest
 from .routing import ENDPOINTS, ImageOperation, is_valid_deployment
 from .types import Scope
-from .upload import Upload
 
 Content = bytes | AsyncIterator[bytes]
+OPENAI_API_HOST = "api.openai.com"
 # Upstream request headers: `str` pairs, what aiohttp takes (httpx takes them too).
 TextHeaders = list[tuple[str, str]]
 
@@ -176,8 +177,12 @@ class Target:
         self.models = member.models
         self.weight, self.priority = member.weight, member.priority
         self.total_timeout = member.total_timeout
+        # OpenAI's own API, whose shutdown dates `[limits] retired` applies; another
+        # OpenAI-compatible service (a mock, a gateway) keeps serving what it serves.
+        self.is_openai_api = False
         extra: TextHeaders = []
         if isinstance(member, OpenAIMember):
+            self.is_openai_api = urlsplit(member.base_url).hostname == OPENAI_API_HOST
             self._key_header, self._key_prefix = "authorization", "Bearer "
             org, project = member.organization, member.project
             extra += [("openai-organization", org)] if org else []
@@ -297,7 +302,7 @@ class Upstreams:
         scope: Scope,
         api_key: str | None,
         request_id: str,
-        upload: Upload | None = None,
+        upload: Incoming | None = None,
     ) -> Call:
         """The upstream request to `target`; `api_key` replaces the configured upstream
         key, and `request_id` goes as `X-Client-Request-Id`, for the upstream's logs. An
@@ -314,8 +319,15 @@ class Upstreams:
             url = target.openai_url(operation)
             if request.form == "azure":
                 model = request.deployment
-        if upload is not None:
-            content: Content = upload.body(None if model is None else {"model": model})
+        content: Content
+        if isinstance(upload, JsonUpload):
+            edit = request.body
+            assert isinstance(edit, ImageGenerationBody)
+            if model is not None:
+                edit = edit.model_copy(update={"model": model})
+            content, content_type = upload.body(edit.to_json()), _JSON
+        elif upload is not None:
+            content = upload.body(None if model is None else {"model": model})
             content_type = upload.content_type.decode("latin-1")
         else:
             body = request.body

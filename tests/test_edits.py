@@ -282,7 +282,7 @@ def test_a_checked_field_sent_twice_is_refused_before_the_upstream(
     [
         (
             multipart(("prompt", None, b"p"), ("image", "a.png", PNG)),
-            {"content-type": "application/json"},
+            {"content-type": "text/plain"},
             415,
             None,
             "unsupported_media_type",
