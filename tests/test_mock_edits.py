@@ -497,7 +497,8 @@ def test_malformed_multipart_gets_400(url: str, content_type: str, body: bytes) 
 
 
 def test_not_multipart_gets_415(url: str) -> None:
-    response = httpx.post(url + EDITS, json={"prompt": "p", "image": "x"})
+    # JSON is an edit's other form (test_mock_formats.py); plain text is neither.
+    response = httpx.post(url + EDITS, content=b"prompt=p", headers={"content-type": "text/plain"})
     assert response.status_code == 415
     assert response.json()["error"]["code"] == "unsupported_media_type"
 

@@ -15,12 +15,13 @@ import anyio
 import anyio.to_thread
 
 from ..errors import ClientGone, ProxyError
-from ..request import read_body
+from ..request import header, is_json, read_body
 from ..types import Receive, Scope, Send
 from .cache import BytesLRU
 from .decode import Bitmap, decode_png
 from .edit import Canvas, generated, tint_colour, tint_weight
 from .form import read_form
+from .formats import render_gif, render_svg
 from .png import render_png
 from .wire import (
     Edit,
@@ -29,6 +30,7 @@ from .wire import (
     images_json,
     parse_edit,
     parse_generation,
+    parse_json_edit,
     parse_variation,
     sse_event,
     variations_json,
@@ -127,8 +129,11 @@ class MockUpstream:
 
     async def _edit(self, scope: Scope, receive: Receive, reply: _Reply, variation: bool) -> None:
         try:
-            form = await read_form(scope, receive, MAX_FORM_BODY)
-            edit = parse_variation(form) if variation else parse_edit(form)
+            if not variation and is_json(header(scope, b"content-type") or b""):
+                edit = parse_json_edit(await read_body(scope, receive, MAX_FORM_BODY))
+            else:
+                form = await read_form(scope, receive, MAX_FORM_BODY)
+                edit = parse_variation(form) if variation else parse_edit(form)
         except ClientGone:
             return
         except ProxyError as exc:
@@ -138,6 +143,8 @@ class MockUpstream:
         gen = edit.gen
 
         async def render(index: int, detail: float) -> bytes:
+            if gen.still:  # a GIF or an SVG of the prompt: the mock edits PNGs only
+                return await self._image(gen, index, detail)
             if variation:  # a colour of its own for each variation
                 colour, weight = tint_colour(f"variation {index}"), tint_weight(0)
             else:
@@ -170,18 +177,21 @@ class MockUpstream:
         return False
 
     async def _image(self, gen: Generation, index: int, detail: float) -> bytes:
-        key = (gen.prompt, gen.width, gen.height, index, detail, self.pad_to)
+        key: tuple[object, ...] = (gen.prompt, gen.width, gen.height, index, detail)
+        key += (self.pad_to, gen.output_format, gen.frames, gen.frame_ms)
         b64 = self._b64.get(key)
         if b64 is None:
-            png = render_png(
-                gen.prompt,
-                width=gen.width,
-                height=gen.height,
-                index=index,
-                detail=detail,
-                pad_to=self.pad_to,
-            )
-            b64 = base64.b64encode(png)
+            size = {"width": gen.width, "height": gen.height, "index": index}
+            if gen.output_format == "gif":
+                gif = functools.partial(
+                    render_gif, gen.prompt, frames=gen.frames, frame_ms=gen.frame_ms, **size
+                )
+                image = await _in_thread(gif)
+            elif gen.output_format == "svg":
+                image = render_svg(gen.prompt, **size)
+            else:
+                image = render_png(gen.prompt, detail=detail, pad_to=self.pad_to, **size)
+            b64 = base64.b64encode(image)
             self._b64.put(key, b64)
         return b64
 
@@ -204,14 +214,14 @@ class MockUpstream:
             _processing_ms(reply.started),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        steps = gen.partial_images + 1
+        steps = 1 if gen.still else gen.partial_images + 1  # a GIF or SVG comes whole
         pause = self.delay / (gen.n * steps)
         for index in range(gen.n):
             for step in range(steps):
                 if pause > 0:
                     await anyio.sleep(pause)
                 b64 = await render(index, (step + 1) / steps)
-                partial = step if step < gen.partial_images else None
+                partial = step if step < steps - 1 else None
                 event = sse_event(gen, int(time.time()), b64, partial)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

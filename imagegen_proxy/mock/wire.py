@@ -3,6 +3,7 @@ answers: JSON bodies, SSE events, error envelopes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -20,6 +21,14 @@ MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 16  # as many as OpenAI's GPT image models take in one edit
 # A rough but deterministic per-image figure; callers only need a stable, plausible number.
 OUTPUT_TOKENS_PER_IMAGE = 272
+# Animated GIFs (gpt-image-2.6): 2 to 16 frames, by default 9 shown 200 ms each (OpenAI's
+# Codex image tool). No bound on a frame's time is published: a GIF holds at most 655.35 s,
+# and a longer one is shown that long.
+DEFAULT_FRAMES, MAX_FRAMES = 9, 16
+DEFAULT_FRAME_MS, MAX_FRAME_MS = 200, math.inf
+_MEDIA_TYPES = {"png": b"image/png", "gif": b"image/gif", "svg": b"image/svg+xml"}
+# A JSON edit's image given by file id or URL, which the mock cannot read: what it counts.
+REFERENCED_IMAGE_TOKENS = 581
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,20 @@ class Generation:
     # Edits only: what the input images count for in usage, and the SSE events' names.
     image_tokens: int = 0
     events: bytes = b"image_generation"
+    # "png" (also for jpeg and webp, which the mock does not write), "gif" or "svg"; a GIF's
+    # frames, and how long each is shown.
+    output_format: str = "png"
+    frames: int = DEFAULT_FRAMES
+    frame_ms: int = DEFAULT_FRAME_MS
+
+    @property
+    def media_type(self) -> bytes:
+        return _MEDIA_TYPES[self.output_format]
+
+    @property
+    def still(self) -> bool:
+        """Whether the image comes whole, never in partial images (GIF and SVG)."""
+        return self.output_format != "png"
 
     @property
     def size(self) -> str:
@@ -65,6 +88,14 @@ def error_body(error: ProxyError) -> bytes:
 
 def parse_generation(body: bytes) -> Generation:
     """Validate a generations request body; raise ProxyError (400) when it is unusable."""
+    data = _json_object(body)
+    prompt = _prompt(data.get("prompt"))
+    size = data.get("size")
+    width, height = parse_size(size if isinstance(size, str) else None)
+    return _generation(data, prompt, width, height)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data: Any = json.loads(body)
     except (UnicodeDecodeError, ValueError):
@@ -76,16 +107,21 @@ def parse_generation(body: bytes) -> Generation:
         ) from None
     if not isinstance(data, dict):
         raise ProxyError(400, "The request body must be a JSON object.", code="invalid_type")
-    prompt = _prompt(data.get("prompt"))
-    size = data.get("size")
-    width, height = parse_size(size if isinstance(size, str) else None)
-    return _generation(data, prompt, width, height)
+    return data
 
 
 def _generation(
     data: dict[str, Any], prompt: str, width: int, height: int, **extra: Any
 ) -> Generation:
     """The parameters a generation and an edit share, checked alike."""
+    output_format = data.get("output_format")
+    if output_format is not None and not isinstance(output_format, str):
+        raise ProxyError(
+            400,
+            "Invalid type for 'output_format': expected a string.",
+            param="output_format",
+            code="invalid_type",
+        )
     return Generation(
         prompt=prompt,
         n=_int_field(data, "n", 1, 1, MAX_IMAGES),
@@ -95,6 +131,9 @@ def _generation(
         stream=_bool_field(data, "stream"),
         partial_images=_int_field(data, "partial_images", 0, 0, MAX_PARTIAL_IMAGES),
         as_url=data.get("response_format") == "url",
+        output_format=output_format if output_format in ("gif", "svg") else "png",
+        frames=_int_field(data, "frame_count", DEFAULT_FRAMES, 2, MAX_FRAMES),
+        frame_ms=_int_field(data, "frame_duration_ms", DEFAULT_FRAME_MS, 1, MAX_FRAME_MS),
         **extra,
     )
 
@@ -129,6 +168,72 @@ def parse_edit(form: Form) -> Edit:
     )
     masks = form.files.get("mask")
     return Edit(gen, images[0], masks[0] if masks else None)
+
+
+def parse_json_edit(body: bytes) -> Edit:
+    """Validate an edit's JSON body (`images`: 1 to 16 of `{"image_url"}` or `{"file_id"}`,
+    and `mask` likewise); ProxyError (400) when it is unusable. The first image and the
+    mask are read when they are base64 data URLs; an image by file id or URL, which the mock
+    cannot fetch, is the generated picture of the prompt."""
+    data = _json_object(body)
+    prompt = _prompt(data.get("prompt"))
+    refs = data.get("images")
+    if refs is None:
+        raise ProxyError(
+            400,
+            "Missing required parameter: 'images'.",
+            param="images",
+            code="missing_required_parameter",
+        )
+    if not isinstance(refs, list) or not 1 <= len(refs) <= MAX_INPUT_IMAGES:
+        raise ProxyError(
+            400,
+            f"Invalid 'images': expected an array of 1 to {MAX_INPUT_IMAGES} images.",
+            param="images",
+            code="invalid_value",
+        )
+    images = [_image_ref(ref, f"images[{i}]") for i, ref in enumerate(refs)]
+    mask = None if data.get("mask") is None else _image_ref(data["mask"], "mask")
+    size = data.get("size")
+    if size is None or size == "auto":
+        width, height = png_dimensions(images[0]) or DEFAULT_SIZE
+        width, height = min(width, MAX_SIDE), min(height, MAX_SIDE)
+    else:
+        width, height = parse_size(size if isinstance(size, str) else None)
+    tokens = sum(image_tokens(i) if i else REFERENCED_IMAGE_TOKENS for i in images)
+    gen = _generation(data, prompt, width, height, image_tokens=tokens, events=b"image_edit")
+    return Edit(gen, images[0], mask)
+
+
+def _image_ref(ref: Any, param: str) -> bytes:
+    """An image reference's bytes: a base64 data URL's, else none (b"")."""
+    if not isinstance(ref, dict) or len(ref) != 1 or not set(ref) <= {"image_url", "file_id"}:
+        raise ProxyError(
+            400,
+            f"Invalid '{param}': expected an object with exactly one of 'image_url' and 'file_id'.",
+            param=param,
+            code="invalid_value",
+        )
+    [(name, value)] = ref.items()
+    if not isinstance(value, str) or not value:
+        raise ProxyError(
+            400,
+            f"Invalid type for '{param}.{name}': expected a non-empty string.",
+            param=f"{param}.{name}",
+            code="invalid_type",
+        )
+    head, comma, payload = value.partition(",")
+    if name == "file_id" or not (head.startswith("data:") and head.endswith(";base64") and comma):
+        return b""
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ProxyError(
+            400,
+            f"Invalid '{param}.image_url': the data URL is not valid base64.",
+            param=f"{param}.image_url",
+            code="invalid_value",
+        ) from None
 
 
 def parse_variation(form: Form) -> Edit:
@@ -198,8 +303,8 @@ def _images(form: Form) -> list[bytes]:
     return images
 
 
-_INTEGER = re.compile(r"\s*[+-]?\d{1,9}\s*")
-_FORM_INTEGERS = ("n", "partial_images")
+_INTEGER = re.compile(r"\s*[+-]?\d{1,4000}\s*")  # int() reads at most 4,300 digits
+_FORM_INTEGERS = ("n", "partial_images", "frame_count", "frame_duration_ms")
 _FORM_BOOLEANS = {"true": True, "false": False}
 
 
@@ -217,7 +322,7 @@ def _typed(fields: dict[str, str]) -> dict[str, Any]:
     return data
 
 
-def _int_field(data: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+def _int_field(data: dict[str, Any], name: str, default: int, low: int, high: float) -> int:
     value = data.get(name)
     if value is None:
         return default
@@ -273,13 +378,14 @@ def images_json(gen: Generation, created: int, b64_images: list[bytes]) -> bytes
     # Concatenation instead of json.dumps: the base64 payloads are JSON-safe as they are and
     # can be megabytes, so re-escaping them would be pure waste.
     prompt = json.dumps(gen.prompt).encode()
-    field = _image_field(gen.as_url)
+    field = _image_field(gen.as_url, gen.media_type)
     items = b",".join(
         b"{" + field + b64 + b'","revised_prompt":' + prompt + b"}" for b64 in b64_images
     )
     return b"".join(
         (
-            b'{"created":%d,"background":"opaque","output_format":"png","quality":' % created,
+            b'{"created":%d,"background":"opaque","output_format":"%s","quality":'
+            % (created, gen.output_format.encode()),
             json.dumps(gen.quality).encode(),
             b',"size":"%s","data":[' % gen.size.encode(),
             items,
@@ -297,15 +403,15 @@ def variations_json(gen: Generation, created: int, b64_images: list[bytes]) -> b
     return b'{"created":%d,"data":[' % created + items + b"]}"
 
 
-def _image_field(as_url: bool) -> bytes:
-    return b'"url":"data:image/png;base64,' if as_url else b'"b64_json":"'
+def _image_field(as_url: bool, media_type: bytes = b"image/png") -> bytes:
+    return b'"url":"data:' + media_type + b";base64," if as_url else b'"b64_json":"'
 
 
 def sse_event(gen: Generation, created: int, b64: bytes, partial_index: int | None) -> bytes:
     """One SSE event: a partial image when `partial_index` is set, else the completed image."""
     quality = json.dumps(gen.quality).encode()
     tail = b',"created_at":%d,"size":"%s","quality":%s' % (created, gen.size.encode(), quality)
-    tail += b',"background":"opaque","output_format":"png"'
+    tail += b',"background":"opaque","output_format":"%s"' % gen.output_format.encode()
     if partial_index is None:
         kind = gen.events + b".completed"
         # Each completed event accounts for its own image only.
