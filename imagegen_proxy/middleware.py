@@ -334,8 +334,10 @@ class ImageGenProxy:
         """Refuse a model OpenAI has shut down when every upstream it may go to is OpenAI's
         own API (an Azure deployment keeps its own dates, another OpenAI-compatible service
         its own models), naming the model OpenAI put in its place."""
-        day = self.prices.shut_down(request.model, datetime.now(UTC).date())
-        if day is None or not all(target.is_openai_api for target in targets):
+        day = None if request.model is None else self.prices.shutdown_date(request.model)
+        if day is None or day > datetime.now(UTC).date():
+            return
+        if not all(target.is_openai_api for target in targets):
             return
         model = str(request.model)
         instead = self.prices.replacement(model)
