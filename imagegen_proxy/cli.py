@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="imagegen-proxy",
         description="An OpenAI-compatible image-generation proxy. Without --config it serves "
         "an embedded mock upstream on loopback: no keys needed.",
+        epilog="commands on a store (imagegen-proxy COMMAND --help for each):\n"
+        "  db upgrade          migrate the store to the newest schema\n"
+        "  projects ...        create, list, archive projects (keys sharing limits, budget)\n"
+        "  keys ...            create, list, revoke, rotate client keys\n"
+        "  usage ...           what was spent, from the ledger: CSV or JSON rows",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     parser.add_argument("--host", help="address to listen on (default: [server] host, 127.0.0.1)")
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             IMAGEGEN_PROXY_ADMIN_OPEN="1" if config.admin.open else "",
             IMAGEGEN_PROXY_LOG_LEVEL=args.log_level.upper(),
         )
-        with _metrics_directory(config.metrics.enabled):
+        with _metrics_directory(config.metrics.enabled), _interruptible():
             uvicorn.run(
                 "imagegen_proxy.app:from_environment",
                 factory=True,
@@ -141,7 +147,19 @@ def main(argv: list[str] | None = None) -> None:
             )
         return
     server = uvicorn.Server(uvicorn.Config(app, **options))
-    server.run(sockets=[sock])
+    with _interruptible():
+        server.run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C ends the command as SIGTERM does: uvicorn shuts down gracefully, then raises
+    the signal again (`KeyboardInterrupt`), which would print a traceback after a clean
+    shutdown. The exit status stays a SIGINT's (130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def _upgrade_store(url: str) -> None:

@@ -20,6 +20,7 @@ import openai
 import pytest
 from conftest import CLIENT_KEY, UPSTREAM_KEY
 from double import UpstreamDouble
+from support import until
 
 COMMAND = str(Path(sys.executable).parent / "imagegen-proxy")
 
@@ -154,3 +155,38 @@ def test_the_access_log_is_one_json_object_per_line_on_stdout() -> None:
             time.sleep(0.02)
     line = json.loads(output[0])
     assert (line["status"], line["outcome"], line["form"]) == (200, "ok", "openai")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_stops_it_without_a_traceback(tmp_path: Path, workers: str) -> None:
+    process = subprocess.Popen(
+        [COMMAND, "--port", "0", "--log-level", "info", "--workers", workers],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert process.stdout is not None
+    banner = process.stdout.readline()
+    assert "listening on http://" in banner
+    url = banner.split("listening on ", 1)[1].split()[0]
+    until(lambda: _answers(url), within=30)  # serving: startup is over
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    # 130 as for any command Ctrl-C ended; uvicorn's supervisor of workers exits 0.
+    assert process.returncode == (130 if workers == "1" else 0), errors
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors
+    assert "Shutting down" in errors or "Stopping" in errors, errors
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_help_lists_the_store_commands() -> None:
+    shown = run("--help").stdout
+    for command in ("db upgrade", "projects", "keys", "usage"):
+        assert f"\n  {command} " in shown, shown
