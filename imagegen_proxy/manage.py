@@ -309,11 +309,13 @@ def _table(result: Any) -> str:
     if not rows:
         return "(none)"
     return "\n\n".join(
-        "\n".join(f"{name}: {_text(value)}" for name, value in row.items()) for row in rows
+        "\n".join(f"{name}: {_text(value, name)}" for name, value in row.items()) for row in rows
     )
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, name: str = "") -> str:
+    if name.endswith("_at") and isinstance(value, int):  # Unix seconds, as --json keeps them
+        return _iso(value)
     if isinstance(value, dict):
         return ", ".join(f"{name}={_text(item)}" for name, item in value.items())
     if isinstance(value, list):

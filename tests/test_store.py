@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -223,5 +224,9 @@ def test_the_shell_commands_manage_the_store_a_running_proxy_uses(
         assert generate(proxy, new) == 200
         listed = run("keys", "list", "--store", database)
         assert "bot" in listed.stdout and new not in listed.stdout and key not in listed.stdout
+        # Times read as times (UTC); --json keeps OpenAI's Unix seconds.
+        assert re.search(r"^created_at: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", listed.stdout, re.M)
+        as_json = json.loads(run("keys", "list", "--json", "--store", database).stdout)
+        assert isinstance(as_json[0]["created_at"], int)
         refused = run("keys", "revoke", "nobody", "--store", database)
         assert refused.returncode == 1 and "no key 'nobody'" in refused.stderr
