@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - exercised by users without the extra
 # Generations take seconds to minutes: buckets from 100 ms up to the 10-minute read timeout.
 BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 _LABEL = re.compile(r"[\w.:/@+-]{1,64}", re.ASCII)
+_UNSAFE = re.compile(r"[^\w.:/@+-]+", re.ASCII)
 
 
 def _require() -> None:
@@ -44,8 +45,9 @@ def multiprocess_dir() -> str | None:
 
 
 class _Bounded:
-    """Label values taken from what clients send (models): at most `limit` distinct ones,
-    then "other", so that a client cannot grow the metrics without bound."""
+    """Label values taken from what clients send (models) or name (keys): made safe, at
+    most `limit` distinct ones, then "other", so that no client can grow the metrics
+    without bound."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -56,10 +58,20 @@ class _Bounded:
             return ""
         if value in self.seen:
             return value
-        if len(self.seen) >= self.limit or not _LABEL.fullmatch(value):
+        label = value if _LABEL.fullmatch(value) else _safe(value)
+        if label in self.seen:
+            return label
+        if len(self.seen) >= self.limit or not label:
             return "other"
-        self.seen.add(value)
-        return value
+        self.seen.add(label)
+        return label
+
+
+def _safe(value: str) -> str:
+    """`value` as a label: each run of other characters one "_", at most 64 characters
+    (a key made through the admin API is named "checkout-bot (svc_acct_…)": its label is
+    `checkout-bot_svc_acct_…`, its own, not a merged "other")."""
+    return _UNSAFE.sub("_", value).strip("_")[:64]
 
 
 class Metrics:

@@ -218,3 +218,41 @@ def test_the_no_config_mode_keeps_a_ledger_in_an_embedded_store(tmp_path: Path) 
             return sum(r.images for bucket in page.data for r in bucket.results)
 
         until(lambda: images() == 1, within=5.0)  # the ledger writes each second
+
+
+def test_keys_made_through_the_admin_api_have_metric_labels_of_their_own(
+    upstream: UpstreamDouble, database: str
+) -> None:
+    from test_metrics import Delta
+
+    with start(upstream, database, metrics={"enabled": True}) as proxy:
+        org = admin(proxy)
+        _, first, key = new_key(org)
+        made = org.projects.create(name="web")
+        other = org.projects.service_accounts.create(made.id, name="checkout-bot")
+        delta = Delta()
+        assert generate(proxy, key) == 200
+        assert generate(proxy, other.api_key.value) == 200
+    # Each its own series, labelled by its name and service account: not both "other".
+    for account in (first, other.id):
+        label = f"checkout-bot_{account}"
+        assert (
+            delta(
+                "imagegen_proxy_images_total",
+                key=label,
+                project="growth" if account == first else "web",
+                model="dall-e-3",
+                operation="generation",
+            )
+            == 1
+        )
+    assert (
+        delta(
+            "imagegen_proxy_images_total",
+            key="other",
+            project="growth",
+            model="dall-e-3",
+            operation="generation",
+        )
+        == 0
+    )

@@ -147,8 +147,11 @@ def test_label_values_from_clients_are_bounded() -> None:
         "other",
     ]
     assert bounded("model-1") == "model-1"  # the ones seen stay
-    assert metrics_module._Bounded(10)('a"b\nc') == "other"  # never an odd character
-    assert metrics_module._Bounded(10)("x" * 65) == "other"
+    # Never an odd character, nor more than 64: made safe, not merged into "other".
+    assert metrics_module._Bounded(10)('a"b\nc') == "a_b_c"
+    assert metrics_module._Bounded(10)("x" * 65) == "x" * 64
+    assert metrics_module._Bounded(10)("bot (svc_acct_1)") == "bot_svc_acct_1"
+    assert metrics_module._Bounded(10)('"\n"') == "other"  # nothing left of it
 
 
 def test_the_bundled_proxy_serves_metrics(upstream: UpstreamDouble) -> None:
