@@ -21,7 +21,7 @@ from starlette.routing import Mount
 from support import serve
 from test_cli import run, running
 
-from imagegen_proxy import ImageGenProxy
+from imagegen_proxy import ImageGenProxy, ProxyConfig
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 STREAM = [
@@ -108,6 +108,16 @@ def test_django_site_serves_django_and_the_proxy(upstream: UpstreamDouble, tmp_p
     assert upstream.last.path == "/v1/images/generations"
     # No lifespan under Django, yet the upstream connections are closed at shutdown.
     assert "Unclosed" not in shutdown_log[0], shutdown_log[0]
+    # The settings' LOGGING puts the proxy's access log on the console.
+    lines = [line for line in shutdown_log[0].splitlines() if '"outcome"' in line]
+    assert len(lines) == 2 and all('"operation": "generation"' in line for line in lines), lines
+
+
+def test_django_sites_shipped_configuration_points_at_the_mock() -> None:
+    # As the README runs it: `python -m imagegen_proxy.mock --port 9000`, then uvicorn.
+    config = ProxyConfig.from_toml(EXAMPLES / "django_site" / "proxy.toml")
+    assert config.openai is not None and config.openai.base_url == "http://127.0.0.1:9000/v1"
+    assert config.auth.open
 
 
 def test_two_proxies_in_one_process_keep_their_own_state(

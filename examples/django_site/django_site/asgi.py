@@ -1,7 +1,8 @@
 """Django's ASGI application, with image generation served in front of it.
 
+    python -m imagegen_proxy.mock --port 9000 &     # the upstream proxy.toml points at
     cd examples/django_site
-    IMAGEGEN_PROXY_CONFIG=../config.example.toml uvicorn django_site.asgi:application
+    uvicorn django_site.asgi:application            # IMAGEGEN_PROXY_CONFIG: another TOML
 
 Django never sends lifespan events, and nothing here depends on them: the proxy creates
 its upstream transport on first use. Its connections close with the process; where the app
@@ -10,6 +11,7 @@ releases them, and a later request makes a new client.
 """
 
 import os
+from pathlib import Path
 
 from django.core.asgi import get_asgi_application
 
@@ -17,6 +19,6 @@ from imagegen_proxy import ImageGenProxy, ProxyConfig
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_site.settings")
 
-application = ImageGenProxy(
-    get_asgi_application(), ProxyConfig.from_toml(os.environ["IMAGEGEN_PROXY_CONFIG"])
-)
+CONFIG = os.environ.get("IMAGEGEN_PROXY_CONFIG") or Path(__file__).parent.parent / "proxy.toml"
+
+application = ImageGenProxy(get_asgi_application(), ProxyConfig.from_toml(CONFIG))

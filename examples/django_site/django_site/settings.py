@@ -9,3 +9,11 @@ INSTALLED_APPS: list[str] = []
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 DATABASES: dict[str, dict[str, str]] = {}
 USE_TZ = True
+# The proxy's access log (one JSON line a request) and warnings, on the console: plain
+# uvicorn sets up its own loggers only.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"imagegen_proxy": {"handlers": ["console"], "level": "INFO"}},
+}
