@@ -76,6 +76,8 @@ class ImageRef(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> ImageRef:
+        if any(getattr(self, name) is None for name in self.model_fields_set):
+            raise ValueError("'image_url' and 'file_id' are strings, not null")
         if (self.image_url is None) == (self.file_id is None):
             raise ValueError("give exactly one of 'image_url' and 'file_id'")
         return self

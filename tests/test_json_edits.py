@@ -145,6 +145,7 @@ GOOD = {"prompt": "p", "images": [{"image_url": DATA_URL}]}
         ({**GOOD, "images": [{"file_id": "f"}] * 17}, 400, "images", "invalid_value"),
         ({**GOOD, "images": [{"file_id": "f", "image_url": "u"}]}, 400, "images.0", None),
         ({**GOOD, "images": [{}]}, 400, "images.0", None),
+        ({**GOOD, "images": [{"file_id": "f", "image_url": None}]}, 400, "images.0", None),
         ({**GOOD, "images": [{"url": "u"}]}, 400, "images.0.url", None),
         ({**GOOD, "images": [{"file_id": 7}]}, 400, "images.0.file_id", "invalid_type"),
         ({**GOOD, "images": "a.png"}, 400, "images", "invalid_type"),
