@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     if ops_url:
         print(f"Operations (/healthz details, metrics) on {ops_url}", flush=True)
+    if note := _budgets_note(config):
+        print(note, flush=True)
     # With our own access log, uvicorn's would only say the same thing twice, with less.
     options = {
         "log_level": args.log_level,
@@ -232,6 +234,18 @@ def _check(config: ProxyConfig, mock: bool, path: str | None) -> str | int:
     upstream = "embedded mock" if mock else ", ".join(describe_upstreams(config))
     print(f"imagegen-proxy: {path or 'no config file'}: OK (upstream: {upstream})")
     return 0
+
+
+def _budgets_note(config: ProxyConfig) -> str:
+    """What a restart does to the budgets, when they would be given back: memory limits
+    and no store (with a store, each budget period starts from the ledger)."""
+    budgeted = any(holder.budget_usd is not None for holder in [*config.keys, *config.projects])
+    if not budgeted or config.store.url is not None or config.limits.storage != "memory":
+        return ""
+    return (
+        "Budgets: kept in this process's memory, without a [store] ledger to start from: "
+        "a restart gives every budget back. Add [store] (or use Redis) to keep them."
+    )
 
 
 def _workers_note(config: ProxyConfig, workers: int) -> str:

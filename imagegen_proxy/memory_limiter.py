@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .auth import Principal
+from .config import BudgetPeriod
 from .ratelimit import (
     WINDOW,
     Admitted,
@@ -54,6 +55,13 @@ class MemoryLimiter(RateLimiter):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._states: dict[str, _State] = {}
+
+    async def seed(self, name: str, period: str, micros: int, kind: BudgetPeriod) -> None:
+        """Start the key's (or "project:NAME"'s) budget `period` at `micros` spent, unless
+        this process already counts in it."""
+        state = self._states.setdefault(name, _State())
+        if state.period != period:
+            state.period, state.committed = period, micros
 
     async def spent(self, name: str) -> Usage:
         """What the key (or "project:NAME") spent today: requests, images, tokens."""

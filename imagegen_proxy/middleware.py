@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
@@ -65,6 +65,7 @@ from .usage import Usage, UsageObserver
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .seeding import Seedable
     from .store.ledger import LedgerRow, LedgerWriter
 
 logger = logging.getLogger("imagegen_proxy")
@@ -122,6 +123,15 @@ class ImageGenProxy:
 
             self.ledger = LedgerWriter(self.store)
         self.rate_limiter = rate_limiter or rate_limiter_for(config)
+        if rate_limiter is None and self.store is not None:
+            # Budgets start from the ledger: a restart or a switch to Redis gives none back.
+            from .seeding import LedgerSeeded
+
+            self.rate_limiter = LedgerSeeded(
+                cast("Seedable", self.rate_limiter),
+                self.store,
+                on_error=config.limits.on_storage_error,
+            )
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
         self._unpriced = config.limits.unpriced

@@ -250,6 +250,21 @@ def _budget_period(period: BudgetPeriod, now: float) -> tuple[str, datetime | No
     return "total", None
 
 
+def period_start(period: BudgetPeriod, now: float) -> int:
+    """When the calendar period (UTC) `now` falls in began, in Unix seconds (0: in total)."""
+    moment = datetime.fromtimestamp(now, UTC)
+    day = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    if period == "day":
+        start = day
+    elif period == "week":
+        start = day - timedelta(days=moment.isoweekday() - 1)
+    elif period == "month":
+        start = day.replace(day=1)
+    else:
+        return 0
+    return int(start.timestamp())
+
+
 def seconds_until(moment: datetime | None, now: float) -> float:
     return _NEVER if moment is None else max(0.0, moment.timestamp() - now)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from .auth import Principal
+from .config import BudgetPeriod
 from .errors import ProxyError
 from .ratelimit import (
     WINDOW,
@@ -328,6 +329,12 @@ class RedisLimiter(RateLimiter):
             type="server_error",
             code="limits_unavailable",
         )
+
+    async def seed(self, name: str, period: str, micros: int, kind: BudgetPeriod) -> None:
+        """Start the key's (or "project:NAME"'s) budget `period` at `micros` spent, unless
+        Redis already counts in it (SET NX: what any process counted stands)."""
+        ttl = _PERIOD_TTL[kind] or None
+        await self._redis.set(f"{self._prefix}:{{{name}}}:budget:{period}", micros, nx=True, ex=ttl)
 
     async def spent(self, name: str) -> Usage:
         """What the key (or "project:NAME") spent today, across every process."""

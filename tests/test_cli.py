@@ -22,6 +22,8 @@ from conftest import CLIENT_KEY, UPSTREAM_KEY
 from double import UpstreamDouble
 from support import until
 
+from imagegen_proxy import ProxyConfig
+
 COMMAND = str(Path(sys.executable).parent / "imagegen-proxy")
 
 
@@ -190,3 +192,31 @@ def test_help_lists_the_store_commands() -> None:
     shown = run("--help").stdout
     for command in ("db upgrade", "projects", "keys", "usage"):
         assert f"\n  {command} " in shown, shown
+
+
+def test_start_up_says_when_a_restart_gives_budgets_back(
+    upstream: UpstreamDouble, tmp_path: Path
+) -> None:
+    from imagegen_proxy.cli import _budgets_note
+
+    config = tmp_path / "proxy.toml"
+    text = f'[openai]\nbase_url = "{upstream.url}/v1"\napi_key = "sk-up"\n'
+    text += '[[keys]]\nname = "bot"\nkey = "sk-bot-0123456789"\nbudget_usd = 5.0\n'
+    config.write_text(text)
+    output: list[str] = []
+    with running("--config", str(config), lines=1, output=output):
+        until(lambda: any("a restart gives every budget back" in line for line in output), 10)
+    # With a store the periods start from the ledger; with Redis the counts outlive the
+    # process; without a budget there is nothing to give back.
+    loaded = ProxyConfig.from_toml(config)
+    assert _budgets_note(loaded)
+    stored = loaded.model_copy(
+        update={"store": loaded.store.model_copy(update={"url": "sqlite:///x"})}
+    )
+    assert not _budgets_note(stored)
+    shared = loaded.model_copy(
+        update={"limits": loaded.limits.model_copy(update={"storage": "redis://localhost"})}
+    )
+    assert not _budgets_note(shared)
+    free = loaded.model_copy(update={"keys": ()})
+    assert not _budgets_note(free)

@@ -339,3 +339,20 @@ def test_a_projects_limits_for_one_model_apply_to_that_model_alone(make: Make) -
         assert (await limiter.acquire(bot, other, 0)).allowed
 
     run(make, test)
+
+
+def test_a_seeded_budget_period_starts_where_the_ledger_left_it(make: Make) -> None:
+    async def test(limiter: RateLimiter, clock: Clock) -> None:
+        bot = key(budget_usd=1.0, budget_period="day")
+        period = budget_period("day", clock())[0]
+        await limiter.seed("bot", period, 500_000, "day")  # type: ignore[attr-defined]
+        assert (await admit(limiter, bot)).allowed  # 0.80 of 1.00
+        assert not (await admit(limiter, bot)).allowed  # 1.10 would not fit
+        # A second seed (another process, a second read) never overrides what is counted.
+        await limiter.seed("bot", period, 0, "day")  # type: ignore[attr-defined]
+        assert not (await admit(limiter, bot)).allowed
+        # The next period starts anew.
+        clock.now += 86_400
+        assert (await admit(limiter, bot)).allowed
+
+    run(make, test)

@@ -485,3 +485,17 @@ def _cursor(page: str, origin: int, width: int, end: int) -> int:
         if len(raw) == 8 and origin <= first < end and (first - origin) % width == 0:
             return first
     raise UsageQueryError("page", "page is not a next_page of this query")
+
+
+async def spent_since(
+    store: Store, since: int, *, key: str | None = None, project: str | None = None
+) -> int:
+    """Micro-USD the ledger holds since `since` (Unix seconds): the key's (by name), the
+    project's (by name), or, with neither, the organization's."""
+    query = select(func.coalesce(func.sum(ledger.c.cost_micros), 0)).where(ledger.c.at >= since)
+    if key is not None:
+        query = query.where(ledger.c.key_name == key)
+    if project is not None:
+        query = query.where(ledger.c.project_name == project)
+    async with store.engine.connect() as connection:
+        return int((await connection.execute(query)).scalar_one())
