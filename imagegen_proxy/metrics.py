@@ -251,16 +251,24 @@ class MetricsApp:
 
     def __init__(self) -> None:
         _require()
-        registry: Any = prometheus_client.REGISTRY
-        if multiprocess_dir():
-            # Not the default registry: it would export this process's values twice.
-            registry = prometheus_client.CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            registry.register(Metrics.shared().upstream_states)
-        self._app = prometheus_client.make_asgi_app(registry)
+        self._app: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None:
+            # At the first scrape, not when made: `--workers` turns multiprocess mode on
+            # (PROMETHEUS_MULTIPROC_DIR) after the ops listener's app exists.
+            self._app = prometheus_client.make_asgi_app(_registry())
         await self._app(scope, receive, send)
+
+
+def _registry() -> Any:
+    if not multiprocess_dir():
+        return prometheus_client.REGISTRY
+    # Not the default registry: it would export this process's values twice.
+    registry = prometheus_client.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(Metrics.shared().upstream_states)
+    return registry
 
 
 def metrics_app() -> ASGIApp:

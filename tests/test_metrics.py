@@ -20,7 +20,7 @@ from conftest import CLIENT_KEY, HostApp, proxy_config
 from double import UpstreamDouble, error_json, held, partial, sse
 from prometheus_client import REGISTRY
 from starlette.routing import Route
-from support import serve
+from support import serve, until
 from test_cli import running
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
@@ -240,6 +240,29 @@ def test_worker_processes_add_up_their_metrics(workers_config: Path, tmp_path: P
     # Stopped: each worker took its live gauge out of the sum; the counts stay.
     assert not list(directory.glob("gauge_livesum_*.db"))
     assert len(list(directory.glob("counter_*.db"))) == 2
+
+
+def test_with_workers_the_ops_listener_adds_up_every_workers_metrics(tmp_path: Path) -> None:
+    # No PROMETHEUS_MULTIPROC_DIR given: the command makes its own, and the ops listener
+    # (started before it) must still read it.
+    config = tmp_path / "proxy.toml"
+    config.write_text("[metrics]\nenabled = true\n[server]\nops_port = 0\n")
+    env = {"PROMETHEUS_MULTIPROC_DIR": ""}
+    with running("--config", str(config), "--workers", "2", env=env, lines=8) as (url, banner):
+        ops = banner.split("Operations (/healthz details, metrics) on ", 1)[1].split()[0]
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for i in range(4):
+                assert client.post(PATH, json={"prompt": f"p{i}"}).status_code == 200
+
+        def counted() -> float:
+            text = httpx.get(ops + "/metrics", timeout=10).text
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("imagegen_proxy_requests_total{")
+            )
+
+        until(lambda: counted() == 4, within=10)
 
 
 def test_strangers_cannot_spend_the_model_label_slots(metered: Callable[..., str]) -> None:
