@@ -584,15 +584,7 @@ class ProxyConfig(_Section):
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> ProxyConfig:
         """Load a TOML file; every mistake becomes a `ConfigError` naming the file and key."""
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        return cls.from_mapping(data, source=str(path))
+        return cls.from_mapping(read_toml(path), source=str(path))
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> ProxyConfig:
@@ -600,6 +592,28 @@ class ProxyConfig(_Section):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{source}: {describe(exc)}") from None
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file's tables, not yet checked; a `ConfigError` naming the file if unreadable."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def store_url_of(path: str | os.PathLike[str]) -> str | None:
+    """The `[store] url` of a configuration file, checked alone: the shell commands need
+    nothing else of it (no upstream, no secret in the environment)."""
+    section = read_toml(path).get("store") or {}
+    try:
+        return StoreConfig.model_validate(section).url
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: store.{describe(exc)}") from None
 
 
 def describe(exc: ValidationError) -> str:

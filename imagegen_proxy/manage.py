@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, Policy, ProxyConfig
+from .config import ConfigError, Policy, store_url_of
 
 if TYPE_CHECKING:
     from .store import KeyRecord, ProjectRecord, Store
@@ -137,7 +137,7 @@ def _store_url(args: argparse.Namespace) -> str:
         return str(args.store)
     if not args.config:
         raise ConfigError("name the store: --store URL, or --config FILE with a [store] url")
-    url = ProxyConfig.from_toml(args.config).store.url
+    url = store_url_of(args.config)
     if url is None:
         raise ConfigError(f"{args.config}: no [store] url")
     return url

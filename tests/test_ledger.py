@@ -416,6 +416,22 @@ def test_the_usage_command_refuses_what_it_cannot_read(store_url: str) -> None:
     assert backwards.returncode == 1 and "--until must be after --since" in backwards.stderr
 
 
+def test_the_usage_command_reads_only_the_store_of_a_configuration(
+    store_url: str, tmp_path: Path
+) -> None:
+    # The proxy's own file, whose upstream secret lives in an environment this shell lacks.
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[openai]\napi_key_env = "SURELY_UNSET_UPSTREAM_KEY"\n'
+        f'[store]\nurl = "{store_url}"\n'
+    )
+    done = run("usage", "--config", str(config), "--since", "2026-11-01")
+    assert done.returncode == 0, done.stderr
+    config.write_text('[store]\nurl = "mysql://db"\n')
+    refused = run("usage", "--config", str(config), "--since", "2026-11-01")
+    assert refused.returncode != 0 and "store.url" in refused.stderr, refused.stderr
+
+
 # --- the writer ------------------------------------------------------------------------------
 
 
