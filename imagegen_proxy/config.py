@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -591,7 +592,20 @@ class ProxyConfig(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {describe(exc)}") from None
+            raise ConfigError(f"{source}: {describe(exc, data)}") from None
+
+
+def _named(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> list[str]:
+    """`("keys", 1, "budget_usd")` as `["keys[checkout-bot]", "budget_usd"]` when entry 1
+    has a name."""
+    parts = [str(part) for part in loc]
+    if len(loc) >= 2 and loc[0] in ("keys", "projects", "upstreams") and isinstance(loc[1], int):
+        entries = data.get(str(loc[0]))
+        entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name:
+            parts[:2] = [f"{loc[0]}[{name}]"]
+    return parts
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -616,11 +630,13 @@ def store_url_of(path: str | os.PathLike[str]) -> str | None:
         raise ConfigError(f"{path}: store.{describe(exc)}") from None
 
 
-def describe(exc: ValidationError) -> str:
-    """One line per problem, each naming the dotted key: `openai.read_timeout: ...`."""
+def describe(exc: ValidationError, data: Mapping[str, Any] | None = None) -> str:
+    """One line per problem, each naming the dotted key: `openai.read_timeout: ...`; an
+    entry of `[[keys]]`, `[[projects]]` or `[[upstreams]]` by its name where it has one
+    (`keys[checkout-bot].budget_usd`), else by its place (`keys.1`)."""
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
+        key = ".".join(str(part) for part in _named(error["loc"], data or {}))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")

@@ -84,6 +84,16 @@ def test_keyword_construction_names_the_bad_key() -> None:
         ({"proxy": {"forward_response_headers": ["Connection"]}}, "'connection' must not"),
         ({"proxy": {"forward_response_headers": ["set-cookie"]}}, "'set-cookie' must not"),
         ({"admin": {"key": "a", "key_sha256": "0" * 64}}, "admin: set one of"),
+        # An entry of a list by its name, not its place; by its place when it has none.
+        (
+            {"keys": [{"name": "a", "key": "sk-a"}, {"name": "bot", "budget_usd": -1}]},
+            "keys[bot].budget_usd",
+        ),
+        ({"keys": [{"key": "sk-a", "rpm": 1}]}, "unknown key 'keys.0.rpm'"),
+        (
+            {"projects": [{"name": "growth", "max_concurrent": 0}]},
+            "projects[growth].max_concurrent",
+        ),
     ],
 )
 def test_mistakes_name_the_key(data: dict[str, object], message: str) -> None:
