@@ -15,7 +15,7 @@ import math
 import struct
 
 from .cache import BytesLRU
-from .png import _BAND, _DISC, _RAMP, MAX_SIDE, _palette, _pixels
+from .png import _BAND, _DISC, _RAMP, MAX_SIDE, _palette, _pixels, shapes
 
 _COLOURS = 128  # GIF palette: 126 gradient steps, the band, the disc
 _CLEAR, _END = b"\x80", b"\x81"  # with an LZW minimum code size of 7
@@ -116,12 +116,7 @@ def render_svg(prompt: str, *, width: int, height: int, index: int = 0) -> bytes
     def colour(entry: int) -> str:
         return "#" + palette[3 * entry : 3 * entry + 3].hex()
 
-    cx = width * (0.25 + 0.5 * digest[12] / 255)
-    cy = height * (0.25 + 0.5 * digest[13] / 255)
-    radius = min(width, height) * (0.15 + 0.15 * digest[14] / 255)
-    band_x = width * (0.2 + 0.6 * digest[15] / 255)
-    band_slope = width / height * (0.5 + 0.5 * digest[16] / 255)
-    band_half = width * (0.03 + 0.04 * digest[17] / 255)
+    cx, cy, radius, band_x, band_slope, band_half = shapes(digest, width, height)
     top, bottom = band_x - height / 2 * band_slope, band_x + height / 2 * band_slope
     band = (
         f"{top - band_half:.1f},0 {top + band_half:.1f},0 "

@@ -113,12 +113,7 @@ def _pixels(digest: bytes, width: int, height: int, detail: float) -> bytearray:
         cells.append(bytes((level * (_RAMP - 1) // (levels - 1),)) * block)
     strip = b"".join(cells)
 
-    cx = width * (0.25 + 0.5 * digest[12] / 255)
-    cy = height * (0.25 + 0.5 * digest[13] / 255)
-    radius = min(width, height) * (0.15 + 0.15 * digest[14] / 255)
-    band_x = width * (0.2 + 0.6 * digest[15] / 255)
-    band_slope = width / height * (0.5 + 0.5 * digest[16] / 255)
-    band_half = width * (0.03 + 0.04 * digest[17] / 255)
+    cx, cy, radius, band_x, band_slope, band_half = shapes(digest, width, height)
     disc_fill = bytes((_DISC,)) * width
     band_fill = bytes((_BAND,)) * width
 
@@ -146,6 +141,19 @@ def _pixels(digest: bytes, width: int, height: int, detail: float) -> bytearray:
             if a < b:
                 raw[off + a : off + b] = disc_fill[: b - a]
     return raw
+
+
+def shapes(digest: bytes, width: int, height: int) -> tuple[float, ...]:
+    """Where the picture's shapes are: the disc's centre and radius, then the band's centre
+    (at mid-height), slope (x per y) and half width."""
+    return (
+        width * (0.25 + 0.5 * digest[12] / 255),
+        height * (0.25 + 0.5 * digest[13] / 255),
+        min(width, height) * (0.15 + 0.15 * digest[14] / 255),
+        width * (0.2 + 0.6 * digest[15] / 255),
+        width / height * (0.5 + 0.5 * digest[16] / 255),
+        width * (0.03 + 0.04 * digest[17] / 255),
+    )
 
 
 def _cover(left: float, right: float, block: int, width: int) -> tuple[int, int]:
