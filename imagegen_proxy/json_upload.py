@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from .errors import ClientGone, ProxyError, too_large
 from .types import Receive
-from .upload import MAX_TEXT_BYTES, Upload
+from .upload import MAX_TEXT_BYTES, SpoolOwner, Upload
 
 # A string longer than this (as sent, escapes included) goes to disk. A prompt of 32,000
 # characters is at most 192 KB even with every character escaped: it stays in memory.
@@ -63,7 +63,7 @@ def _malformed(reason: str) -> ProxyError:
     )
 
 
-class JsonUpload:
+class JsonUpload(SpoolOwner):
     """One JSON edit body, read from `receive` by `read`, sent upstream by `body`.
 
     `max_bytes` bounds the body (413) and `within` how long the proxy waits for all of it
@@ -93,8 +93,6 @@ class JsonUpload:
         self.strings: list[Spooled] = []
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._spool: IO[bytes] | None = None
-        self._spooled = 0
         self.complete = False
         self.done = asyncio.Event()
 
@@ -166,17 +164,6 @@ class JsonUpload:
                 yield chunk
             yield b'"'
         self.complete = True
-
-    @property
-    def spooled_bytes(self) -> int:
-        """How many bytes of long strings went to disk."""
-        return self._spooled
-
-    async def aclose(self) -> None:
-        """Close (and so delete) the spool file."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await asyncio.to_thread(spool.close)
 
     # -- the scan ------------------------------------------------------------------------
 

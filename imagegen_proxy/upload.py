@@ -101,7 +101,26 @@ def boundary_of(content_type: bytes) -> bytes:
     return boundary
 
 
-class Upload:
+class SpoolOwner:
+    """An upload's spool: an anonymous temporary file (unlinked at creation) made when
+    something must go to disk, and `_spooled` bytes written to it."""
+
+    _spool: IO[bytes] | None = None
+    _spooled = 0
+
+    @property
+    def spooled_bytes(self) -> int:
+        """How many bytes went to disk."""
+        return self._spooled
+
+    async def aclose(self) -> None:
+        """Close (and so delete) the spool file."""
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await asyncio.to_thread(spool.close)
+
+
+class Upload(SpoolOwner):
     """One multipart request body, read from `receive` as the request goes on.
 
     `max_bytes` bounds the body (413), `max_files` its file parts (400); `within` is how
@@ -149,8 +168,6 @@ class Upload:
         self.fields: dict[str, str] = {}  # the text fields read before the files went upstream
         self._text_bytes = 0
         self._head: list[tuple[Part, bytes] | _Spooled] = []
-        self._spool: IO[bytes] | None = None
-        self._spooled = 0
         self.started = False  # the body began to go upstream: it cannot be sent again
         self.complete = False  # the whole body went upstream
         self.error: ProxyError | ClientGone | None = None  # why the body could not be sent
@@ -453,14 +470,3 @@ class Upload:
     def content_type(self) -> bytes:
         """The Content-Type of the body the upstream gets."""
         return b"multipart/form-data; boundary=" + self.boundary
-
-    @property
-    def spooled_bytes(self) -> int:
-        """How many bytes of files went to disk."""
-        return self._spooled
-
-    async def aclose(self) -> None:
-        """Close (and so delete) the spool file."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await asyncio.to_thread(spool.close)
