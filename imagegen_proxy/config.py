@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .headers import HOP_BY_HOP, is_forwarded_upstream
 from .routing import API_VERSION, is_valid_deployment
@@ -32,6 +35,33 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_strings_for_numbers(cls, data: Any) -> Any:
+        """A number or a switch written as a string (`requests_per_minute = "3"`) is a
+        mistake, not something to convert: TOML, JSON and the forms all have numbers."""
+        if isinstance(data, Mapping):
+            for name, value in data.items():
+                if isinstance(value, str) and name in cls.model_fields:
+                    wanted = _scalars(cls, name)
+                    if wanted:
+                        raise PydanticCustomError(
+                            "string_for_number",
+                            "{wanted}, not the string {shown}",
+                            {"field": name, "wanted": " or ".join(wanted), "shown": repr(value)},
+                        )
+        return data
+
+
+@functools.cache
+def _scalars(section: type[BaseModel], name: str) -> tuple[str, ...]:
+    """What a field takes of number and boolean, if it takes no string: ("a number",)."""
+    kinds = typing.get_args(annotation := section.model_fields[name].annotation) or (annotation,)
+    if str in kinds or Path in kinds:
+        return ()
+    said = {int: "a number", float: "a number", bool: "true or false"}
+    return tuple(dict.fromkeys(said[kind] for kind in kinds if kind in said))
 
 
 class ServerConfig(_Section):
@@ -636,7 +666,10 @@ def describe(exc: ValidationError, data: Mapping[str, Any] | None = None) -> str
     (`keys[checkout-bot].budget_usd`), else by its place (`keys.1`)."""
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in _named(error["loc"], data or {}))
+        loc = error["loc"]
+        if error["type"] == "string_for_number":  # raised by the section, for one of its keys
+            loc = (*loc, error["ctx"]["field"])
+        key = ".".join(str(part) for part in _named(loc, data or {}))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")

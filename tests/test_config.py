@@ -90,6 +90,13 @@ def test_keyword_construction_names_the_bad_key() -> None:
             "keys[bot].budget_usd",
         ),
         ({"keys": [{"key": "sk-a", "rpm": 1}]}, "unknown key 'keys.0.rpm'"),
+        # A number or a switch written as a string is a mistake, not converted.
+        (
+            {"keys": [{"name": "bot", "key": "sk-a", "requests_per_minute": "3"}]},
+            "keys[bot].requests_per_minute: a number, not the string '3'",
+        ),
+        ({"server": {"port": "8000"}}, "server.port: a number, not the string '8000'"),
+        ({"proxy": {"list_models": "yes"}}, "proxy.list_models: true or false, not the string"),
         (
             {"projects": [{"name": "growth", "max_concurrent": 0}]},
             "projects[growth].max_concurrent",
