@@ -31,6 +31,7 @@ _LIMITS = (
     ("tokens_per_day", int),
     ("budget_usd", float),
 )
+_UNSETTABLE = ("models", *(name for name, _ in _LIMITS))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -41,6 +42,8 @@ def main(argv: Sequence[str]) -> None:
     except ConfigError as exc:
         sys.exit(f"imagegen-proxy: {exc}")
     try:
+        from sqlalchemy.exc import SQLAlchemyError
+
         from .store import Store, StoreError
     except ImportError:
         sys.exit("imagegen-proxy: the store needs its extra: pip install 'imagegen-proxy[store]'")
@@ -59,6 +62,8 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"imagegen-proxy: {exc}")
     except OSError as exc:
         sys.exit(f"imagegen-proxy: cannot reach the store: {exc}")
+    except SQLAlchemyError as exc:  # a file it cannot open, a server that refuses, ...
+        sys.exit(f"imagegen-proxy: cannot use the store: {getattr(exc, 'orig', None) or exc}")
     if result is not None:
         print(json.dumps(result, indent=2) if args.json else _table(result))
 
@@ -87,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.set_defaults(action=_create_project)
     verbs.add_parser("list", parents=[where]).set_defaults(action=_list_projects)
+    update = verbs.add_parser(
+        "update", parents=[where, limits], help="change its name or limits (its budget, ...)"
+    )
+    update.add_argument("ref", metavar="ID_OR_NAME")
+    update.add_argument("--name", dest="new_name", metavar="NAME", help="rename it")
+    update.add_argument(
+        "--unset",
+        type=_fields,
+        default=[],
+        metavar="FIELDS",
+        help="comma-separated limits to remove (unlimited after): " + ", ".join(_UNSETTABLE),
+    )
+    update.set_defaults(action=_update_project)
     archive = verbs.add_parser("archive", parents=[where], help="its keys stop working")
     archive.add_argument("ref", metavar="ID_OR_NAME")
     archive.set_defaults(action=_archive_project)
@@ -160,7 +178,7 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 async def _upgraded(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
-    return {"status": "the store's schema is up to date"}
+    return {"status": "the store has the newest schema (migrated if it had an older one)"}
 
 
 async def _create_project(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
@@ -169,6 +187,23 @@ async def _create_project(store: Store, args: argparse.Namespace, policy: Policy
 
 async def _list_projects(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
     return [_project(project) for project in await store.projects()]
+
+
+async def _update_project(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
+    """Only what the command line names changes: the limits given, and those unset."""
+    from .store import StoreError
+    from .store.admin import Admin
+
+    limits: dict[str, Any] = dict.fromkeys(args.unset)
+    limits.update(policy.model_dump(exclude_unset=True))
+    if both := sorted(set(args.unset) & set(policy.model_fields_set)):
+        raise StoreError(f"both set and unset: {', '.join(both)}")
+    if not limits and args.new_name is None:
+        raise StoreError("nothing to change: give a limit, --unset or --name")
+    project = await store.project(args.ref)
+    return _project(
+        await Admin(store).modify_project(project.id, name=args.new_name, limits=limits)
+    )
 
 
 async def _archive_project(store: Store, args: argparse.Namespace, policy: Policy) -> Any:
@@ -263,6 +298,13 @@ def _moment(text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return int(moment.timestamp())
+
+
+def _fields(text: str) -> list[str]:
+    fields = [part.strip().replace("-", "_") for part in text.split(",") if part.strip()]
+    if unknown := [field for field in fields if field not in _UNSETTABLE]:
+        raise argparse.ArgumentTypeError(f"cannot unset {', '.join(unknown)}")
+    return fields
 
 
 def _usage_groups(text: str) -> list[str]:

@@ -168,9 +168,7 @@ def test_a_database_of_the_previous_schema_is_migrated_with_its_keys(
         assert generate(proxy, key) == 200
 
 
-def test_a_store_that_cannot_be_reached_is_a_503(
-    upstream: UpstreamDouble, tmp_path: Path
-) -> None:
+def test_a_store_that_cannot_be_reached_is_a_503(upstream: UpstreamDouble, tmp_path: Path) -> None:
     gone = f"sqlite:///{tmp_path}/no/such/directory/proxy.db"
     with proxy_on(gone, upstream) as proxy:
         answer = httpx.post(proxy + PATH, json={"prompt": "p"}, headers={"x-api-key": "sk-x"})
@@ -230,3 +228,27 @@ def test_the_shell_commands_manage_the_store_a_running_proxy_uses(
         assert isinstance(as_json[0]["created_at"], int)
         refused = run("keys", "revoke", "nobody", "--store", database)
         assert refused.returncode == 1 and "no key 'nobody'" in refused.stderr
+        # A project's budget changes from the shell; the running proxy follows.
+        changed = run(
+            "projects",
+            "update",
+            "growth",
+            "--budget-usd",
+            "0.01",
+            "--json",
+            "--budget-period",
+            "day",
+            "--store",
+            database,
+        )
+        assert changed.returncode == 0, changed.stderr
+        assert json.loads(changed.stdout)["limits"]["budget_usd"] == 0.01
+        until(lambda: generate(proxy, new) == 429, within=3.0)  # $0.04 an image, over $0.01
+        lifted = run(
+            "projects", "update", "growth", "--unset", "budget_usd", "--json", "--store", database
+        )
+        assert "budget_usd" not in json.loads(lifted.stdout)["limits"]
+        until(lambda: generate(proxy, new) == 200, within=3.0)
+        for args, said in (((), "nothing to change"), (("--unset", "budget"), "cannot unset")):
+            refused = run("projects", "update", "growth", *args, "--store", database)
+            assert refused.returncode != 0 and said in refused.stderr, refused.stderr
