@@ -318,7 +318,7 @@ def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
         f"imagegen-proxy listening on {url} -> {upstream}\n"
         f"Try it (writes image.png):\n"
         f"  curl -s {url}/v1/images/generations -H 'content-type: application/json'{auth} \\\n"
-        f'    -d \'{{"model": "gpt-image-1", "prompt": "a lighthouse at dawn"}}\' \\\n'
+        f'    -d \'{{"model": "gpt-image-2.6-sunburst", "prompt": "a lighthouse at dawn"}}\' \\\n'
         f"    | {save}\n"
         f'Or point the openai SDK at it: OpenAI(base_url="{url}/v1", api_key="...")'
         + _console_note(url, config)

@@ -81,6 +81,9 @@ def test_without_config_it_serves_the_embedded_mock() -> None:
         assert url.startswith("http://127.0.0.1:")
         assert "embedded mock" in banner
         assert f"curl -s {url}/v1/images/generations" in banner
+        body = json.loads(banner.split(" -d '", 1)[1].split("'", 1)[0])  # what it says to try
+        tried = httpx.post(url + "/v1/images/generations", json=body, timeout=30)
+        assert tried.status_code == 200 and tried.json()["data"][0]["b64_json"]
         client = openai.OpenAI(base_url=url + "/v1", api_key="anything", max_retries=0)
         image = client.images.generate(model="gpt-image-1", prompt="a lighthouse", size="64x64")
         assert base64.b64decode(image.data[0].b64_json or "")[:8] == b"\x89PNG\r\n\x1a\n"
