@@ -25,13 +25,16 @@ import pytest
 from support import on_store
 from test_cli import running
 
+from imagegen_proxy.activity import LATEST, Activity
 from imagegen_proxy.console.throttle import SignInThrottle
+from imagegen_proxy.observe import Entry
 from imagegen_proxy.store import Store
 from imagegen_proxy.store.ledger import usage_lines
 
 playwright = pytest.importorskip("playwright.sync_api")
 
 ADMIN = "sk-admin-console-0123456789"
+CONFIG_KEY = "sk-config-bot-0123456789"
 PAGES = ["/", "/spend", "/spend.csv", "/keys", "/requests", "/requests/pxy_x.json", "/playground"]
 # Generous: a page of the console answers in milliseconds, a mock generation in a second.
 WAIT_MS = 30_000
@@ -55,6 +58,10 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         f'[admin]\nkey = "{ADMIN}"\n'
         f'[store]\nurl = "{store}"\ncache_seconds = 0\n'
         "[mock]\ndelay = 0.2\n"  # partial images a moment apart, as real ones are
+        # The configuration's own, listed beside the store's (read-only).
+        '[[projects]]\nname = "config-team"\nimages_per_day = 100\n'
+        f'[[keys]]\nname = "config-bot"\nkey = "{CONFIG_KEY}"\nproject = "config-team"\n'
+        'budget_usd = 3\nbudget_period = "week"\nmodels = ["gpt-image-1"]\n'
     )
     shots = Path(os.environ.get("IMAGEGEN_CONSOLE_SHOTS") or folder / "shots")
     shots.mkdir(parents=True, exist_ok=True)
@@ -264,7 +271,7 @@ def test_the_playground_paints_a_partial_image_before_the_final_one(
     image = page.locator("#image")
     assert image.get_attribute("data-kind") == "final"
     assert image.evaluate("img => img.complete && img.naturalWidth") > 0
-    page.wait_for_selector("#cost:text('Cost: ')")  # "$0.01", or "<$0.01" below a cent
+    page.wait_for_selector("#cost:text('Cost: ')")  # exact: "$0.04356"
     assert float(page.locator("#cost").get_attribute("data-cost-usd")) > 0
     page.screenshot(path=console.shots / "playground.png", full_page=True)
 
@@ -342,3 +349,135 @@ def test_the_sign_in_throttle_lets_an_address_try_again_as_its_window_slides() -
     throttle.failed("10.0.0.1")
     throttle.succeeded("10.0.0.1")
     assert throttle.wait("10.0.0.1") == 0
+
+
+# --- layout at 1,280 px, exact amounts, everything listed -------------------------------
+
+FITS = """() => {
+  const page = document.documentElement;
+  const over = [...document.querySelectorAll("table")].filter(
+    (table) => table.getBoundingClientRect().right > page.clientWidth + 0.5
+      || table.scrollWidth > table.parentElement.clientWidth + 0.5).map((table) => table.id);
+  // A date, a model, a code or a figure on one line: never broken mid-word or wrapped.
+  const lines = (cell) => {
+    const range = document.createRange();
+    range.selectNodeContents(cell);
+    return new Set([...range.getClientRects()].filter((r) => r.width > 0)
+      .map((r) => Math.round(r.bottom))).size;
+  };
+  const broken = [...document.querySelectorAll("td.when, td.model, td.number, table code")]
+    .filter((cell) => lines(cell) > 1).map((cell) => cell.textContent.trim());
+  return {width: page.scrollWidth, window: page.clientWidth, over, broken};
+}"""
+
+
+def dollars_shown(text: str) -> int:
+    """ "$1,234.04356" as micro-USD, exactly."""
+    whole, _, fraction = text.strip().removeprefix("$").replace(",", "").partition(".")
+    assert len(fraction) <= 6, text
+    return int(whole) * 1_000_000 + int(fraction.ljust(6, "0"))
+
+
+def test_every_page_fits_1280_px_shows_exact_amounts_and_lists_every_limit(
+    console: Console, page: Any
+) -> None:
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else 0)
+    sign_in(page, console)
+    admin = openai.OpenAI(
+        admin_api_key=ADMIN, api_key="unused", base_url=console.url + "/v1", max_retries=0
+    )
+    projects = admin.admin.organization.projects
+    project = projects.create(name="layout")
+    projects.model_permissions.update(
+        project.id, mode="allow_list", model_ids=["gpt-image-1", "gpt-image-1-mini"]
+    )
+    projects.rate_limits.update_rate_limit(
+        "rl-gpt-image-1", project_id=project.id, max_requests_per_1_minute=50
+    )
+    projects.rate_limits.update_rate_limit(
+        "rl-gpt-image-1-mini", project_id=project.id, max_images_per_1_minute=7
+    )
+    secret = create_key(page, console, "a-rather-long-key-name-for-the-layout-test", "layout")
+    sdk = openai.OpenAI(base_url=console.url + "/v1", api_key=secret, max_retries=0)
+    for size, quality in (("1024x1024", "low"), ("1536x1024", "medium"), ("1024x1536", "high")):
+        sdk.images.generate(model="gpt-image-1", prompt="a lighthouse", size=size, quality=quality)
+    with pytest.raises(openai.PermissionDeniedError) as refused:  # not in the allow-list
+        sdk.images.generate(model="dall-e-3", prompt="a lighthouse")
+    refused_id = refused.value.response.headers["x-request-id"]  # the proxy's own
+    page.request.get(f"{console.base}/requests/{refused_id}.json")  # flushes the ledger
+
+    for path in ("/", "/spend", "/keys", "/requests", "/requests?key=" + secret[:3], "/playground"):
+        page.goto(console.base + path)
+        fits = page.evaluate(FITS)
+        assert fits["width"] <= fits["window"], (path, fits)  # no horizontal scroll
+        assert fits["over"] == [] and fits["broken"] == [], (path, fits)
+    assert failed == []  # the favicon too: no 404 behind any page
+
+    # Requests: every cost exact to the micro-dollar; the refusal listed, with its kind.
+    page.goto(console.base + "/requests?key=a-rather-long-key-name-for-the-layout-test")
+    costs = page.locator("#requests td.cost")
+    assert costs.count() == 3
+    for i in range(3):
+        cell = costs.nth(i)
+        assert dollars_shown(cell.inner_text()) == int(cell.get_attribute("data-micros"))
+    row = page.locator(f"#refused tr[id='refused-{refused_id}']")
+    assert row.get_attribute("data-kind") == "rejected: model_not_allowed"
+
+    # Spend: the rows add up to the total shown, to the digit.
+    today = str(datetime.now(UTC).date())
+    page.goto(f"{console.base}/spend?start={today}&end={today}&by=key")
+    shown = [
+        dollars_shown(text)
+        for text in page.locator("#spend tbody td[data-micros]").all_inner_texts()
+    ]
+    total = page.locator("#spend-total")
+    assert (
+        sum(shown) == dollars_shown(total.inner_text()) == int(total.get_attribute("data-micros"))
+    )
+    chart = page.locator("figure.chart svg").bounding_box()
+    card = page.locator("figure.chart").bounding_box()
+    assert chart is not None and card is not None and chart["width"] >= card["width"] - 20
+
+    # The Overview's error counts lead to the requests behind them.
+    page.goto(console.base + "/")
+    page.click("#errors tr[data-kind='rejected: model_not_allowed'] a")
+    page.wait_for_selector("#kind")
+    kinds = page.locator("#refused tbody tr").evaluate_all("rows => rows.map(r => r.dataset.kind)")
+    assert kinds and set(kinds) == {"rejected: model_not_allowed"}
+    assert page.locator(f"#refused tr[id='refused-{refused_id}']").count() == 1
+
+    # Projects and keys: permissions, per-model limits, and the configuration's entries.
+    page.goto(console.base + "/keys")
+    listed = page.locator("#projects tr[data-project=layout] td.limits")
+    assert "only gpt-image-1, gpt-image-1-mini" in listed.inner_text()
+    assert listed.locator(".per-model[data-model=gpt-image-1]").inner_text() == (
+        "gpt-image-1: 50 requests/min"
+    )
+    assert listed.locator(".per-model[data-model=gpt-image-1-mini]").inner_text() == (
+        "gpt-image-1-mini: 7 images/min"
+    )
+    configured = page.locator("#configured")
+    assert configured.locator("tr[data-configured-project=config-team] td.limits").inner_text() == (
+        "100 images/day"
+    )
+    bot = configured.locator("tr[data-configured-key=config-bot]")
+    assert bot.locator("td.limits").inner_text() == "$3.00 a week · only gpt-image-1"
+    assert CONFIG_KEY not in page.content()
+    page.screenshot(path=console.shots / "keys-listed.png", full_page=True)
+
+
+def test_the_latest_refusals_are_kept_one_by_one_newest_first_and_bounded() -> None:
+    activity = Activity(clock=lambda: 1_800_000_000.0)
+    for i in range(LATEST + 50):
+        entry = Entry(form="openai", key=f"k{i}", model="gpt-image-1", prompt="secret prompt")
+        entry.outcome, entry.error, entry.status = "limited", "rate_limit_exceeded", 429
+        activity.ended(entry)
+    ok = Entry(form="openai", key="fine")
+    activity.ended(ok)  # an answered request is not one of them
+    latest = activity.latest()
+    assert len(latest) == LATEST
+    assert [one.key for one in latest[:2]] == [f"k{LATEST + 49}", f"k{LATEST + 48}"]
+    assert {one.kind for one in latest} == {"limited: rate_limit_exceeded"}
+    assert "secret prompt" not in repr(latest)
+    assert activity.errors() == [("limited: rate_limit_exceeded", LATEST + 50)]

@@ -10,13 +10,17 @@ and loads nothing from elsewhere; for the same reason every piece of text that c
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Mapping, Sequence
 
+from ..pricing import usd
+
 # Okabe-Ito: eight colours that stay apart under the common colour blindnesses; black last.
 _PALETTE = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#56b4e9", "#cc79a7", "#f0e442", "#000")
-_LEFT, _TOP, _BOTTOM, _LEGEND, _ROW = 64, 12, 26, 200, 18
-_MAX_DAY_LABELS = 12
+_TOP, _BOTTOM, _LEGEND, _ROW = 12, 26, 240, 18
+_TURNED = 44  # the bottom margin when the day labels are turned to fit
+_LABEL, _TURNED_LABEL = 40, 14  # the width a day label needs: level, and turned
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # XML 1.0 forbids most control characters even when escaped: a group name carrying one must
 # not make the page's SVG ill-formed.
@@ -24,13 +28,10 @@ _NOT_XML = re.compile(r"[^\t\n\r\x20-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
 
 
 def dollars(micros: int) -> str:
-    """Micro-USD as dollars for people: "$1.23", "<$0.01", "$12,345.60"."""
-    if micros < 0:
-        return "-" + dollars(-micros)
-    if 0 < micros < 10_000:
-        return "<$0.01"  # spent, but rounding would show nothing
-    cents = (micros + 5_000) // 10_000
-    return f"${cents // 100:,}.{cents % 100:02d}"
+    """Micro-USD as dollars for people, exact: "$0.04356", "$1.20", "$12,345.60". A total
+    is then the sum of the amounts shown, to the digit."""
+    whole, _, cents = usd(abs(micros)).partition(".")
+    return f"{'-' if micros < 0 else ''}${int(whole):,}.{cents}"
 
 
 def stacked_bars(
@@ -38,10 +39,11 @@ def stacked_bars(
     series: Mapping[str, Sequence[int]],
     *,
     title: str = "Spend per day",
-    width: int = 760,
+    width: int = 1200,
     height: int = 320,
 ) -> str:
-    """An <svg> ... </svg> string: one bar per day, the groups of `series` stacked in order."""
+    """An <svg> ... </svg> string: one bar per day, the groups of `series` stacked in order.
+    `width` is the drawing's: the page scales it to the width of its card."""
     _check(days, series)
     total = sum(sum(values) for values in series.values())
     if total:
@@ -76,9 +78,13 @@ def _bars(
     days: Sequence[str], series: Mapping[str, Sequence[int]], width: int, height: int
 ) -> list[str]:
     """The axes, the bars and the legend of a chart with something to show."""
-    right, bottom = width - _LEGEND - 12, height - _BOTTOM
     day_totals = [sum(values[i] for values in series.values()) for i in range(len(days))]
     ticks = _ticks(max(day_totals))
+    left = 12 + 7 * max(len(dollars(tick)) for tick in ticks)  # room for the longest label
+    right = width - _LEGEND - 12
+    slot = (right - left) / len(days)
+    turned = slot < _LABEL  # every day still gets a label, turned, while they fit so
+    bottom = height - (_TURNED if turned else _BOTTOM)
 
     def y(micros: int) -> float:
         return bottom - (bottom - _TOP) * micros / ticks[-1]
@@ -87,15 +93,14 @@ def _bars(
     for tick in ticks:
         colour, at = ("#999" if tick == 0 else "#e5e5e5"), y(tick)
         out.append(
-            f'<line class="grid" x1="{_LEFT}" x2="{right}" y1="{_num(at)}" y2="{_num(at)}" '
+            f'<line class="grid" x1="{left}" x2="{right}" y1="{_num(at)}" y2="{_num(at)}" '
             f'stroke="{colour}" stroke-width="1"/>'
-            f'<text class="tick" data-micros="{tick}" x="{_LEFT - 6}" y="{_num(at + 4)}" '
+            f'<text class="tick" data-micros="{tick}" x="{left - 6}" y="{_num(at + 4)}" '
             f'text-anchor="end">{_text(dollars(tick))}</text>'
         )
-    slot = (right - _LEFT) / len(days)
     bar = min(48.0, max(1.0, slot * 0.8))  # a few days should not look like a wall
     for i, day in enumerate(days):
-        x, below = _LEFT + i * slot + (slot - bar) / 2, 0
+        x, below = left + i * slot + (slot - bar) / 2, 0
         for (name, values), colour in zip(series.items(), _colours(len(series)), strict=True):
             value = values[i]
             if not value:
@@ -108,12 +113,16 @@ def _bars(
                 f"<title>{_text(f'{name} · {day}: {dollars(value)}')}</title></rect>"
             )
             below += value
-    for i in _spread(len(days), _MAX_DAY_LABELS):
+    every = 1 if slot >= _TURNED_LABEL else math.ceil(_TURNED_LABEL / slot)
+    for i in range(0, len(days), every):  # a steady step: no day skipped at random
         short = days[i][-5:] if _DAY.fullmatch(days[i]) else days[i]
-        out.append(
-            f'<text class="day" x="{_num(_LEFT + (i + 0.5) * slot)}" y="{bottom + 16}" '
-            f'text-anchor="middle">{_text(short)}</text>'
-        )
+        middle = _num(left + (i + 0.5) * slot)
+        if turned:
+            place = f'x="{middle}" y="{bottom + 10}" text-anchor="end" '
+            place += f'transform="rotate(-50 {middle} {bottom + 10})"'
+        else:
+            place = f'x="{middle}" y="{bottom + 16}" text-anchor="middle"'
+        out.append(f'<text class="day" {place}>{_text(short)}</text>')
     return out + _legend(series, width - _LEGEND, height)
 
 
@@ -145,22 +154,14 @@ def _legend(series: Mapping[str, Sequence[int]], left: int, height: int) -> list
 
 def _ticks(top: int) -> list[int]:
     """0 and three to five round steps (micro-USD), the last at least `top` (> 0)."""
-    scale = 10_000  # a cent: the smallest step dollars() can label
+    scale = 10  # ten micro-USD: small enough for a day of a few cheap images
     while True:
         for tenths in (10, 20, 25, 50):
             step = scale * tenths // 10
-            # 2.5 cents would be labelled "$0.03"; from a dime up, 2.5 steps are round.
-            if step * 5 >= top and (tenths != 25 or scale > 10_000):
+            if step * 5 >= top:
                 # The previous step fell short five times over, so this one needs at least three.
                 return [i * step for i in range(max(3, -(-top // step)) + 1)]
         scale *= 10
-
-
-def _spread(n: int, most: int) -> list[int]:
-    """Up to `most` indices out of `n`, evenly spread, always the first and the last."""
-    if n <= most:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
 
 
 def _colours(n: int) -> list[str]:

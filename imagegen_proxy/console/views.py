@@ -5,26 +5,24 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.templating import Jinja2Templates
 
-from ..config import Policy
+from . import forms
 from .chart import dollars, stacked_bars
+from .forms import PERIODS
 from .spend import DAY, GROUPS, SpendQuery
 
 if TYPE_CHECKING:
     from ..middleware import ImageGenProxy
     from ..store import Store
 
-OUTCOMES = ("ok", "upstream_error", "client_gone", "error")
-PERIODS = ("day", "week", "month", "total")
+OUTCOMES = ("ok", "upstream_error", "client_gone", "limited", "rejected", "error")
 SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
 DEFAULT_MODEL = "gpt-image-2.6-sunburst"  # the Playground's first choice: OpenAI's newest
 
@@ -36,7 +34,8 @@ class Pages:
         self.proxy = proxy
         self.templates = templates
         templates.env.filters["dollars"] = dollars
-        templates.env.filters["moment"] = _moment
+        templates.env.filters["moment"] = forms.moment
+        templates.env.filters["limits"] = forms.limits
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
         from .app import csrf_token
@@ -193,6 +192,8 @@ class Pages:
         store = await self._store(request)
         if isinstance(store, Response):
             return store
+        from ..store.admin import Admin
+
         projects = await store.projects()
         names = {project.id: project.name for project in projects}
         now = datetime.now(UTC).timestamp()
@@ -200,14 +201,18 @@ class Pages:
             {"record": key, "project": names.get(key.project_id or ""), "state": key.state(now)}
             for key in await store.keys()
         ]
+        config = self.proxy.config
         return self.render(
             request,
             "keys.html",
             status,
             nav="keys",
             projects=projects,
+            rate_limits=await Admin(store).rate_limits_set(),
             active=[project for project in projects if project.archived_at is None],
             keys=keys,
+            config_projects=config.projects,
+            config_keys=config.keys,
             shown=shown,
             error=error,
             periods=PERIODS,
@@ -224,7 +229,7 @@ class Pages:
         try:
             shown = await change(store, form)
         except (StoreError, ValueError) as exc:
-            return await self.keys(request, form, error=_reason(exc), status=400)
+            return await self.keys(request, form, error=forms.reason(exc), status=400)
         if shown is not None:  # a new key: shown on this answer only, never in a URL
             return await self.keys(request, form, shown=shown)
         from .app import _redirect
@@ -235,7 +240,7 @@ class Pages:
         async def change(store: Store, form: FormData) -> None:
             from ..store.admin import Admin
 
-            await Admin(store).create_project(_text(form, "name"), _policy(form))
+            await Admin(store).create_project(forms.text(form, "name"), forms.policy(form))
 
         return await self._change(request, form, change)
 
@@ -245,7 +250,7 @@ class Pages:
         async def change(store: Store, form: FormData) -> None:
             from ..store.admin import Admin
 
-            policy = _policy(form)
+            policy = forms.policy(form)
             limits = {
                 "budget_usd": policy.budget_usd,
                 "budget_period": policy.budget_period,
@@ -268,11 +273,11 @@ class Pages:
 
     async def create_key(self, request: Request, form: FormData | None) -> Response:
         async def change(store: Store, form: FormData) -> dict[str, str]:
-            days = _number(form, "expires_days")
+            days = forms.number(form, "expires_days")
             record, secret = await store.create_key(
-                _text(form, "name"),
+                forms.text(form, "name"),
                 project=str(form.get("project", "")) or None,
-                policy=_policy(form),
+                policy=forms.policy(form),
                 expires_in=None if days is None else days * DAY,
             )
             return {"name": record.name, "secret": secret, "what": "created"}
@@ -304,10 +309,18 @@ class Pages:
         store = await self._store(request)
         if isinstance(store, Response):
             return store
-        filters = _filters(request)
-        rows = await latest(store, limit=200, filters=filters)
+        filters = forms.filters(request)
+        kind = request.query_params.get("kind", "").strip()
+        rows = [] if kind else await latest(store, limit=200, filters=filters)
         return self.render(
-            request, "requests.html", nav="requests", rows=rows, filters=filters, outcomes=OUTCOMES
+            request,
+            "requests.html",
+            nav="requests",
+            rows=rows,
+            unanswered=forms.unanswered(self.proxy.activity.latest(), filters, kind),
+            filters=filters,
+            kind=kind,
+            outcomes=OUTCOMES,
         )
 
     async def request_json(self, request: Request, form: FormData | None) -> Response:
@@ -360,71 +373,3 @@ class Pages:
             models=self._current_models(),
             sizes=SIZES,
         )
-
-
-# The Requests page's query parameters, and the ledger's columns they filter.
-_FILTERS = {
-    "key": "key_name",
-    "project": "project_name",
-    "model": "model",
-    "outcome": "outcome",
-    "request_id": "request_id",
-}
-
-
-def _filters(request: Request) -> dict[str, str]:
-    return {
-        column: value
-        for name, column in _FILTERS.items()
-        if (value := request.query_params.get(name, "").strip())
-    }
-
-
-def _text(form: FormData, name: str) -> str:
-    value = str(form.get(name, "")).strip()
-    if not value or len(value) > 200:
-        raise ValueError(f"{name}: 1 to 200 characters")
-    return value
-
-
-def _number(form: FormData, name: str) -> float | None:
-    value = str(form.get(name, "")).strip()
-    if not value:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{name}: {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name}: {value!r} is not a finite number")
-    return number
-
-
-def _policy(form: FormData) -> Policy:
-    """The limits a form sets (blank fields: none)."""
-    fields: dict[str, Any] = {}
-    for name in ("budget_usd", "requests_per_minute", "images_per_day"):
-        value = _number(form, name)
-        if value is not None:
-            fields[name] = value if name == "budget_usd" else int(value)
-    period = str(form.get("budget_period", "") or "month")
-    if period not in PERIODS:
-        raise ValueError(f"budget_period must be one of {', '.join(PERIODS)}")
-    try:
-        return Policy(budget_period=period, **fields)
-    except ValidationError as error:
-        raise ValueError(_reason(error)) from None
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return f"{where}: {first['msg']}"
-    return str(error)
-
-
-def _moment(value: int | None) -> str:
-    if value is None:
-        return ""
-    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

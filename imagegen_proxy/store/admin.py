@@ -382,6 +382,20 @@ class Admin:
         listed = [found[model] for model in sorted(found)]
         return paginate(listed, limit, after=after, before=before)
 
+    async def rate_limits_set(self) -> dict[str, list[RateLimitRecord]]:
+        """Every project's per-model rate limits that limit something, by project id, in
+        one query (for the console)."""
+        query = select(project_rate_limits).order_by(
+            project_rate_limits.c.project_id, project_rate_limits.c.model
+        )
+        found: dict[str, list[RateLimitRecord]] = {}
+        async with self.store.engine.connect() as connection:
+            for row in await connection.execute(query):
+                record = _rate_limit(row._mapping)
+                if record.max_requests_per_1_minute or record.max_images_per_1_minute:
+                    found.setdefault(row.project_id, []).append(record)
+        return found
+
     async def update_rate_limit(
         self, project_id: str, model: str, changes: Mapping[str, int | None]
     ) -> RateLimitRecord:
