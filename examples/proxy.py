@@ -12,7 +12,7 @@ import sys
 import uvicorn
 
 from imagegen_proxy import ProxyConfig
-from imagegen_proxy.app import create_app, with_mock
+from imagegen_proxy.server.app import create_app, with_mock
 
 
 def main() -> None:

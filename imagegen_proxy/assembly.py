@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .auth import Authenticator, KeyTable, OpenAccess
 from .config import ConfigError, ProxyConfig
-from .idempotency import Idempotency
-from .memory_limiter import MemoryLimiter
-from .pool import Pool
-from .ratelimit import RateLimiter
-from .upstream import Upstreams
+from .governance.auth import Authenticator, KeyTable, OpenAccess
+from .governance.memory_limiter import MemoryLimiter
+from .governance.ratelimit import RateLimiter
+from .retries.idempotency import Idempotency
+from .upstream.pool import Pool
+from .upstream.targets import Upstreams
 
 if TYPE_CHECKING:
     from .store import Store
@@ -49,7 +49,7 @@ def idempotency_for(config: ProxyConfig) -> Idempotency | None:
         return None
     registry = Idempotency(settings)
     if config.limits.storage != "memory":
-        from .redis_idempotency import SharedMarkers
+        from .retries.redis_idempotency import SharedMarkers
 
         longest = max((m.total_timeout for m in config.members()), default=900.0)
         registry.shared = SharedMarkers(
@@ -62,7 +62,7 @@ def pool_for(config: ProxyConfig, upstreams: Upstreams) -> Pool:
     """The pool; with Redis limits, its cooldowns are shared through the same Redis."""
     if config.limits.storage == "memory":
         return Pool(upstreams.targets, config.pool)
-    from .redis_pool import RedisMirror
+    from .upstream.redis_pool import RedisMirror
 
     pool = Pool(upstreams.targets, config.pool, clock=time.time)
     RedisMirror(pool, config.limits.storage)
@@ -72,7 +72,7 @@ def pool_for(config: ProxyConfig, upstreams: Upstreams) -> Pool:
 def rate_limiter_for(config: ProxyConfig) -> RateLimiter:
     if config.limits.storage == "memory":
         return MemoryLimiter()
-    from .redis_limiter import RedisLimiter
+    from .governance.redis_limiter import RedisLimiter
 
     return RedisLimiter(
         config.limits.storage,

@@ -25,8 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .headers import HOP_BY_HOP, is_forwarded_upstream
-from .routing import API_VERSION, is_valid_deployment
+from .wire.headers import HOP_BY_HOP, is_forwarded_upstream
+from .wire.routing import API_VERSION, is_valid_deployment
 
 
 class ConfigError(ValueError):

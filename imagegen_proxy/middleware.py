@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
-from .activity import Activity
-from .admin import AdminPlane
+from .admin.plane import AdminPlane
 from .assembly import (
     authenticator_for,
     idempotency_for,
@@ -20,26 +19,36 @@ from .assembly import (
     rate_limiter_for,
     store_for,
 )
-from .auth import (
+from .config import ProxyConfig
+from .governance.auth import (
     Authenticator,
     Principal,
     check_policy,
     may_use,
     read_credentials,
 )
-from .config import ProxyConfig
-from .errors import ClientGone, ProxyError, expect_method, send_error, too_large
-from .headers import ResponseHeaders
-from .idempotency import marker as idempotency_marker
-from .idempotency import rate_only
-from .json_upload import Incoming, JsonUpload
-from .observe import AccessLog, Entry, client_request_id
-from .pool import Tries
-from .pricing import Price, Prices, usd
-from .ratelimit import Decision, RateLimiter
-from .recording import Recording
-from .relay import Outcome, Relay
-from .request import (
+from .governance.pricing import Price, Prices, usd
+from .governance.ratelimit import Decision, RateLimiter, UsageObserver
+from .observe.access import AccessLog, Entry, client_request_id
+from .observe.activity import Activity
+from .retries.idempotency import marker as idempotency_marker
+from .retries.idempotency import rate_only
+from .retries.recording import Recording
+from .types import ASGIApp, Message, Receive, Scope, Send
+from .upstream.pool import Tries
+from .upstream.relay import Outcome, Relay
+from .upstream.targets import (
+    Call,
+    SendUpstream,
+    Target,
+    Upstreams,
+    client_sender,
+)
+from .upstream.transport import create_transport, sender_for
+from .wire.errors import ClientGone, ProxyError, expect_method, send_error, too_large
+from .wire.headers import ResponseHeaders
+from .wire.json_upload import Incoming, JsonUpload
+from .wire.request import (
     ImageRequest,
     check_content_type,
     header,
@@ -49,24 +58,14 @@ from .request import (
     parse_request,
     read_body,
 )
-from .routing import ImageOperation, Route, Router, check_route
-from .types import ASGIApp, Message, Receive, Scope, Send
-from .upload import Upload, boundary_of
-from .upstream import (
-    Call,
-    SendUpstream,
-    Target,
-    Upstreams,
-    client_sender,
-    create_transport,
-    sender_for,
-)
-from .usage import Usage, UsageObserver
+from .wire.routing import ImageOperation, Route, Router, check_route
+from .wire.upload import Upload, boundary_of
+from .wire.usage import Usage
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
-    from .seeding import Seedable
+    from .observe.metrics import Metrics
     from .store.ledger import LedgerRow, LedgerWriter
+    from .store.seeding import Seedable
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -125,7 +124,7 @@ class ImageGenProxy:
         self.rate_limiter = rate_limiter or rate_limiter_for(config)
         if rate_limiter is None and self.store is not None:
             # Budgets start from the ledger: a restart or a switch to Redis gives none back.
-            from .seeding import LedgerSeeded
+            from .store.seeding import LedgerSeeded
 
             self.rate_limiter = LedgerSeeded(
                 cast("Seedable", self.rate_limiter),
@@ -159,7 +158,7 @@ class ImageGenProxy:
         self._repeat_wait = max((m.read_timeout for m in config.members()), default=600.0)
         self.metrics: Metrics | None = None
         if config.metrics.enabled:
-            from .metrics import Metrics
+            from .observe.metrics import Metrics
 
             self.metrics = Metrics.shared()
             if self.pool is not None:

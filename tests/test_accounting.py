@@ -15,7 +15,7 @@ from double import UpstreamDouble, error_json, json_image, stall
 from support import json_request_headers, raw_request, read_response
 from test_limits import HEADERS, KEY, PATH, Recorder, limited, post, wait_for
 
-from imagegen_proxy.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
 
 
 def closed_port() -> int:

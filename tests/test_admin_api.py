@@ -18,8 +18,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from support import on_store, serve
 
-from imagegen_proxy.admin_api import admin_routes
-from imagegen_proxy.auth import Principal
+from imagegen_proxy.admin.api import admin_routes
+from imagegen_proxy.governance.auth import Principal
 from imagegen_proxy.store import Store
 
 ProjectsAPI = Any  # client.admin.organization.projects

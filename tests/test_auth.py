@@ -15,9 +15,9 @@ from conftest import API_VERSION, UPSTREAM_KEY
 from double import UpstreamDouble
 
 from imagegen_proxy import ConfigError, ImageGenProxy, ProxyConfig
-from imagegen_proxy.auth import Credentials, Principal
 from imagegen_proxy.config import Policy
-from imagegen_proxy.errors import ProxyError
+from imagegen_proxy.governance.auth import Credentials, Principal
+from imagegen_proxy.wire.errors import ProxyError
 
 KEY_A = "sk-team-a-0123456789abcdef"
 KEY_B = "sk-team-b-fedcba9876543210"

@@ -22,7 +22,7 @@ from support import json_request_headers, raw_request
 from test_cli import run, running
 from test_limits import wait_for
 
-from imagegen_proxy.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
 
 KEY = "sk-checkout-bot-0123456789"
 OTHER = "sk-growth-web-0123456789"
@@ -308,8 +308,10 @@ def test_concurrent_requests_across_two_processes_never_overspend(
         ThreadPoolExecutor(50) as pool,
     ):
         urls = [first, second] * 25
-        futures = [pool.submit(httpx.post, url + PATH, json=body, headers=HEADERS, timeout=30)
-                   for url in urls]
+        futures = [
+            pool.submit(httpx.post, url + PATH, json=body, headers=HEADERS, timeout=30)
+            for url in urls
+        ]
         # Every refusal comes at once; the admitted ones wait at the upstream.
         deadline = time.monotonic() + 30  # generous: 50 requests on a loaded 2-core machine
         while sum(f.done() for f in futures) < 43 and time.monotonic() < deadline:

@@ -200,7 +200,7 @@ def test_help_lists_the_store_commands() -> None:
 def test_start_up_says_when_a_restart_gives_budgets_back(
     upstream: UpstreamDouble, tmp_path: Path
 ) -> None:
-    from imagegen_proxy.cli import _budgets_note
+    from imagegen_proxy.server.cli import _budgets_note
 
     config = tmp_path / "proxy.toml"
     text = f'[openai]\nbase_url = "{upstream.url}/v1"\napi_key = "sk-up"\n'

@@ -158,7 +158,7 @@ def test_the_admin_key_cannot_also_be_a_client_key() -> None:
 
 
 def test_check_config_masks_passwords_in_the_redis_and_store_urls(tmp_path: Path) -> None:
-    from imagegen_proxy.app import resolved
+    from imagegen_proxy.server.app import resolved
 
     config = ProxyConfig.from_mapping(
         {

@@ -25,9 +25,9 @@ import pytest
 from support import on_store
 from test_cli import running
 
-from imagegen_proxy.activity import LATEST, Activity
 from imagegen_proxy.console.throttle import SignInThrottle
-from imagegen_proxy.observe import Entry
+from imagegen_proxy.observe.access import Entry
+from imagegen_proxy.observe.activity import LATEST, Activity
 from imagegen_proxy.store import Store
 from imagegen_proxy.store.ledger import usage_lines
 

@@ -18,7 +18,7 @@ from conftest import CLIENT_KEY
 from double import SSE_HEADERS, Answer, Exchange, UpstreamDouble, partial, stall
 from test_limits import HEADERS
 
-from imagegen_proxy.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
 
 PATH = "/v1/images/generations"
 

@@ -15,8 +15,8 @@ from double import UpstreamDouble, cut_json, error_json, partial, sse, stall
 from support import json_request_headers, raw_request, serve
 
 from imagegen_proxy import ImageGenProxy
-from imagegen_proxy.transport import AiohttpTransport
-from imagegen_proxy.upstream import Upstreams
+from imagegen_proxy.upstream.targets import Upstreams
+from imagegen_proxy.upstream.transport import AiohttpTransport
 
 
 def sdk(proxy: str, **options: object) -> openai.OpenAI:

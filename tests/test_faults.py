@@ -31,8 +31,8 @@ from double import (
 from support import json_request_headers, raw_request, read_response, serving, until
 
 from imagegen_proxy import ImageGenProxy
-from imagegen_proxy.memory_limiter import MemoryLimiter
-from imagegen_proxy.transport import AiohttpTransport
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
+from imagegen_proxy.upstream.transport import AiohttpTransport
 
 PATH = "/v1/images/generations"
 

@@ -1,5 +1,5 @@
-"""The bundled proxy's front door (imagegen_proxy.server): bounded request heads, the header
-timeout and the connection cap, on real sockets, with both of uvicorn's parsers."""
+"""The bundled proxy's front door (imagegen_proxy.server.front_door): bounded request heads,
+the header timeout and the connection cap, on real sockets, with both of uvicorn's parsers."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from double import UpstreamDouble, held
 from support import json_request_headers, raw_request, read_response, serve
 
 from imagegen_proxy.config import ServerConfig
-from imagegen_proxy.server import (
+from imagegen_proxy.server.front_door import (
     default_max_connections,
     raise_open_files_limit,
     uvicorn_options,
@@ -296,7 +296,7 @@ BARE = [
 import socket, sys
 import uvicorn
 from imagegen_proxy.config import ServerConfig
-from imagegen_proxy.server import uvicorn_options
+from imagegen_proxy.server.front_door import uvicorn_options
 
 async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 204, "headers": []})

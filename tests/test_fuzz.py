@@ -28,8 +28,8 @@ from python_multipart.multipart import parse_options_header
 from support import serve
 
 from imagegen_proxy import ImageGenProxy
-from imagegen_proxy.routing import OPENAI_PATHS
-from imagegen_proxy.upload import DECIDING, FILE_FIELDS
+from imagegen_proxy.wire.routing import OPENAI_PATHS
+from imagegen_proxy.wire.upload import DECIDING, FILE_FIELDS
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -36,9 +36,9 @@ from test_cli import running
 
 from imagegen_proxy import ImageGenProxy
 from imagegen_proxy.config import IdempotencyConfig
-from imagegen_proxy.errors import ClientGone
-from imagegen_proxy.idempotency import Idempotency
-from imagegen_proxy.recording import Marker, Recording
+from imagegen_proxy.retries.idempotency import Idempotency
+from imagegen_proxy.retries.recording import Marker, Recording
+from imagegen_proxy.wire.errors import ClientGone
 
 PATH = "/v1/images/generations"
 BODY = {"model": "gpt-image-1", "prompt": "a lighthouse"}

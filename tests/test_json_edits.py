@@ -28,7 +28,7 @@ from test_edits import PNG, deleted_files, form_headers, multipart
 from test_pool import member
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
-from imagegen_proxy.json_upload import LONG_STRING
+from imagegen_proxy.wire.json_upload import LONG_STRING
 
 EDITS = "/v1/images/edits"
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()

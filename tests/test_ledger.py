@@ -27,10 +27,10 @@ from starlette.routing import Mount
 from support import on_store, serve
 from test_cli import run
 
+from imagegen_proxy.admin.usage import usage_routes
 from imagegen_proxy.store import Store
 from imagegen_proxy.store.ledger import LedgerRow, LedgerWriter
 from imagegen_proxy.store.schema import ledger
-from imagegen_proxy.usage_api import usage_routes
 
 DAY = 86_400
 T0 = int(datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC).timestamp())
@@ -422,8 +422,7 @@ def test_the_usage_command_reads_only_the_store_of_a_configuration(
     # The proxy's own file, whose upstream secret lives in an environment this shell lacks.
     config = tmp_path / "proxy.toml"
     config.write_text(
-        '[openai]\napi_key_env = "SURELY_UNSET_UPSTREAM_KEY"\n'
-        f'[store]\nurl = "{store_url}"\n'
+        f'[openai]\napi_key_env = "SURELY_UNSET_UPSTREAM_KEY"\n[store]\nurl = "{store_url}"\n'
     )
     done = run("usage", "--config", str(config), "--since", "2026-11-01")
     assert done.returncode == 0, done.stderr

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from redis_server import redis_server
 
-from imagegen_proxy.auth import Principal, Project
 from imagegen_proxy.config import Policy
-from imagegen_proxy.memory_limiter import MemoryLimiter
-from imagegen_proxy.ratelimit import Decision, RateLimiter, budget_period
-from imagegen_proxy.redis_limiter import RedisLimiter
-from imagegen_proxy.request import ImageGenerationBody, ImageRequest
-from imagegen_proxy.usage import Usage
+from imagegen_proxy.governance.auth import Principal, Project
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.ratelimit import Decision, RateLimiter, budget_period
+from imagegen_proxy.governance.redis_limiter import RedisLimiter
+from imagegen_proxy.wire.request import ImageGenerationBody, ImageRequest
+from imagegen_proxy.wire.usage import Usage
 
 RESERVE = 300_000  # micro-USD: $0.30 reserved per request
 REQUEST = ImageRequest(form="openai", body=ImageGenerationBody(prompt="p", model="gpt-image-1"))

@@ -24,11 +24,11 @@ from double import (
 )
 from support import json_request_headers, raw_request
 
-from imagegen_proxy.auth import Principal
-from imagegen_proxy.memory_limiter import MemoryLimiter
-from imagegen_proxy.ratelimit import Decision, RateLimiter
-from imagegen_proxy.request import ImageRequest
-from imagegen_proxy.usage import Usage
+from imagegen_proxy.governance.auth import Principal
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.ratelimit import Decision, RateLimiter
+from imagegen_proxy.wire.request import ImageRequest
+from imagegen_proxy.wire.usage import Usage
 
 KEY = "sk-team-a-limits-0123456789"
 PATH = "/v1/images/generations"

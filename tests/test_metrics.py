@@ -24,10 +24,10 @@ from support import serve, until
 from test_cli import running
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
-from imagegen_proxy import metrics as metrics_module
-from imagegen_proxy.app import create_app
 from imagegen_proxy.config import ConfigError
-from imagegen_proxy.metrics import metrics_app
+from imagegen_proxy.observe import metrics as metrics_module
+from imagegen_proxy.observe.metrics import metrics_app
+from imagegen_proxy.server.app import create_app
 
 PATH = "/v1/images/generations"
 KEYS = [{"name": "team-m", "key": CLIENT_KEY, "requests_per_minute": 3}]

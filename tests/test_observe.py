@@ -18,7 +18,7 @@ from double import UPSTREAM_HEADERS, UpstreamDouble, error_json, sse, stall
 from support import json_request_headers, raw_request
 
 from imagegen_proxy.config import AccessLogConfig
-from imagegen_proxy.observe import AccessLog, Entry, LineHandler
+from imagegen_proxy.observe.access import AccessLog, Entry, LineHandler
 
 PATH = "/v1/images/generations"
 KEYS = [{"name": "team-a", "key": CLIENT_KEY, "requests_per_minute": 2}]

@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import validate
 from test_cli import running
 
-from imagegen_proxy.upload import FILE_FIELDS
+from imagegen_proxy.wire.upload import FILE_FIELDS
 
-DOCUMENT = yaml.safe_load(resources.files("imagegen_proxy").joinpath("openapi.yaml").read_text())
+DOCUMENT = yaml.safe_load(
+    resources.files("imagegen_proxy.server").joinpath("openapi.yaml").read_text()
+)
 
 
 def test_the_document_is_valid_openapi_3_1() -> None:
@@ -26,7 +28,7 @@ def test_the_document_is_valid_openapi_3_1() -> None:
 
 
 def test_the_document_lists_every_proxy_path() -> None:
-    from imagegen_proxy.routing import MODELS_PATHS, OPENAI_PATHS
+    from imagegen_proxy.wire.routing import MODELS_PATHS, OPENAI_PATHS
 
     azure = {
         "/openai/deployments/{deployment-id}/images/generations",

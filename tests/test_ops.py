@@ -15,7 +15,7 @@ from support import serve
 from test_cli import running
 
 from imagegen_proxy import ProxyConfig
-from imagegen_proxy.app import create_app
+from imagegen_proxy.server.app import create_app
 
 ADMIN_KEY = "sk-admin-0123456789abcdef"
 CLIENT = "sk-client-ops-0123456789"

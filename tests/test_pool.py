@@ -17,7 +17,7 @@ from support import json_request_headers, raw_request, serve, until
 from test_cli import running
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
-from imagegen_proxy.pool import Pool
+from imagegen_proxy.upstream.pool import Pool
 
 PATH = "/v1/images/generations"
 RATE_LIMITED = {"message": "Slow down.", "type": "requests", "param": None, "code": "rate_limit"}

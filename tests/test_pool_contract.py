@@ -14,11 +14,11 @@ import pytest
 from redis_server import redis_server
 
 from imagegen_proxy.config import PoolConfig, ProxyConfig
-from imagegen_proxy.errors import ProxyError
-from imagegen_proxy.pool import Pool
-from imagegen_proxy.redis_pool import RedisMirror
-from imagegen_proxy.request import ImageGenerationBody, ImageRequest
-from imagegen_proxy.upstream import Target, Upstreams
+from imagegen_proxy.upstream.pool import Pool
+from imagegen_proxy.upstream.redis_pool import RedisMirror
+from imagegen_proxy.upstream.targets import Target, Upstreams
+from imagegen_proxy.wire.errors import ProxyError
+from imagegen_proxy.wire.request import ImageGenerationBody, ImageRequest
 
 REQUEST = ImageRequest(form="openai", body=ImageGenerationBody(prompt="p", model="gpt-image-1"))
 CONFIG = PoolConfig(failures_to_open=3, cooldown_min=1, cooldown_max=8)

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from imagegen_proxy.config import ConfigError, PriceConfig, ProxyConfig
-from imagegen_proxy.pricing import Price, Prices, shipped_prices, usd
-from imagegen_proxy.request import ImageGenerationBody, ImageRequest
-from imagegen_proxy.sse import EventScanner
-from imagegen_proxy.usage import Usage, tokens_in
+from imagegen_proxy.governance.pricing import Price, Prices, shipped_prices, usd
+from imagegen_proxy.wire.request import ImageGenerationBody, ImageRequest
+from imagegen_proxy.wire.sse import EventScanner
+from imagegen_proxy.wire.usage import Usage, tokens_in
 
 PROMPT = "A gray tabby cat hugging an otter with an orange scarf"
 TOKEN_MODELS = ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"]
@@ -286,7 +286,7 @@ def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
         "dall-e-2",
     }
     assert all(entry.source for entry in shipped.values())
-    assert resources.files("imagegen_proxy").joinpath("prices.toml").is_file()
+    assert resources.files("imagegen_proxy.governance").joinpath("prices.toml").is_file()
     assert all(Prices().get(model) is not None for model in shipped)
 
 

@@ -14,7 +14,7 @@ from double import UpstreamDouble, held
 from redis_server import redis_server
 from test_cli import running
 
-from imagegen_proxy.redis_limiter import RedisLimiter
+from imagegen_proxy.governance.redis_limiter import RedisLimiter
 
 KEY = "sk-team-a-redis-0123456789"
 PATH = "/v1/images/generations"

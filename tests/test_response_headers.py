@@ -18,7 +18,7 @@ from conftest import CLIENT_KEY
 from double import Answer, Exchange, UpstreamDouble, completed, image_body, partial
 from test_limits import KEY
 
-from imagegen_proxy.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
 
 PATH = "/v1/images/generations"
 

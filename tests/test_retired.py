@@ -15,7 +15,7 @@ from double import UpstreamDouble
 from support import serve
 
 from imagegen_proxy import ImageGenProxy, ProxyConfig
-from imagegen_proxy.app import create_app
+from imagegen_proxy.server.app import create_app
 
 KEY = "sk-checkout-bot-0123456789"
 

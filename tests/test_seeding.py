@@ -24,15 +24,15 @@ from support import on_store, until
 from test_cli import COMMAND
 from test_ledger import row
 
-from imagegen_proxy.auth import Principal, Project
 from imagegen_proxy.config import Policy
-from imagegen_proxy.memory_limiter import MemoryLimiter
-from imagegen_proxy.ratelimit import period_start
-from imagegen_proxy.redis_limiter import RedisLimiter
-from imagegen_proxy.request import ImageGenerationBody, ImageRequest
-from imagegen_proxy.seeding import LedgerSeeded
+from imagegen_proxy.governance.auth import Principal, Project
+from imagegen_proxy.governance.memory_limiter import MemoryLimiter
+from imagegen_proxy.governance.ratelimit import period_start
+from imagegen_proxy.governance.redis_limiter import RedisLimiter
 from imagegen_proxy.store import Store
 from imagegen_proxy.store.ledger import LedgerWriter
+from imagegen_proxy.store.seeding import LedgerSeeded
+from imagegen_proxy.wire.request import ImageGenerationBody, ImageRequest
 
 NOW = datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp()
 REQUEST = ImageRequest(form="openai", body=ImageGenerationBody(prompt="p", model="gpt-image-2"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from double import completed, partial
 
-from imagegen_proxy.sse import EventScanner
+from imagegen_proxy.wire.sse import EventScanner
 
 
 def stream(eol: bytes) -> bytes:

@@ -23,12 +23,13 @@ from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..types import ASGIApp, Message, Receive, Scope, Send
+from .forms import redirect
 from .throttle import SignInThrottle, retry_after
 from .views import Pages
 
@@ -75,7 +76,7 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
         async def endpoint(request: Request) -> Response:
             if not signed_in(request):
                 here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                return _redirect(request, f"/signin?next={quote(here)}")
+                return redirect(request, f"/signin?next={quote(here)}")
             form = None
             if request.method == "POST":
                 form = await request.form(max_files=0, max_fields=50)
@@ -88,7 +89,7 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
     async def signin(request: Request) -> Response:
         if request.method == "GET":
             if signed_in(request):
-                return _redirect(request, "/")
+                return redirect(request, "/")
             return pages.signin(request, error=None, needs_key=admin is None)
         form = await request.form(max_files=0, max_fields=10)
         if not _csrf_ok(request, form):
@@ -98,8 +99,7 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
         if wait > 0:  # the key is not even compared: no guess counts while it waits
             refused = pages.signin(
                 request,
-                error=f"Too many wrong keys from this address: try again in "
-                f"{retry_after(wait)} s.",
+                error=f"Too many wrong keys from this address: try again in {retry_after(wait)} s.",
                 status=429,
             )
             refused.headers["retry-after"] = retry_after(wait)
@@ -113,14 +113,14 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
         request.session.clear()
         request.session.update({"admin": True, "csrf": secrets.token_urlsafe(32)})
         target = str(form.get("next", ""))
-        return _redirect(request, _inside(request, target))
+        return redirect(request, _inside(request, target))
 
     async def signout(request: Request) -> Response:
         form = await request.form(max_files=0, max_fields=10)
         if not _csrf_ok(request, form):
             return pages.refused(request, "The form was stale or forged: reload it.")
         request.session.clear()
-        return _redirect(request, "/signin")
+        return redirect(request, "/signin")
 
     routes = [
         Route("/", page(pages.overview)),
@@ -163,14 +163,6 @@ def _session_secret(admin: bytes | None) -> str:
     return hmac.new(admin, b"imagegen-proxy console session", hashlib.sha256).hexdigest()
 
 
-def csrf_token(request: Request) -> str:
-    """The session's CSRF token, made on first need."""
-    token = request.session.get("csrf")
-    if not isinstance(token, str):
-        token = request.session["csrf"] = secrets.token_urlsafe(32)
-    return token
-
-
 def _csrf_ok(request: Request, form: FormData) -> bool:
     sent, expected = form.get("csrf"), request.session.get("csrf")
     if not isinstance(sent, str) or not isinstance(expected, str):
@@ -185,10 +177,6 @@ def _inside(request: Request, target: str) -> str:
     if target.startswith(base + "/") and "//" not in target and "\\" not in target:
         return target[len(base) :]
     return "/"
-
-
-def _redirect(request: Request, where: str) -> Response:
-    return RedirectResponse(request.scope.get("root_path", "") + where, status_code=303)
 
 
 class _Hardened:

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-from ..pricing import usd
+from ..governance.pricing import usd
 
 # Okabe-Ito: eight colours that stay apart under the common colour blindnesses; black last.
 _PALETTE = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#56b4e9", "#cc79a7", "#f0e442", "#000")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 
-from ..activity import Unanswered
 from ..config import Policy
+from ..observe.activity import Unanswered
 from .chart import dollars
 
 PERIODS = ("day", "week", "month", "total")
@@ -132,3 +134,15 @@ _UNITS = (
     ("tokens_per_day", "tokens/day"),
     ("max_concurrent", "at once"),
 )
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, made on first need."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def redirect(request: Request, where: str) -> Response:
+    return RedirectResponse(request.scope.get("root_path", "") + where, status_code=303)

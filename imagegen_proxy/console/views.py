@@ -38,12 +38,10 @@ class Pages:
         templates.env.filters["limits"] = forms.limits
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
-        from .app import csrf_token
-
         config = self.proxy.config
         context.update(
             base=request.scope.get("root_path", ""),
-            csrf=csrf_token(request),
+            csrf=forms.csrf_token(request),
             open=config.admin.open,
             signed_in=config.admin.open or request.session.get("admin") is True,
             has_store=self.proxy.store is not None,
@@ -232,9 +230,7 @@ class Pages:
             return await self.keys(request, form, error=forms.reason(exc), status=400)
         if shown is not None:  # a new key: shown on this answer only, never in a URL
             return await self.keys(request, form, shown=shown)
-        from .app import _redirect
-
-        return _redirect(request, "/keys")
+        return forms.redirect(request, "/keys")
 
     async def create_project(self, request: Request, form: FormData | None) -> Response:
         async def change(store: Store, form: FormData) -> None:

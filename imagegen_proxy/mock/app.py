@@ -14,9 +14,9 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-from ..errors import ClientGone, ProxyError
-from ..request import header, is_json, read_body
 from ..types import Receive, Scope, Send
+from ..wire.errors import ClientGone, ProxyError
+from ..wire.request import header, is_json, read_body
 from .cache import BytesLRU
 from .decode import Bitmap, decode_png
 from .edit import Canvas, generated, tint_colour, tint_weight

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..errors import ProxyError
-from ..request import header, read_body
 from ..types import Receive, Scope
-from ..upload import boundary_of
+from ..wire.errors import ProxyError
+from ..wire.request import header, read_body
+from ..wire.upload import boundary_of
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from ..errors import ProxyError
+from ..wire.errors import ProxyError
 from .decode import png_dimensions
 from .form import Form
 from .png import DEFAULT_SIZE, MAX_SIDE, parse_size

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, delete, event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..auth import Principal, Project
 from ..config import POLICY_BOUNDS, Policy
+from ..governance.auth import Principal, Project
 from .schema import api_keys, project_rate_limits, projects, service_accounts, settings
 
 logger = logging.getLogger("imagegen_proxy")

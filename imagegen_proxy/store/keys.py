@@ -7,9 +7,9 @@ import logging
 
 from cachetools import TTLCache
 
-from ..auth import Credentials, KeyTable, Principal, presented_digest, unauthorized
 from ..config import Policy
-from ..errors import ProxyError
+from ..governance.auth import Credentials, KeyTable, Principal, presented_digest, unauthorized
+from ..wire.errors import ProxyError
 from . import Store
 
 logger = logging.getLogger("imagegen_proxy")

@@ -1,0 +1,1 @@
+"""The admin plane: OpenAI's Admin API, usage and costs, the shell commands."""

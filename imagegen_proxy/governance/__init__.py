@@ -1,0 +1,1 @@
+"""Who may do what: client keys, limits and budgets, prices."""

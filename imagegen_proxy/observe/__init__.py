@@ -1,0 +1,1 @@
+"""What the proxy tells: the access log, metrics, the console's activity."""

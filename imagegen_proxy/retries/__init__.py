@@ -1,0 +1,1 @@
+"""Retries that never pay twice: the idempotency registry and its recordings."""

@@ -1,0 +1,1 @@
+"""The bundled proxy: its front door, the app it assembles, the command line."""

@@ -1,0 +1,1 @@
+"""Where a request goes: the upstreams, their transport, the pool, the relay."""

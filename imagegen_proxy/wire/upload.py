@@ -1,0 +1,472 @@
+"""Multipart uploads (image edits and variations), parsed as they arrive and relayed as
+they are parsed.
+
+An upload is read until the text fields that decide the request are known (`Upload.head`):
+normally the client sends them before its files, as the official SDK does, and the files
+then stream to the upstream as they arrive (`Upload.body`). File parts that come before a
+deciding field are spooled to an anonymous temporary file on disk (unlinked at creation,
+so nothing is left behind even by a crash), never kept in memory. Memory per upload is one
+received chunk plus the text fields, whatever the files weigh.
+
+The upstream gets a multipart body the proxy encodes itself, with its own boundary: the
+text fields first, then the files in the order they came, each part's name, filename and
+content type as sent. Nothing but those parts reaches the upstream (no preamble, no other
+part headers), and the `model` field can be rewritten on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ..types import Receive
+from .errors import ClientGone, ProxyError, gif_refusal, too_large
+
+# The fields the proxy decides on (model, price, limits): a client that sends one of them
+# after a file part that already went upstream is refused (see `Upload.head`).
+DECIDING = frozenset({"model", "n", "stream", "partial_images", "size", "quality", "prompt"})
+# Fields the proxy checks (ImageFormBody's): one copy each, or the upstream could act on a
+# copy other than the one checked.
+CHECKED = DECIDING | {"output_compression", "frame_count", "frame_duration_ms"}
+# Fields that are files whatever their part says.
+FILE_FIELDS = frozenset({"image", "image[]", "mask"})
+MAX_TEXT_BYTES = 1024 * 1024  # all text fields together: a prompt is at most 32,000 characters
+# Sixteen images, a mask and a few dozen fields are a large request; a flood of empty parts
+# would make the proxy keep a list of them.
+MAX_PARTS = 1000
+_SPOOL_STEP = 256 * 1024  # bytes per write to the spool (batched), and per read from it
+
+
+@dataclass(slots=True)
+class Part:
+    """One part's name and what it says it holds, as sent (latin-1, so bytes round-trip)."""
+
+    name: str
+    filename: str | None
+    content_type: str | None
+
+    @property
+    def is_file(self) -> bool:
+        return self.filename is not None or self.name in FILE_FIELDS
+
+    def head(self, boundary: bytes) -> bytes:
+        """The part's opening lines in the body the proxy sends."""
+        disposition = f'form-data; name="{_quoted(self.name)}"'
+        if self.filename is not None:
+            disposition += f'; filename="{_quoted(self.filename)}"'
+        lines = [b"--" + boundary, b"Content-Disposition: " + disposition.encode("latin-1")]
+        if self.content_type is not None:
+            lines.append(b"Content-Type: " + self.content_type.encode("latin-1"))
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@dataclass(slots=True)
+class _Spooled:
+    part: Part
+    offset: int
+    length: int = 0
+
+
+def _quoted(value: str) -> str:
+    # As browsers and httpx do (WHATWG's multipart/form-data encoding): a name or filename
+    # cannot close its quotes, or start a header line.
+    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _invalid(message: str, param: str | None = None, code: str = "invalid_multipart") -> ProxyError:
+    return ProxyError(400, message, param=param, code=code)
+
+
+def boundary_of(content_type: bytes) -> bytes:
+    """The boundary of a `multipart/form-data` Content-Type; 415 for another media type."""
+    media, options = parse_options_header(content_type)
+    if media != b"multipart/form-data":
+        raise ProxyError(
+            415,
+            "Content-Type must be multipart/form-data on image variations, and "
+            "multipart/form-data or application/json on image edits.",
+            code="unsupported_media_type",
+        )
+    boundary = options.get(b"boundary", b"")
+    # RFC 2046: 1 to 70 characters, none of them a line break.
+    if not 0 < len(boundary) <= 70 or b"\r" in boundary or b"\n" in boundary:
+        raise _invalid("The multipart/form-data Content-Type has no valid boundary.")
+    return boundary
+
+
+class SpoolOwner:
+    """An upload's spool: an anonymous temporary file (unlinked at creation) made when
+    something must go to disk, and `_spooled` bytes written to it."""
+
+    _spool: IO[bytes] | None = None
+    _spooled = 0
+
+    @property
+    def spooled_bytes(self) -> int:
+        """How many bytes went to disk."""
+        return self._spooled
+
+    async def aclose(self) -> None:
+        """Close (and so delete) the spool file."""
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await asyncio.to_thread(spool.close)
+
+
+class Upload(SpoolOwner):
+    """One multipart request body, read from `receive` as the request goes on.
+
+    `max_bytes` bounds the body (413), `max_files` its file parts (400); `within` is how
+    long the proxy waits for the client's bytes in all (408), not counting the time the
+    upstream takes to take them.
+    """
+
+    def __init__(
+        self,
+        receive: Receive,
+        boundary: bytes,
+        *,
+        max_bytes: int,
+        max_files: int,
+        within: float,
+    ) -> None:
+        self._receive = receive
+        self._max_bytes, self.max_files = max_bytes, max_files
+        self._wait_left = within
+        self._within = within
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_end": self._on_end,
+            },
+        )
+        # What the parser found in the chunks fed so far, not yet handled.
+        self._events: collections.deque[tuple[str, Any]] = collections.deque()
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._ended = False  # the parser saw the closing boundary
+        self._more = True  # the client has more body to send
+        self._received = 0
+        self._parts = 0
+        self._current: Part | None = None  # the part being read (for errors)
+        self.files: list[Part] = []  # the file parts seen so far
+        self.fields: dict[str, str] = {}  # the text fields read before the files went upstream
+        self._text_bytes = 0
+        self._head: list[tuple[Part, bytes] | _Spooled] = []
+        self.started = False  # the body began to go upstream: it cannot be sent again
+        self.complete = False  # the whole body went upstream
+        self.error: ProxyError | ClientGone | None = None  # why the body could not be sent
+        self.done = asyncio.Event()  # the client's body has been read to its end, or abandoned
+        # The boundary of the body the upstream gets.
+        self.boundary = b"imagegen-proxy-" + secrets.token_hex(16).encode()
+
+    # -- the parser's callbacks: they only record, the reading below decides -------------
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        name = bytes(self._header_name).strip(b" \t").lower()
+        self._headers[name] = bytes(self._header_value).strip(b" \t")
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        self._events.append(("part", self._headers))
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._events.append(("data", data[start:end]))
+
+    def _on_part_end(self) -> None:
+        self._events.append(("end", None))
+
+    def _on_end(self) -> None:
+        self._ended = True
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _pull(self) -> None:
+        """Feed the parser the next chunk of the body; raise what the client did wrong."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(self._wait_left):
+                message = await self._receive()
+        except TimeoutError:
+            raise ProxyError(
+                408,
+                f"The request body did not arrive within {self._within:g} seconds.",
+                code="request_timeout",
+            ) from None
+        self._wait_left -= loop.time() - started
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        self._received += len(chunk)
+        if self._received > self._max_bytes:
+            raise too_large(self._max_bytes)
+        self._more = bool(message.get("more_body", False))
+        try:
+            if chunk:
+                self._parser.write(chunk)
+            if not self._more and not self._ended:
+                raise ValueError("it ended before its closing boundary")
+        except Exception as exc:  # python-multipart's parse errors, a header too long
+            # After what was parsed before it, so that the error names the part it is in.
+            self._events.append(("error", f"The multipart body is malformed: {exc}."))
+
+    async def _next(self) -> tuple[str, Any] | None:
+        """The next thing the parser found; None at the end of the body."""
+        while not self._events:
+            if not self._more:
+                self.done.set()
+                return None
+            await self._pull()
+        event = self._events.popleft()
+        if event[0] == "end":
+            self._current = None
+        elif event[0] == "error":
+            # The part being read, or the body itself: outside any part (a boundary that
+            # is not the Content-Type's, a body cut off between parts).
+            where = "body" if self._current is None else self._current.name
+            raise _invalid(event[1], where)
+        return event
+
+    def _begin(self, headers: Mapping[bytes, bytes]) -> Part:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise _invalid(f"Too many parts: at most {MAX_PARTS}.", None, "too_many_parts")
+        disposition, options = parse_options_header(headers.get(b"content-disposition", b""))
+        name = options.get(b"name")
+        if disposition != b"form-data" or not name:
+            raise _invalid(
+                f"Part {self._parts} of the multipart body has no name "
+                '(Content-Disposition: form-data; name="...").',
+                f"part {self._parts}",
+            )
+        filename = options.get(b"filename")
+        content_type = headers.get(b"content-type")
+        part = Part(
+            name.decode("latin-1"),
+            None if filename is None else filename.decode("latin-1"),
+            None if content_type is None else content_type.decode("latin-1"),
+        )
+        self._current = part
+        if part.is_file:
+            if part.name in DECIDING:
+                raise _invalid(
+                    f"Invalid value for '{part.name}': expected a text field, got a file.",
+                    part.name,
+                    "invalid_type",
+                )
+            if part.name == "mask" and self.fields.get("output_format", "").lower() == "gif":
+                raise gif_refusal("mask", "GIFs are not made with a mask")
+            if part.name != "mask" and self.images == self.max_files:
+                raise _invalid(
+                    f"Too many files: at most {self.max_files} images in one request.",
+                    part.name,
+                    "too_many_files",
+                )
+            self.files.append(part)
+        elif part.name in FILE_FIELDS:  # pragma: no cover - is_file covers them
+            raise AssertionError(part.name)
+        return part
+
+    async def head(self, needed: Iterable[str]) -> dict[str, str]:
+        """Read until the fields `needed` have come and a file part begins, or to the end
+        of the body; return the text fields read (a checked field repeated is refused).
+
+        File parts before that point are spooled to disk. Deciding fields that come later,
+        after a file part has gone upstream, are refused by `body`.
+        """
+        missing = set(needed)
+        try:
+            while True:
+                event = await self._next()
+                if event is None:
+                    return self.fields
+                kind, value = event
+                assert kind == "part", kind
+                part = self._begin(value)
+                if part.is_file and not missing:
+                    self._events.appendleft(("begin", part))  # body() goes on from here
+                    return self.fields
+                if part.is_file:
+                    await self._spool_part(part)
+                else:
+                    raw = await self._text(part)
+                    self._head.append((part, raw))
+                    self._field(part.name, raw)
+                    missing.discard(part.name)
+        except (ProxyError, ClientGone) as exc:
+            self._failed(exc)
+            raise
+
+    def _field(self, name: str, raw: bytes) -> None:
+        """Keep a text field for the request's checks; it goes upstream as sent, whatever
+        its bytes, but one the proxy decides on must be UTF-8, and come once."""
+        if name in CHECKED and name in self.fields:
+            raise _invalid(
+                f"'{name}' was sent more than once: send each parameter once.",
+                name,
+                "duplicate_field",
+            )
+        try:
+            self.fields[name] = raw.decode()
+        except UnicodeDecodeError:
+            if name in DECIDING:
+                raise _invalid(f"Invalid value for '{name}': not UTF-8.", name) from None
+
+    async def _text(self, part: Part) -> bytes:
+        value = bytearray()
+        while (event := await self._next()) is not None and event[0] == "data":
+            value += event[1]
+            self._text_bytes += len(event[1])
+            if self._text_bytes > MAX_TEXT_BYTES:
+                raise _invalid(
+                    f"The text fields exceed {MAX_TEXT_BYTES} bytes.", part.name, "field_too_large"
+                )
+        return bytes(value)
+
+    async def _spool_part(self, part: Part) -> None:
+        if self._spool is None:
+            self._spool = await asyncio.to_thread(tempfile.TemporaryFile)
+        spooled = _Spooled(part, self._spooled)
+        self._head.append(spooled)
+        pending: list[bytes] = []
+        size = 0
+        while (event := await self._next()) is not None and event[0] == "data":
+            pending.append(event[1])
+            size += len(event[1])
+            if size >= _SPOOL_STEP:  # one thread hop per step, not per received chunk
+                await self._write(pending, size, spooled)
+                pending, size = [], 0
+        await self._write(pending, size, spooled)
+
+    async def _write(self, pieces: list[bytes], size: int, spooled: _Spooled) -> None:
+        if size:
+            assert self._spool is not None
+            await asyncio.to_thread(self._spool.write, b"".join(pieces))
+            spooled.length += size
+            self._spooled += size
+
+    async def body(self, rewrite: Mapping[str, str] | None = None) -> AsyncIterator[bytes]:
+        """The body the upstream gets: the head (with the text fields in `rewrite` replaced
+        or added), then the rest of the client's body as it arrives.
+
+        A failure (the client left, sent too much or too slowly, or a deciding field after
+        the files) is kept in `error` and raised: the upstream gets a body without its end,
+        which it cannot mistake for a whole request.
+        """
+        boundary = self.boundary
+        rewrite = dict(rewrite or {})
+        self.started = True
+        try:
+            yield self._fields(boundary, rewrite)
+            for item in self._head:
+                if isinstance(item, _Spooled):
+                    async for chunk in self._unspool(item, boundary):
+                        yield chunk
+            async for chunk in self._rest(boundary, rewrite):
+                yield chunk
+            yield b"--" + boundary + b"--\r\n"
+            self.complete = True
+        except (ProxyError, ClientGone) as exc:
+            self._failed(exc)
+            raise
+        finally:
+            self.done.set()  # an upstream that stopped reading early abandons the rest
+
+    def _fields(self, boundary: bytes, rewrite: dict[str, str]) -> bytes:
+        out = bytearray()
+        for name, value in rewrite.items():
+            out += Part(name, None, None).head(boundary) + value.encode() + b"\r\n"
+        for item in self._head:
+            if not isinstance(item, _Spooled) and item[0].name not in rewrite:
+                out += item[0].head(boundary) + item[1] + b"\r\n"
+        return bytes(out)
+
+    async def _unspool(self, item: _Spooled, boundary: bytes) -> AsyncIterator[bytes]:
+        spool = self._spool
+        assert spool is not None
+        yield item.part.head(boundary)
+        left = item.length
+        await asyncio.to_thread(spool.seek, item.offset)
+        while left:
+            chunk = await asyncio.to_thread(spool.read, min(left, _SPOOL_STEP))
+            left -= len(chunk)
+            yield chunk
+        yield b"\r\n"
+
+    async def _rest(self, boundary: bytes, rewrite: Mapping[str, str]) -> AsyncIterator[bytes]:
+        """The parts after the head, one received chunk at a time."""
+        out: list[bytes] = []
+        skipping = False
+        while True:
+            if not self._events and out:
+                # What one received chunk made, in one piece; a lone piece is not copied.
+                yield out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+            event = await self._next()
+            if event is None:
+                break
+            kind, value = event
+            if kind == "part":
+                value = self._begin(value)
+                kind = "begin"
+            if kind == "begin":
+                part: Part = value
+                if not part.is_file and part.name in DECIDING and part.name not in rewrite:
+                    raise _invalid(
+                        f"'{part.name}' came after a file: send the text fields "
+                        "before the files (as the OpenAI SDK does).",
+                        part.name,
+                        "field_after_files",
+                    )
+                skipping = part.name in rewrite  # replaced already: never twice
+                if not skipping:
+                    out.append(part.head(boundary))
+            elif skipping:
+                continue
+            elif kind == "data":
+                out.append(value)
+            else:
+                out.append(b"\r\n")
+        if out:
+            yield b"".join(out)
+
+    def _failed(self, exc: ProxyError | ClientGone) -> None:
+        if self.error is None:
+            self.error = exc
+        self.done.set()
+
+    @property
+    def images(self) -> int:
+        """The file parts seen so far that are not the mask: the input images."""
+        return sum(part.name != "mask" for part in self.files)
+
+    @property
+    def content_type(self) -> bytes:
+        """The Content-Type of the body the upstream gets."""
+        return b"multipart/form-data; boundary=" + self.boundary
