@@ -35,15 +35,10 @@ from .retries.idempotency import marker as idempotency_marker
 from .retries.idempotency import rate_only
 from .retries.recording import Recording
 from .types import ASGIApp, Message, Receive, Scope, Send
+from .upstream.call import Call, SendUpstream, client_sender
 from .upstream.pool import Tries
 from .upstream.relay import Outcome, Relay
-from .upstream.targets import (
-    Call,
-    SendUpstream,
-    Target,
-    Upstreams,
-    client_sender,
-)
+from .upstream.targets import Target, Upstreams
 from .upstream.transport import create_transport, sender_for
 from .wire.errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .wire.headers import ResponseHeaders

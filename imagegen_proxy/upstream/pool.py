@@ -27,7 +27,8 @@ from typing import Protocol
 from ..config import PoolConfig
 from ..wire.errors import ProxyError
 from ..wire.request import ImageRequest
-from .targets import Call, Target
+from .call import Call
+from .targets import Target
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -126,8 +127,7 @@ class Pool:
         serving = [
             target
             for target in self.targets
-            if target.serves(model)
-            and (request.operation != "variation" or target.kind == "openai")
+            if target.serves(model) and target.api.serves(request.operation)
         ]
         if not serving:
             raise ProxyError(

@@ -25,8 +25,10 @@ from ..wire.headers import Headers, ResponseHeaders
 from ..wire.json_upload import Incoming
 from ..wire.sse import EventScanner
 from ..wire.usage import Tail, Usage, tokens_in
+from .call import Answer, Call, SendUpstream
+from .failures import INVALID_STATUS, TIMED_OUT, failure
 from .pool import FAILOVER_STATUSES, retry_after
-from .targets import INVALID_STATUS, TIMED_OUT, Answer, Call, SendUpstream, Target, failure
+from .targets import Target
 
 logger = logging.getLogger("imagegen_proxy")
 

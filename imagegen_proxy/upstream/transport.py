@@ -18,7 +18,7 @@ import httpx
 from yarl import URL
 
 from ..config import ProxySettings
-from .targets import Call, SendUpstream, Timeouts, httpx_sender
+from .call import Call, SendUpstream, Timeouts, httpx_sender
 
 
 def _as_httpx(exc: aiohttp.ClientError | OSError, writing: bool = False) -> httpx.TransportError:
