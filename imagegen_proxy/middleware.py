@@ -20,6 +20,7 @@ from .assembly import (
     store_for,
 )
 from .config import ProxyConfig
+from .generation import Generation, client_request_id
 from .governance.auth import (
     Authenticator,
     Principal,
@@ -28,8 +29,8 @@ from .governance.auth import (
     read_credentials,
 )
 from .governance.pricing import Price, Prices, usd
-from .governance.ratelimit import Decision, RateLimiter, UsageObserver
-from .observe.access import AccessLog, Entry, client_request_id
+from .governance.ratelimit import RateLimiter, UsageObserver
+from .observe.access import AccessLog
 from .observe.activity import Activity
 from .retries.idempotency import marker as idempotency_marker
 from .retries.idempotency import rate_only
@@ -37,7 +38,7 @@ from .retries.recording import Recording
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstream.call import Call, SendUpstream, client_sender
 from .upstream.pool import Tries
-from .upstream.relay import Outcome, Relay
+from .upstream.relay import Relay
 from .upstream.targets import Target, Upstreams
 from .upstream.transport import create_transport, sender_for
 from .wire.errors import ClientGone, ProxyError, expect_method, send_error, too_large
@@ -203,7 +204,9 @@ class ImageGenProxy:
         if route.operation == "admin":
             await self.admin(scope, receive, send)
             return
-        entry = Entry(route.form, route.operation, client_request_id=client_request_id(scope))
+        generation = Generation(
+            route.form, route.operation, client_request_id=client_request_id(scope)
+        )
         upload = recording = None
         try:
             expect_method(scope, "POST")
@@ -213,7 +216,7 @@ class ImageGenProxy:
             # body is read, parsed or turned into a log field or metric label.
             credentials = read_credentials(scope, self._key_headers)
             principal = await self.authenticator.authenticate(credentials)
-            entry.identify(principal)
+            generation.identify(principal)
             if route.operation == "generation":
                 check_content_type(scope)
                 body = await read_body(scope, receive, self._max_body, self._body_timeout)
@@ -221,7 +224,7 @@ class ImageGenProxy:
             else:
                 upload = self._upload(scope, receive, route.operation)
                 request = await read_upload(route, upload)
-            entry.describe(request)
+            generation.describe(request)
             check_policy(principal, request)
             if self.idempotency is not None and route.operation == "generation":
                 marker = idempotency_marker(scope, principal, body, self._sdk_retries)
@@ -229,40 +232,29 @@ class ImageGenProxy:
                     found = self.idempotency.find(marker)
                     if found is None and self.idempotency.shared is not None:
                         wait = self._repeat_wait
-                        found = await self.idempotency.shared.claim(marker, entry.id, wait)
+                        found = await self.idempotency.shared.claim(marker, generation.id, wait)
                     if found is not None:
-                        await self._replay(principal, request, found, entry, receive, send)
+                        await self._replay(principal, request, found, generation, receive, send)
                         return
-                    recording = self.idempotency.start(marker, entry.id)
+                    recording = self.idempotency.start(marker, generation.id)
             price, reservation = self._price(principal, request)
-            entry.reserved = reservation
+            generation.reserved = reservation
             targets = self._candidates(request, principal)
             if self._refuse_retired:
                 self._check_retired(request, targets)
             decision = await self.rate_limiter.acquire(principal, request, reservation)
             if not decision.allowed:
-                entry.limit = decision.limit or decision.code
+                generation.limit = decision.limit or decision.code
                 raise decision.refusal()
-            await self._generate(
-                principal,
-                request,
-                price,
-                decision,
-                entry,
-                scope,
-                receive,
-                send,
-                upload,
-                targets,
-                recording,
-            )
+            generation.price, generation.decision = price, decision
+            await self._generate(generation, scope, receive, send, upload, targets, recording)
         except ProxyError as error:
             if recording is not None:
                 recording.fail(error)  # who joined it gets the same answer
-            entry.refused(error)
-            entry.bytes_out = await send_error(send, error, entry.id)
+            generation.refused(error)
+            generation.bytes_out = await send_error(send, error, generation.id)
         except ClientGone:
-            entry.gone()
+            generation.gone()
         except Exception:
             # The relay answers its own failures once the response has started, so
             # anything that reaches here happened before: a 500 can still be sent.
@@ -273,8 +265,8 @@ class ImageGenProxy:
                 type="server_error",
                 code="internal_error",
             )
-            entry.refused(internal)
-            entry.bytes_out = await send_error(send, internal, entry.id)
+            generation.refused(internal)
+            generation.bytes_out = await send_error(send, internal, generation.id)
         finally:
             if upload is not None:
                 await upload.aclose()
@@ -283,7 +275,7 @@ class ImageGenProxy:
                 if not recording.ended:
                     self.idempotency.ended(recording)
                 recording.let_go()
-            self._observe(entry)
+            self._observe(generation)
 
     def _upload(self, scope: Scope, receive: Receive, operation: ImageOperation) -> Incoming:
         """The body of an edit or variation, refused from its headers if it can be: neither
@@ -399,25 +391,21 @@ class ImageGenProxy:
         }
         await send_json(send, view)
 
-    def _observe(self, entry: Entry) -> None:
+    def _observe(self, generation: Generation) -> None:
         try:
-            self.activity.ended(entry)
+            self.activity.ended(generation)
             if self.access_log is not None:
-                self.access_log.emit(entry)
+                self.access_log.emit(generation)
             if self.metrics is not None:
-                self.metrics.ended(entry)
-            if self.ledger is not None and entry.reached:
-                self.ledger.add(ledger_row(entry))
+                self.metrics.ended(generation)
+            if self.ledger is not None and generation.reached:
+                self.ledger.add(ledger_row(generation))
         except Exception:
-            logger.exception("recording request %s failed", entry.id)
+            logger.exception("recording request %s failed", generation.id)
 
     async def _generate(
         self,
-        principal: Principal,
-        request: ImageRequest,
-        price: Price | None,
-        decision: Decision,
-        entry: Entry,
+        generation: Generation,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -425,81 +413,78 @@ class ImageGenProxy:
         targets: list[Target],
         recording: Recording | None = None,
     ) -> None:
-        settled = False
-
-        async def settle(outcome: Outcome) -> None:
-            # Once: the slot goes back and usage is told whatever ended the generation (even
-            # a cancellation); what may have been billed upstream stays spent, even if the
-            # client left. The relay calls it before the response's last byte, so a
-            # client's next request already finds its slot free. It takes the outcome
-            # rather than closing over the relay: a relay -> settle -> relay cycle would
-            # leave every request's objects to the cyclic GC, whose full passes then stall
-            # the event loop for milliseconds after a burst (bench/README.md).
-            nonlocal settled
-            if settled:
-                return
-            settled = True
-            spent = None
-            if outcome.charged:
-                # Without the upstream's usage (the client left before it came), the
-                # reservation is what it cost: the upstream may well bill it.
-                cost = 0 if price is None else price.cost(request, outcome.usage)
-                spent = (outcome.usage or Usage()) + Usage(
-                    requests=1, images=request.images, cost_micros=cost
-                )
-                entry.cost_micros = None if price is None else cost
-                if entry.over_reservation:
-                    # Above the worst case the price table allows: the table is out of
-                    # date, or the upstream's usage is wrong. Kept, as billed; said.
-                    logger.warning(
-                        "request %s: usage cost $%s, above its reservation of $%s (%s)",
-                        entry.id,
-                        usd(cost),
-                        usd(entry.reserved),
-                        request.model,
-                    )
-            if decision.release is not None:
-                await decision.release(spent)
-            if spent is not None:
-                await self._record(principal, request, spent)
-
+        request, principal, decision = generation.request, generation.principal, generation.decision
+        assert request is not None and principal is not None and decision is not None
         headers = [(k.encode(), v.encode()) for k, v in decision.headers()]
-        api_key, request_id = principal.upstream_api_key, entry.client_request_id or entry.id
+        api_key = principal.upstream_api_key
+        request_id = generation.client_request_id or generation.id
 
         def build(target: Target) -> Call:
             return self.upstreams.build(request, target, scope, api_key, request_id, upload)
 
         tries = Tries(targets, build, self.pool, api_key)
-        entry.failovers = tries.failovers
+        generation.failovers = tries.failovers
         relay = Relay(
             self._sender(),
             send if recording is None else recording.tee(send),
-            images=request.images,
+            generation,
             headers=headers,
-            request_id=entry.id,
-            on_end=settle,
+            on_end=self._settle,
             response_headers=self._response_headers,
             total_timeout=targets[0].total_timeout,
             max_bytes=self.config.proxy.max_response_bytes,
         )
-        entry.upstream, entry.admitted = targets[0].name, True
-        self.activity.started(entry)
+        generation.upstream, generation.admitted = targets[0].name, True
+        self.activity.started(generation)
         if self.metrics is not None:
-            self.metrics.started(entry)
+            self.metrics.started(generation)
         try:
             await relay.run(
                 tries, receive if recording is None else recording.receiving(receive), upload
             )
         finally:
-            await settle(relay.outcome)
-            entry.relayed(relay.outcome, request.images)
+            await self._settle(generation)
+            generation.relayed()
+
+    async def _settle(self, generation: Generation) -> None:
+        """Once per generation, whatever ended it (even a cancellation): its slot goes back
+        and what it spent is told; what may have been billed upstream stays spent, even if
+        the client left. The relay calls it before the response's last byte, so a client's
+        next request already finds its slot free."""
+        if generation.settled:
+            return
+        generation.settled = True
+        request, principal, decision = generation.request, generation.principal, generation.decision
+        assert request is not None and principal is not None and decision is not None
+        spent = None
+        if generation.charged:
+            # Without the upstream's usage (the client left before it came), the
+            # reservation is what it cost: the upstream may well bill it.
+            price, usage = generation.price, generation.usage
+            cost = 0 if price is None else price.cost(request, usage)
+            spent = (usage or Usage()) + Usage(requests=1, images=request.images, cost_micros=cost)
+            generation.cost_micros = None if price is None else cost
+            if generation.over_reservation:
+                # Above the worst case the price table allows: the table is out of date, or
+                # the upstream's usage is wrong. Kept, as billed; said.
+                logger.warning(
+                    "request %s: usage cost $%s, above its reservation of $%s (%s)",
+                    generation.id,
+                    usd(cost),
+                    usd(generation.reserved),
+                    request.model,
+                )
+        if decision.release is not None:
+            await decision.release(spent)
+        if spent is not None:
+            await self._record(principal, request, spent)
 
     async def _replay(
         self,
         principal: Principal,
         request: ImageRequest,
         recording: Recording,
-        entry: Entry,
+        generation: Generation,
         receive: Receive,
         send: Send,
     ) -> None:
@@ -508,12 +493,12 @@ class ImageGenProxy:
         try:
             decision = await self.rate_limiter.acquire(rate_only(principal), request, 0)
             if not decision.allowed:
-                entry.limit = decision.limit or decision.code
+                generation.limit = decision.limit or decision.code
                 raise decision.refusal()
-            entry.outcome, entry.replay_of = "replayed", recording.request_id
+            generation.outcome, generation.replay_of = "replayed", recording.request_id
             try:
-                entry.bytes_out = await recording.stream(receive, send)
-                entry.status = recording.start["status"] if recording.start else 0
+                generation.bytes_out = await recording.stream(receive, send)
+                generation.status = recording.start["status"] if recording.start else 0
             finally:
                 if decision.release is not None:
                     await decision.release(None)
@@ -573,29 +558,29 @@ async def send_json(send: Send, view: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def ledger_row(entry: Entry) -> LedgerRow:
+def ledger_row(generation: Generation) -> LedgerRow:
     """The ledger's line for a generation that reached the upstream."""
     from .store.ledger import LedgerRow
 
     return LedgerRow(
         at=int(time.time()),
-        request_id=entry.id,
-        key_id=entry.key_id,
-        key_name=entry.key or "",
-        project_id=entry.project_id,
-        project_name=entry.project,
-        model=entry.model,
-        source=f"image.{entry.operation}",
-        size=entry.size,
-        quality=entry.quality,
-        n=entry.n or 1,
-        images=entry.images,
-        status=entry.status,
-        outcome=entry.outcome,
-        input_tokens=entry.input_tokens,
-        output_tokens=entry.output_tokens,
-        cost_micros=entry.cost_micros,
-        duration_ms=round(entry.duration * 1000),
+        request_id=generation.id,
+        key_id=generation.key_id,
+        key_name=generation.key or "",
+        project_id=generation.project_id,
+        project_name=generation.project,
+        model=generation.model,
+        source=f"image.{generation.operation}",
+        size=generation.size,
+        quality=generation.quality,
+        n=generation.n or 1,
+        images=generation.images,
+        status=generation.status,
+        outcome=generation.outcome,
+        input_tokens=generation.input_tokens,
+        output_tokens=generation.output_tokens,
+        cost_micros=generation.cost_micros,
+        duration_ms=round(generation.duration * 1000),
     )
 
 

@@ -26,7 +26,7 @@ from support import on_store
 from test_cli import running
 
 from imagegen_proxy.console.throttle import SignInThrottle
-from imagegen_proxy.observe.access import Entry
+from imagegen_proxy.generation import Generation
 from imagegen_proxy.observe.activity import LATEST, Activity
 from imagegen_proxy.store import Store
 from imagegen_proxy.store.ledger import usage_lines
@@ -470,10 +470,16 @@ def test_every_page_fits_1280_px_shows_exact_amounts_and_lists_every_limit(
 def test_the_latest_refusals_are_kept_one_by_one_newest_first_and_bounded() -> None:
     activity = Activity(clock=lambda: 1_800_000_000.0)
     for i in range(LATEST + 50):
-        entry = Entry(form="openai", key=f"k{i}", model="gpt-image-1", prompt="secret prompt")
-        entry.outcome, entry.error, entry.status = "limited", "rate_limit_exceeded", 429
-        activity.ended(entry)
-    ok = Entry(form="openai", key="fine")
+        generation = Generation(
+            form="openai", key=f"k{i}", model="gpt-image-1", prompt="secret prompt"
+        )
+        generation.outcome, generation.error, generation.status = (
+            "limited",
+            "rate_limit_exceeded",
+            429,
+        )
+        activity.ended(generation)
+    ok = Generation(form="openai", key="fine")
     activity.ended(ok)  # an answered request is not one of them
     latest = activity.latest()
     assert len(latest) == LATEST

@@ -18,7 +18,7 @@ from double import UPSTREAM_HEADERS, UpstreamDouble, error_json, sse, stall
 from support import json_request_headers, raw_request
 
 from imagegen_proxy.config import AccessLogConfig
-from imagegen_proxy.observe.access import AccessLog, Entry, LineHandler
+from imagegen_proxy.observe.access import AccessLog, Generation, LineHandler
 
 PATH = "/v1/images/generations"
 KEYS = [{"name": "team-a", "key": CLIENT_KEY, "requests_per_minute": 2}]
@@ -254,15 +254,15 @@ def test_the_commands_handler_writes_what_logging_would(monkeypatch: pytest.Monk
     monkeypatch.setattr(access_logger, "level", logging.INFO)
     direct, logged = io.StringIO(), io.StringIO()
     log = AccessLog(AccessLogConfig())
-    entry = Entry("openai", key="team-a", model='a "quoted"\nmodel', status=200)
+    generation = Generation("openai", key="team-a", model='a "quoted"\nmodel', status=200)
     access_logger.addHandler(LineHandler(direct))
-    log.emit(entry)
+    log.emit(generation)
     records: list[logging.LogRecord] = []
     other = logging.StreamHandler(logged)
     other.setFormatter(logging.Formatter("%(message)s"))
     other.addFilter(lambda record: bool(records.append(record)) or True)
     access_logger.addHandler(other)  # now a record is made, for both handlers
-    log.emit(entry)
+    log.emit(generation)
     first, second, *rest = direct.getvalue().splitlines()
     assert rest == [] and logged.getvalue().splitlines() == [second]
     assert json.loads(first) | {"ts": "", "duration_ms": 0} == json.loads(second) | {

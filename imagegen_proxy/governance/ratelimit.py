@@ -383,6 +383,6 @@ def admitted(found: list[Admitted], release: Release) -> Decision:
 
 class UsageObserver(Protocol):
     """Told what each generation spent, once it has ended: every generation that counts as
-    spent (see `Outcome.charged`), even when its client left before the answer."""
+    spent (see `Generation.charged`), even when its client left before the answer."""
 
     async def record(self, principal: Principal, request: ImageRequest, usage: Usage) -> None: ...

@@ -9,7 +9,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .access import Entry
+from ..generation import Generation
 
 _MINUTES = 60
 LATEST = 200  # refusals and failures kept one by one
@@ -31,7 +31,7 @@ class Unanswered:
 
 
 class Activity:
-    """Fed by the middleware with each request's `Entry`: O(1) per request, bounded memory
+    """Fed by the middleware with each request's `Generation`: O(1) per request, bounded memory
     (60 buckets of at most as many kinds as there are error codes, and `LATEST` records)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -40,29 +40,29 @@ class Activity:
         self._minutes: deque[tuple[int, Counter[str]]] = deque(maxlen=_MINUTES)
         self._latest: deque[Unanswered] = deque(maxlen=LATEST)
 
-    def started(self, entry: Entry) -> None:
+    def started(self, generation: Generation) -> None:
         self.in_flight += 1
 
-    def ended(self, entry: Entry) -> None:
-        if entry.admitted:
+    def ended(self, generation: Generation) -> None:
+        if generation.admitted:
             self.in_flight -= 1
-        if entry.outcome in ("ok", "replayed"):
+        if generation.outcome in ("ok", "replayed"):
             return
         now = int(self._clock())
-        minute, kind = now // 60, f"{entry.outcome}: {entry.error or entry.status}"
+        minute, kind = now // 60, f"{generation.outcome}: {generation.error or generation.status}"
         if not self._minutes or self._minutes[-1][0] != minute:
             self._minutes.append((minute, Counter()))
         self._minutes[-1][1][kind] += 1
         self._latest.append(
             Unanswered(
                 now,
-                entry.id,
-                entry.key,
-                entry.project,
-                entry.model,
-                entry.operation,
-                entry.status,
-                entry.outcome,
+                generation.id,
+                generation.key,
+                generation.project,
+                generation.model,
+                generation.operation,
+                generation.status,
+                generation.outcome,
                 kind,
             )
         )

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
+from ..generation import Generation
 from ..types import ASGIApp, Receive, Scope, Send
-from .access import Entry
 
 if TYPE_CHECKING:
     from ..upstream.pool import Pool
@@ -166,37 +166,39 @@ class Metrics:
         if directory:
             multiprocess.mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
 
-    def started(self, entry: Entry) -> None:
-        self.in_flight.labels(self._keys(entry.key)).inc()
+    def started(self, generation: Generation) -> None:
+        self.in_flight.labels(self._keys(generation.key)).inc()
 
-    def ended(self, entry: Entry) -> None:
-        key = self._keys(entry.key)
-        model = self._models(entry.model)
-        if entry.admitted:
+    def ended(self, generation: Generation) -> None:
+        key = self._keys(generation.key)
+        model = self._models(generation.model)
+        if generation.admitted:
             self.in_flight.labels(key).dec()
-        self.requests.labels(entry.form, entry.operation, key, model, str(entry.status)).inc()
-        project = self._keys(entry.project)
-        if entry.images:
-            self.images.labels(key, project, model, entry.operation).inc(entry.images)
-        if entry.cost_micros:
-            self.cost.labels(key, project, model).inc(entry.cost_micros / 1_000_000)
-            if entry.over_reservation:
+        self.requests.labels(
+            generation.form, generation.operation, key, model, str(generation.status)
+        ).inc()
+        project = self._keys(generation.project)
+        if generation.images:
+            self.images.labels(key, project, model, generation.operation).inc(generation.images)
+        if generation.cost_micros:
+            self.cost.labels(key, project, model).inc(generation.cost_micros / 1_000_000)
+            if generation.over_reservation:
                 self.over_reservation.labels(model).inc()
-        if entry.bytes_out:
-            self.bytes.labels(key).inc(entry.bytes_out)
-        if entry.limit:
-            self.limited.labels(key, entry.limit).inc()
-        for source, to, reason in entry.failovers:
+        if generation.bytes_out:
+            self.bytes.labels(key).inc(generation.bytes_out)
+        if generation.limit:
+            self.limited.labels(key, generation.limit).inc()
+        for source, to, reason in generation.failovers:
             self.failovers.labels(source, to, reason).inc()
-        upstream = entry.upstream
+        upstream = generation.upstream
         if upstream is None:
             return
-        if entry.ttfb is not None:
-            self.ttfb.labels(upstream).observe(entry.ttfb)
-        if entry.upstream_time is not None:
-            self.upstream_time.labels(upstream).observe(entry.upstream_time)
-        if entry.outcome == "upstream_error" and entry.error in _KINDS:
-            self.upstream_errors.labels(upstream, entry.error).inc()
+        if generation.ttfb is not None:
+            self.ttfb.labels(upstream).observe(generation.ttfb)
+        if generation.upstream_time is not None:
+            self.upstream_time.labels(upstream).observe(generation.upstream_time)
+        if generation.outcome == "upstream_error" and generation.error in _KINDS:
+            self.upstream_errors.labels(upstream, generation.error).inc()
 
 
 # The values of imagegen_proxy_upstream_state, from pool.Pool.state.

@@ -14,17 +14,17 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
+from ..generation import Generation
 from ..types import Message, Receive, Send
 from ..wire.errors import ClientGone, ProxyError
 from ..wire.headers import Headers, ResponseHeaders
 from ..wire.json_upload import Incoming
 from ..wire.sse import EventScanner
-from ..wire.usage import Tail, Usage, tokens_in
+from ..wire.usage import Tail, tokens_in
 from .call import Answer, Call, SendUpstream
 from .failures import INVALID_STATUS, TIMED_OUT, failure
 from .pool import FAILOVER_STATUSES, retry_after
@@ -41,7 +41,7 @@ _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 _DECODABLE = {b"gzip": 47, b"x-gzip": 47, b"deflate": 47}
 _INFLATE_STEP = 1024 * 1024  # output per step: a compressed answer is inflated in bounded steps
 
-OnEnd = Callable[["Outcome"], Awaitable[None]]
+OnEnd = Callable[[Generation], Awaitable[None]]
 
 
 class Attempts(Protocol):
@@ -61,41 +61,14 @@ class Attempts(Protocol):
     def failed_over(self, source: Target, to: Target, reason: str) -> None: ...
 
 
-@dataclass(slots=True)
-class Outcome:
-    """How an exchange ended, for limits and accounting."""
-
-    status: int | None = None  # the upstream's, once it answered
-    usage: Usage | None = None  # token counts, when the answer was complete and had them
-    reached: bool = False  # the request may have reached the upstream (and be billed there)
-    client_gone: bool = False
-    upstream: str | None = None  # the upstream of the last attempt
-    attempts: int = 0  # upstreams tried
-    failure: str | None = None  # how the upstream failed (see metrics.Metrics.upstream_errors)
-    upstream_request_id: str | None = None
-    ttfb: float | None = None  # seconds until the upstream's response started
-    elapsed: float | None = None  # seconds from sending upstream to the end
-    bytes_out: int = 0  # body bytes sent to the client
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-    @property
-    def charged(self) -> bool:
-        """Whether the generation counts as spent: it may have reached the upstream, and the
-        upstream did not answer an error. A client that left changes nothing: the upstream
-        may well finish the generation, and bill it."""
-        return self.reached if self.status is None else 200 <= self.status < 300
-
-
 class Relay:
-    """One request's trip upstream and back.
+    """One request's trip upstream and back, written into its `generation` as it goes
+    (where it went, how the upstream answered, what it used, what the client got).
 
-    `headers` are added to the answer (replacing the upstream's of the same name), and
-    `request_id` as its `x-request-id` when the upstream sends none; of the upstream's own
+    `headers` are added to the answer (replacing the upstream's of the same name), and the
+    generation's id as its `x-request-id` when the upstream sends none; of the upstream's own
     headers, `response_headers` lets through its allow-list.
-    `on_end` is awaited just before the response's last message, so that what it settles
+    `on_end(generation)` is awaited just before the response's last message, so that what it settles
     (a concurrency slot, the day's usage) is settled before the client can send its next
     request; where the response is cut instead, the caller settles afterwards.
     `total_timeout` bounds the whole exchange and `max_bytes` the answer's size: past
@@ -106,10 +79,9 @@ class Relay:
         self,
         send_upstream: SendUpstream,
         send: Send,
+        generation: Generation,
         *,
-        images: int,
         headers: Headers,
-        request_id: str,
         on_end: OnEnd,
         response_headers: ResponseHeaders,
         total_timeout: float,
@@ -117,14 +89,14 @@ class Relay:
     ) -> None:
         self.send_upstream = send_upstream
         self.send = send
-        self.images = images
+        self.generation = generation
+        self.images = generation.n or 1
         self.headers = headers
-        self.request_id = request_id.encode()
+        self.request_id = generation.id.encode()
         self.on_end = on_end
         self.response_headers = response_headers
         self.total_timeout = total_timeout
         self.max_bytes = max_bytes
-        self.outcome = Outcome()
         self._finished = False
         self._expired = False  # total_timeout passed while the exchange was not settling
         self._task: asyncio.Task[object] | None = None
@@ -133,7 +105,7 @@ class Relay:
 
     async def run(
         self, attempts: Attempts, receive: Receive, upload: Incoming | None = None
-    ) -> Outcome:
+    ) -> None:
         """Send the request upstream (to the first of `attempts` that answers) and relay
         the answer to the client; `upload` is the client's body still being read, which
         the request sends as it arrives.
@@ -142,7 +114,7 @@ class Relay:
         Once started, a failure is answered on the wire: an SSE `error` event at an event
         boundary, otherwise an aborted connection, never a truncated body that looks whole.
         """
-        outcome = self.outcome
+        generation = self.generation
         error: ProxyError | None = None
         self._task = task = asyncio.current_task()
         assert task is not None
@@ -156,26 +128,27 @@ class Relay:
         except ProxyError as exc:
             error = exc
         except (OSError, ClientGone):
-            outcome.client_gone = True  # some servers raise from send() once it left
+            generation.client_gone = True  # some servers raise from send() once it left
         except asyncio.CancelledError:
-            if not outcome.client_gone:
+            if not generation.client_gone:
                 raise  # not ours: the server is shutting down
             task.uncancel()
         finally:
             self._finished = True
             timer.cancel()
             watcher.cancel()
-            if upload is not None and not upload.complete and outcome.status is None:
+            if upload is not None and not upload.complete and generation.upstream_status is None:
                 # The upstream never had the whole body: it cannot be making anything.
-                outcome.reached = False
-        if outcome.client_gone:
-            logger.info("client disconnected; upstream request to %s cancelled", outcome.upstream)
+                generation.reached = False
+        if generation.client_gone:
+            logger.info(
+                "client disconnected; upstream request to %s cancelled", generation.upstream
+            )
         elif error is not None:
             try:
                 raise error
             finally:
                 error = None  # its traceback holds this frame: no frame -> error cycle
-        return outcome
 
     async def _watch(
         self, receive: Receive, task: asyncio.Task[object], upload: Incoming | None
@@ -189,7 +162,7 @@ class Relay:
         while (await receive())["type"] != "http.disconnect":
             pass
         if not self._finished:
-            self.outcome.client_gone = True
+            self.generation.client_gone = True
             task.cancel()
 
     def _expire(self) -> None:
@@ -204,7 +177,7 @@ class Relay:
         try:
             await self._exchange(attempts, upload)
         except asyncio.CancelledError:
-            if not self._expired or self.outcome.client_gone:
+            if not self._expired or self.generation.client_gone:
                 raise
             assert self._task is not None
             self._task.uncancel()
@@ -215,10 +188,12 @@ class Relay:
             message = f"The upstream did not finish within {self.total_timeout:g} seconds."
             await self._fail(self._scanner, message, "timeout")
             return
-        logger.warning("upstream %s failed: no answer within total_timeout", self.outcome.upstream)
+        logger.warning(
+            "upstream %s failed: no answer within total_timeout", self.generation.upstream
+        )
         if upload is not None and upload.error is not None:
             self._upload_failed(upload.error)
-        self.outcome.failure = TIMED_OUT.kind
+        self.generation.failure = TIMED_OUT.kind
         raise TIMED_OUT.error()
 
     async def _exchange(self, attempts: Attempts, upload: Incoming | None) -> None:
@@ -226,26 +201,26 @@ class Relay:
         before anything reached the client: on a failure that left the upstream unable
         to act (a refused or reset connection), or an answer that says "not here, not
         now" (429, 500, 502, 503, 504), and never once an upload has begun to go up."""
-        outcome = self.outcome
+        generation = self.generation
         started = time.perf_counter()
         targets = attempts.targets
         for index, target in enumerate(targets):
             call = attempts.build(target)
-            outcome.upstream, outcome.attempts = target.name, index + 1
-            outcome.reached = True  # from here on it may have: count it unless proven otherwise
+            generation.upstream, generation.attempts = target.name, index + 1
+            generation.reached = True  # from here on it may have: count it unless proven otherwise
             attempts.started(target)
             try:
                 answer = await self.send_upstream(call)
             except asyncio.CancelledError:
                 if self._expired:  # no answer within total_timeout
                     attempts.ended(target, None, None)
-                    outcome.elapsed = time.perf_counter() - started
+                    generation.upstream_time = time.perf_counter() - started
                 else:
                     attempts.left(target)  # the client left: nothing learned of the upstream
                 raise
             except Exception as exc:
                 attempts.ended(target, None, None)
-                outcome.elapsed = time.perf_counter() - started
+                generation.upstream_time = time.perf_counter() - started
                 if upload is not None and upload.error is not None:
                     self._upload_failed(upload.error)  # what the client did, not the upstream
                 if not isinstance(exc, httpx.HTTPError | TimeoutError):
@@ -255,8 +230,8 @@ class Relay:
                 if row.failover and self._may_fail_over(index, targets, upload):
                     attempts.failed_over(target, targets[index + 1], row.kind)
                     continue
-                outcome.failure = row.kind
-                outcome.reached = outcome.reached and row.reached
+                generation.failure = row.kind
+                generation.reached = generation.reached and row.reached
                 raise row.error() from None
             status = answer.status
             wait = retry_after(answer.header("retry-after"))
@@ -278,17 +253,17 @@ class Relay:
         return index < len(targets) - 1 and (upload is None or not upload.started)
 
     async def _answer(self, answer: Answer, started: float) -> None:
-        outcome = self.outcome
-        outcome.ttfb = time.perf_counter() - started
-        outcome.status = status = answer.status
-        outcome.upstream_request_id = answer.header("x-request-id")
+        generation = self.generation
+        generation.ttfb = time.perf_counter() - started
+        generation.upstream_status = status = answer.status
+        generation.upstream_request_id = answer.header("x-request-id")
         if not 200 <= status < 300:
-            outcome.failure = "status"
+            generation.failure = "status"
         try:
             if not 200 <= status <= 599:
                 # Informational (101 included) and made-up statuses: nothing a client of
                 # this API can use, and uvicorn cannot even send the latter.
-                outcome.failure = INVALID_STATUS.kind
+                generation.failure = INVALID_STATUS.kind
                 logger.warning("upstream answered status %d", status)
                 raise INVALID_STATUS.error()
             await self._relay(answer)
@@ -296,12 +271,12 @@ class Relay:
             # Closing is not interruptible: the watcher cancels only before this point.
             self._finished = True
             await answer.aclose()
-            outcome.elapsed = time.perf_counter() - started
+            generation.upstream_time = time.perf_counter() - started
 
     def _upload_failed(self, error: ProxyError | ClientGone) -> None:
         """The client's upload failed on its way upstream: raise what the client did."""
         if isinstance(error, ClientGone):
-            self.outcome.client_gone = True
+            self.generation.client_gone = True
         raise error
 
     async def _relay(self, answer: Answer) -> None:
@@ -317,7 +292,7 @@ class Relay:
             answer.raw_headers, own if scanner is None else own | _SSE_DROPPED
         )
         headers += self.headers
-        if self.outcome.upstream_request_id is None:
+        if self.generation.upstream_request_id is None:
             headers.append((b"x-request-id", self.request_id))
         # The proxy's own id (its access log's and ledger's), whatever the upstream's is.
         headers.append((b"x-imagegen-request-id", self.request_id))
@@ -338,7 +313,7 @@ class Relay:
         except Exception:
             # Past the start nothing can be answered any more: log it and cut the connection.
             logger.exception("relay failed mid-response")
-            self.outcome.failure = "mid_stream"
+            self.generation.failure = "mid_stream"
             return
         if last is None:
             return  # failed, and answered so
@@ -348,11 +323,11 @@ class Relay:
             )
             return
         if scanner is not None:
-            self.outcome.usage = scanner.usage
+            self.generation.usage = scanner.usage
         elif tail is not None:
-            self.outcome.usage = tokens_in(tail.data)
+            self.generation.usage = tokens_in(tail.data)
         self._finished = True  # settling must not be cancelled halfway
-        await self.on_end(self.outcome)
+        await self.on_end(self.generation)
         await send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def _body(
@@ -365,7 +340,7 @@ class Relay:
         """Relay the body; return the chunk held back for the last message, or None when
         the answer failed (and was answered so)."""
         send = self.send
-        outcome = self.outcome
+        generation = self.generation
         # With a content-length, the client has the whole answer with its last byte: that
         # chunk waits until the generation is settled, as the final empty message does else.
         length = None if scanner is not None else _content_length(answer)
@@ -382,8 +357,8 @@ class Relay:
                 if tail is not None:
                     for piece in _decoded(chunk, inflate):
                         tail.feed(piece)
-                outcome.bytes_out += len(chunk)
-                if outcome.bytes_out == length:
+                generation.bytes_out += len(chunk)
+                if generation.bytes_out == length:
                     last = chunk
                     continue  # to the end of the upstream body, so its connection is reused
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -391,7 +366,7 @@ class Relay:
             for piece in _decoded(chunk, inflate):
                 out = scanner.feed(piece)
                 if out:
-                    outcome.bytes_out += len(out)
+                    generation.bytes_out += len(out)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             if scanner.malformed:
                 logger.warning("upstream sent a malformed event stream: %s", scanner.malformed)
@@ -407,9 +382,9 @@ class Relay:
         self, scanner: EventScanner | None, message: str, kind: str = "mid_stream"
     ) -> None:
         """Answer a failure after the response started: an SSE error event, or abort."""
-        self.outcome.failure = kind
+        self.generation.failure = kind
         if scanner is not None and scanner.completed:
-            self.outcome.usage = scanner.usage  # the images completed before still cost
+            self.generation.usage = scanner.usage  # the images completed before still cost
         if scanner is None or not scanner.at_boundary:
             # Returning without completing the response makes the server cut the
             # connection: the client sees an incomplete body instead of a short one.
@@ -417,10 +392,10 @@ class Relay:
         error = ProxyError(502, message, type="server_error", code="upstream_error")
         data = json.dumps({"type": "error", **error.envelope()}).encode()
         frame = b"event: error\ndata: " + data + b"\n\n"
-        self.outcome.bytes_out += len(frame)
+        self.generation.bytes_out += len(frame)
         await self.send({"type": "http.response.body", "body": frame, "more_body": True})
         self._finished = True  # settling must not be cancelled halfway
-        await self.on_end(self.outcome)
+        await self.on_end(self.generation)
         await self.send(_END)
 
 
