@@ -15,7 +15,9 @@ from .upstream.pool import Pool
 from .upstream.targets import Upstreams
 
 if TYPE_CHECKING:
+    from .observe.metrics import Metrics
     from .store import Store
+    from .store.ledger import LedgerWriter
 
 
 def store_for(config: ProxyConfig) -> Store | None:
@@ -69,13 +71,41 @@ def pool_for(config: ProxyConfig, upstreams: Upstreams) -> Pool:
     return pool
 
 
-def rate_limiter_for(config: ProxyConfig) -> RateLimiter:
+def rate_limiter_for(config: ProxyConfig, store: Store | None) -> RateLimiter:
+    """The limiter `[limits] storage` names; with a store, its budgets start from the
+    ledger, so that a restart or a switch to Redis gives none back."""
+    limiter: RateLimiter
     if config.limits.storage == "memory":
-        return MemoryLimiter()
-    from .governance.redis_limiter import RedisLimiter
+        limiter = MemoryLimiter()
+    else:
+        from .governance.redis_limiter import RedisLimiter
 
-    return RedisLimiter(
-        config.limits.storage,
-        on_storage_error=config.limits.on_storage_error,
-        lease_seconds=config.limits.concurrency_lease_seconds,
-    )
+        limiter = RedisLimiter(
+            config.limits.storage,
+            on_storage_error=config.limits.on_storage_error,
+            lease_seconds=config.limits.concurrency_lease_seconds,
+        )
+    if store is None:
+        return limiter
+    from .store.seeding import LedgerSeeded
+
+    return LedgerSeeded(limiter, store, on_error=config.limits.on_storage_error)
+
+
+def ledger_for(store: Store | None) -> LedgerWriter | None:
+    if store is None:
+        return None
+    from .store.ledger import LedgerWriter
+
+    return LedgerWriter(store)
+
+
+def metrics_for(config: ProxyConfig, pool: Pool | None) -> Metrics | None:
+    if not config.metrics.enabled:
+        return None
+    from .observe.metrics import Metrics
+
+    metrics = Metrics.shared()
+    if pool is not None:
+        metrics.upstream_states.watch(pool)
+    return metrics

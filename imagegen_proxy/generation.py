@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .governance.auth import Principal
     from .governance.pricing import Price
     from .governance.ratelimit import Decision
+    from .store.ledger import LedgerRow
 
 # What the proxy accepts as a client's request id: visible ASCII, as OpenAI's own
 # X-Client-Request-Id (anything else is ignored: never logged, never sent on).
@@ -159,3 +160,28 @@ class Generation:
             self.outcome, self.error = "upstream_error", self.failure
         if self.charged:
             self.images = self.n or 0
+
+    def ledger_row(self) -> LedgerRow:
+        """The ledger's line for a generation that reached the upstream."""
+        from .store.ledger import LedgerRow
+
+        return LedgerRow(
+            at=int(time.time()),
+            request_id=self.id,
+            key_id=self.key_id,
+            key_name=self.key or "",
+            project_id=self.project_id,
+            project_name=self.project,
+            model=self.model,
+            source=f"image.{self.operation}",
+            size=self.size,
+            quality=self.quality,
+            n=self.n or 1,
+            images=self.images,
+            status=self.status,
+            outcome=self.outcome,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_micros=self.cost_micros,
+            duration_ms=round(self.duration * 1000),
+        )

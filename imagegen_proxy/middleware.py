@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any, cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -15,6 +13,8 @@ from .admin.plane import AdminPlane
 from .assembly import (
     authenticator_for,
     idempotency_for,
+    ledger_for,
+    metrics_for,
     pool_for,
     rate_limiter_for,
     store_for,
@@ -25,10 +25,9 @@ from .governance.auth import (
     Authenticator,
     Principal,
     check_policy,
-    may_use,
     read_credentials,
 )
-from .governance.pricing import Price, Prices, usd
+from .governance.pricing import Prices, usd
 from .governance.ratelimit import RateLimiter, UsageObserver
 from .observe.access import AccessLog
 from .observe.activity import Activity
@@ -41,27 +40,22 @@ from .upstream.pool import Tries
 from .upstream.relay import Relay
 from .upstream.targets import Target, Upstreams
 from .upstream.transport import create_transport, sender_for
-from .wire.errors import ClientGone, ProxyError, expect_method, send_error, too_large
+from .views import budget_view, models_view
+from .wire.errors import ClientGone, ProxyError, expect_method, send_error
 from .wire.headers import ResponseHeaders
-from .wire.json_upload import Incoming, JsonUpload
+from .wire.incoming import open_upload, read_upload
+from .wire.json_upload import Incoming
 from .wire.request import (
     ImageRequest,
     check_content_type,
-    header,
-    is_json,
-    parse_form,
-    parse_json_edit,
     parse_request,
     read_body,
 )
-from .wire.routing import ImageOperation, Route, Router, check_route
-from .wire.upload import Upload, boundary_of
+from .wire.routing import Router, check_route
 from .wire.usage import Usage
 
 if TYPE_CHECKING:
-    from .observe.metrics import Metrics
-    from .store.ledger import LedgerRow, LedgerWriter
-    from .store.seeding import Seedable
+    pass
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -112,25 +106,11 @@ class ImageGenProxy:
             open=config.admin.open,
             models=self.models,
         )
-        self.ledger: LedgerWriter | None = None
-        if self.store is not None:
-            from .store.ledger import LedgerWriter
-
-            self.ledger = LedgerWriter(self.store)
-        self.rate_limiter = rate_limiter or rate_limiter_for(config)
-        if rate_limiter is None and self.store is not None:
-            # Budgets start from the ledger: a restart or a switch to Redis gives none back.
-            from .store.seeding import LedgerSeeded
-
-            self.rate_limiter = LedgerSeeded(
-                cast("Seedable", self.rate_limiter),
-                self.store,
-                on_error=config.limits.on_storage_error,
-            )
+        self.ledger = ledger_for(self.store)
+        self.rate_limiter = rate_limiter or rate_limiter_for(config, self.store)
         self._owns_limiter = rate_limiter is None
         self.usage_observers = list(usage_observers)
         self._unpriced = config.limits.unpriced
-        self._unpriced_seen: set[str] = set()
         self._refuse_retired = config.limits.retired == "refuse"
         # Whether `/v1/models` leaves out what is shut down: no upstream could serve it.
         self._unlist_retired = self._refuse_retired and all(
@@ -152,13 +132,7 @@ class ImageGenProxy:
         self._sdk_retries = settings.sdk_retries
         # A repeat of a generation running in another process waits at most this long.
         self._repeat_wait = max((m.read_timeout for m in config.members()), default=600.0)
-        self.metrics: Metrics | None = None
-        if config.metrics.enabled:
-            from .observe.metrics import Metrics
-
-            self.metrics = Metrics.shared()
-            if self.pool is not None:
-                self.metrics.upstream_states.watch(self.pool)
+        self.metrics = metrics_for(config, self.pool)
 
     def _sender(self) -> SendUpstream:
         if self._given_client is not None:
@@ -196,10 +170,10 @@ class ImageGenProxy:
             await self.app(scope, receive, send)
             return
         if route.operation == "budget":
-            await self._budget(scope, send)
+            await budget_view(scope, send, self.authenticator, self.rate_limiter, self._key_headers)
             return
         if route.operation == "models":
-            await self._models(scope, send)
+            await models_view(scope, send, self.authenticator, self._key_headers, self._listed())
             return
         if route.operation == "admin":
             await self.admin(scope, receive, send)
@@ -222,7 +196,15 @@ class ImageGenProxy:
                 body = await read_body(scope, receive, self._max_body, self._body_timeout)
                 request = parse_request(route, body)
             else:
-                upload = self._upload(scope, receive, route.operation)
+                settings = self.config.proxy
+                upload = open_upload(
+                    scope,
+                    receive,
+                    route.operation,
+                    max_bytes=settings.max_upload_bytes,
+                    max_files=settings.max_upload_files,
+                    within=self._body_timeout,
+                )
                 request = await read_upload(route, upload)
             generation.describe(request)
             check_policy(principal, request)
@@ -237,11 +219,11 @@ class ImageGenProxy:
                         await self._replay(principal, request, found, generation, receive, send)
                         return
                     recording = self.idempotency.start(marker, generation.id)
-            price, reservation = self._price(principal, request)
+            price, reservation = self.prices.reserve(principal, request, self._unpriced)
             generation.reserved = reservation
             targets = self._candidates(request, principal)
             if self._refuse_retired:
-                self._check_retired(request, targets)
+                self.prices.check_retired(request, all(t.is_openai_api for t in targets))
             decision = await self.rate_limiter.acquire(principal, request, reservation)
             if not decision.allowed:
                 generation.limit = decision.limit or decision.code
@@ -277,119 +259,17 @@ class ImageGenProxy:
                 recording.let_go()
             self._observe(generation)
 
-    def _upload(self, scope: Scope, receive: Receive, operation: ImageOperation) -> Incoming:
-        """The body of an edit or variation, refused from its headers if it can be: neither
-        multipart nor (for an edit) JSON (415), or declaring more than `max_upload_bytes`
-        (413)."""
-        settings = self.config.proxy
-        content_type = header(scope, b"content-type") or b""
-        json_edit = operation == "edit" and is_json(content_type)
-        boundary = b"" if json_edit else boundary_of(content_type)
-        declared = header(scope, b"content-length")
-        if (
-            declared is not None
-            and declared.isdigit()
-            and int(declared) > settings.max_upload_bytes
-        ):
-            raise too_large(settings.max_upload_bytes)
-        if json_edit:
-            return JsonUpload(
-                receive, max_bytes=settings.max_upload_bytes, within=self._body_timeout
-            )
-        return Upload(
-            receive,
-            boundary,
-            max_bytes=settings.max_upload_bytes,
-            max_files=settings.max_upload_files,
-            within=self._body_timeout,
-        )
-
-    def _price(self, principal: Principal, request: ImageRequest) -> tuple[Price | None, int]:
-        """The request's price and the worst-case cost to reserve against its budgets (0
-        without a budget): a budget is never spent on a model whose price is unknown,
-        unless `[limits] unpriced = "allow"` says so."""
-        price = self.prices.get(request.model)
-        if not principal.budgeted:
-            return price, 0
-        if price is not None:
-            return price, price.estimate(request)
-        if self._unpriced == "deny":
-            raise ProxyError(
-                403,
-                f"The model {request.model!r} has no price, and this key spends on a budget: "
-                "name a priced model (or ask the operator to add its price).",
-                param="model",
-                code="model_not_priced",
-            )
-        if request.model not in self._unpriced_seen and len(self._unpriced_seen) < 1000:
-            self._unpriced_seen.add(str(request.model))
-            logger.warning("model %r has no price: served on a budget at no cost", request.model)
-        return None, 0
-
-    def _check_retired(self, request: ImageRequest, targets: list[Target]) -> None:
-        """Refuse a model OpenAI has shut down when every upstream it may go to is OpenAI's
-        own API (an Azure deployment keeps its own dates, another OpenAI-compatible service
-        its own models), naming the model OpenAI put in its place."""
-        day = None if request.model is None else self.prices.shutdown_date(request.model)
-        if day is None or day > datetime.now(UTC).date():
-            return
-        if not all(target.is_openai_api for target in targets):
-            return
-        model = str(request.model)
-        instead = self.prices.replacement(model)
-        message = f"The model '{model}' was shut down on {day.isoformat()}"
-        message += f": use {instead} instead." if instead else "."
-        raise ProxyError(404, message, param="model", code="model_not_found")
-
-    async def _budget(self, scope: Scope, send: Send) -> None:
-        """`GET /v1/imagegen/budget`: a client's own limits, spending and budgets."""
-        try:
-            expect_method(scope, "GET")
-            credentials = read_credentials(scope, self._key_headers)
-            principal = await self.authenticator.authenticate(credentials)
-            now = time.time()
-            standing = [one.json(now) for one in await self.rate_limiter.standing(principal)]
-        except ProxyError as error:
-            await send_error(send, error)
-            return
-        view = {
-            "object": "imagegen.budget",
-            "key": standing[0] if standing else {"name": principal.name},
-            "project": standing[1] if len(standing) > 1 else None,
-        }
-        await send_json(send, view)
-
-    async def _models(self, scope: Scope, send: Send) -> None:
-        """`GET /v1/models`: the models the pool serves that the caller's key may use, in
-        OpenAI's list shape (the SDK's `client.models.list()`)."""
-        try:
-            expect_method(scope, "GET")
-            credentials = read_credentials(scope, self._key_headers)
-            principal = await self.authenticator.authenticate(credentials)
-        except ProxyError as error:
-            await send_error(send, error)
-            return
+    def _listed(self) -> list[tuple[str, str | None]]:
+        """What `/v1/models` lists: each model and its shutdown date (what is shut down is
+        left out where no upstream could serve it)."""
         today = datetime.now(UTC).date()
-        models = [
-            model
+        prices = self.prices
+        return [
+            (model, None if day is None else day.isoformat())
             for model in self.models
-            if may_use(principal, model)
-            and not (self._unlist_retired and self.prices.shut_down(model, today))
+            if not (self._unlist_retired and prices.shut_down(model, today))
+            for day in [prices.shutdown_date(model)]
         ]
-        view = {
-            "object": "list",
-            "data": [
-                {
-                    "id": model,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "imagegen-proxy",
-                    "shutdown_date": _iso(self.prices.shutdown_date(model)),
-                }
-                for model in models
-            ],
-        }
-        await send_json(send, view)
 
     def _observe(self, generation: Generation) -> None:
         try:
@@ -399,7 +279,7 @@ class ImageGenProxy:
             if self.metrics is not None:
                 self.metrics.ended(generation)
             if self.ledger is not None and generation.reached:
-                self.ledger.add(ledger_row(generation))
+                self.ledger.add(generation.ledger_row())
         except Exception:
             logger.exception("recording request %s failed", generation.id)
 
@@ -533,56 +413,3 @@ class ImageGenProxy:
             await send(message)
 
         return send_closing
-
-
-async def read_upload(route: Route, upload: Incoming) -> ImageRequest:
-    """Read an upload until the fields that decide the request are known: the model (the
-    Azure form has it in the path) and, for an edit, the prompt. A JSON edit is read to its
-    end (its images to disk)."""
-    if isinstance(upload, JsonUpload):
-        return parse_json_edit(route, await upload.read(), upload)
-    needed = {"model"} if route.form == "openai" else set()
-    if route.operation == "edit":
-        needed.add("prompt")
-    fields = await upload.head(needed)
-    # Until the body has been read to its end, more images may follow.
-    images = upload.images if upload.done.is_set() else upload.max_files
-    return parse_form(route, fields, images)
-
-
-async def send_json(send: Send, view: dict[str, Any]) -> None:
-    """A 200 answer of the proxy's own views (`/v1/imagegen/budget`, `/v1/models`)."""
-    body = json.dumps(view).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def ledger_row(generation: Generation) -> LedgerRow:
-    """The ledger's line for a generation that reached the upstream."""
-    from .store.ledger import LedgerRow
-
-    return LedgerRow(
-        at=int(time.time()),
-        request_id=generation.id,
-        key_id=generation.key_id,
-        key_name=generation.key or "",
-        project_id=generation.project_id,
-        project_name=generation.project,
-        model=generation.model,
-        source=f"image.{generation.operation}",
-        size=generation.size,
-        quality=generation.quality,
-        n=generation.n or 1,
-        images=generation.images,
-        status=generation.status,
-        outcome=generation.outcome,
-        input_tokens=generation.input_tokens,
-        output_tokens=generation.output_tokens,
-        cost_micros=generation.cost_micros,
-        duration_ms=round(generation.duration * 1000),
-    )
-
-
-def _iso(day: date | None) -> str | None:
-    return None if day is None else day.isoformat()

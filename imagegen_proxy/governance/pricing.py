@@ -11,20 +11,25 @@ arithmetic is on integers; only a total is rounded, up, to the micro-dollar.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from fractions import Fraction
 from importlib import resources
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError, PriceConfig, ProxyConfig
+from ..wire.errors import ProxyError
 
 if TYPE_CHECKING:
     from ..wire.request import ImageRequest
     from ..wire.usage import Usage
+    from .auth import Principal
+
+logger = logging.getLogger("imagegen_proxy")
 
 MICROS = 1_000_000
 # What the API adds to every prompt: 6 tokens measured on /images/generations, with room.
@@ -165,11 +170,49 @@ class Prices:
         # a retired OpenAI model is not retired with it.
         self._shutdown = {model: entry.shutdown_date for model, entry in table.items()}
         self._replacement = {model: entry.replacement for model, entry in table.items()}
+        self._unpriced_seen: set[str] = set()  # the unpriced models warned of, once each
 
     @property
     def models(self) -> list[str]:
         """Every model with a price."""
         return sorted(self._prices)
+
+    def reserve(
+        self, principal: Principal, request: ImageRequest, unpriced: str
+    ) -> tuple[Price | None, int]:
+        """The request's price and the worst-case cost to reserve against its budgets (0
+        without a budget): a budget is never spent on a model whose price is unknown,
+        unless `[limits] unpriced = "allow"` says so."""
+        price = self.get(request.model)
+        if not principal.budgeted:
+            return price, 0
+        if price is not None:
+            return price, price.estimate(request)
+        if unpriced == "deny":
+            raise ProxyError(
+                403,
+                f"The model {request.model!r} has no price, and this key spends on a budget: "
+                "name a priced model (or ask the operator to add its price).",
+                param="model",
+                code="model_not_priced",
+            )
+        if request.model not in self._unpriced_seen and len(self._unpriced_seen) < 1000:
+            self._unpriced_seen.add(str(request.model))
+            logger.warning("model %r has no price: served on a budget at no cost", request.model)
+        return None, 0
+
+    def check_retired(self, request: ImageRequest, openai_only: bool) -> None:
+        """Refuse a model OpenAI has shut down when every upstream it may go to is OpenAI's
+        own API (`openai_only`: an Azure deployment keeps its own dates, another
+        OpenAI-compatible service its own models), naming the model put in its place."""
+        day = None if request.model is None else self.shutdown_date(request.model)
+        if day is None or day > datetime.now(UTC).date() or not openai_only:
+            return
+        model = str(request.model)
+        instead = self.replacement(model)
+        message = f"The model '{model}' was shut down on {day.isoformat()}"
+        message += f": use {instead} instead." if instead else "."
+        raise ProxyError(404, message, param="model", code="model_not_found")
 
     def shutdown_date(self, model: str) -> date | None:
         """When OpenAI shut `model` down, or will; None if no date is announced."""
