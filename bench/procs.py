@@ -131,8 +131,10 @@ def imagegen_proxy(
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as file:
         file.write(config)
     try:
-        command = [
-            str(Path(sys.executable).parent / "imagegen-proxy"),
+        command = [  # `-m`: the same command at any revision, whatever its entry point's module
+            sys.executable,
+            "-m",
+            "imagegen_proxy",
             "--config",
             file.name,
             "--port",
@@ -154,7 +156,7 @@ def as_users_run_it(upstream: str, extra_config: str = "", **options: Any) -> Pr
 
 def _store_key(store: str) -> None:
     """The bench key, with the same limits, in the store at `store`."""
-    command = [str(Path(sys.executable).parent / "imagegen-proxy"), "keys", "create", "bench"]
+    command = [sys.executable, "-m", "imagegen_proxy", "keys", "create", "bench"]
     command += ["--store", store, "--import-env", "IMAGEGEN_BENCH_KEY"]
     command += ["--requests-per-minute", "100000000", "--images-per-minute", "100000000"]
     command += ["--max-concurrent", "100000"]
