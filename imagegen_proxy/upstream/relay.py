@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import httpx
@@ -26,6 +26,7 @@ from ..wire.json_upload import Incoming
 from ..wire.sse import EventScanner
 from ..wire.usage import Tail, tokens_in
 from .call import Answer, Call, SendUpstream
+from .decoding import decoded, inflater
 from .failures import INVALID_STATUS, TIMED_OUT, failure
 from .pool import FAILOVER_STATUSES, retry_after
 from .targets import Target
@@ -37,9 +38,6 @@ _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 # decoded when it came compressed.
 _SSE_DROPPED = frozenset({b"content-length", b"content-encoding"})
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
-# zlib's wbits: 47 takes a gzip or a zlib header (RFC 9110's "gzip" and "deflate").
-_DECODABLE = {b"gzip": 47, b"x-gzip": 47, b"deflate": 47}
-_INFLATE_STEP = 1024 * 1024  # output per step: a compressed answer is inflated in bounded steps
 
 OnEnd = Callable[[Generation], Awaitable[None]]
 
@@ -286,7 +284,7 @@ class Relay:
         scanner = None
         if success and (answer.header("content-type") or "").startswith("text/event-stream"):
             scanner = EventScanner(finals=self.images)
-        inflate = _inflater(answer)
+        inflate = inflater(answer)
         own = frozenset(name for name, _ in self.headers)
         headers = self.response_headers.filter(
             answer.raw_headers, own if scanner is None else own | _SSE_DROPPED
@@ -355,7 +353,7 @@ class Relay:
                 return None
             if scanner is None:
                 if tail is not None:
-                    for piece in _decoded(chunk, inflate):
+                    for piece in decoded(chunk, inflate):
                         tail.feed(piece)
                 generation.bytes_out += len(chunk)
                 if generation.bytes_out == length:
@@ -363,7 +361,7 @@ class Relay:
                     continue  # to the end of the upstream body, so its connection is reused
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
-            for piece in _decoded(chunk, inflate):
+            for piece in decoded(chunk, inflate):
                 out = scanner.feed(piece)
                 if out:
                     generation.bytes_out += len(out)
@@ -402,36 +400,3 @@ class Relay:
 def _content_length(answer: Answer) -> int | None:
     value = answer.header("content-length") or ""
     return int(value) if value.isdigit() else None
-
-
-def _inflater(answer: Answer) -> zlib._Decompress | None:
-    """A decoder for a compressed answer (the proxy asks for none, but an upstream may
-    ignore that): the usage tail and the event scanner must read plain bytes."""
-    encoding = (answer.header("content-encoding") or "").strip().lower().encode()
-    if encoding in (b"", b"identity"):
-        return None
-    wbits = _DECODABLE.get(encoding)
-    if wbits is None:
-        # Neither its usage nor its events could be read: refuse it rather than let it
-        # pass uncounted. The generation is charged all the same.
-        logger.warning("upstream answered with content-encoding %r", encoding.decode())
-        raise ProxyError(
-            502,
-            f"The upstream answered with an unsupported content-encoding: {encoding.decode()!r}.",
-            type="server_error",
-            code="upstream_error",
-        )
-    return zlib.decompressobj(wbits)
-
-
-def _decoded(chunk: bytes, inflate: zlib._Decompress | None) -> Iterable[bytes]:
-    """`chunk` as plain bytes, in steps of bounded size. A plain answer's chunk as it is,
-    without a generator: this runs for every chunk (it is an upstream that compresses
-    anyway that gets `_inflated`)."""
-    return (chunk,) if inflate is None else _inflated(chunk, inflate)
-
-
-def _inflated(chunk: bytes, inflate: zlib._Decompress) -> Iterator[bytes]:
-    yield inflate.decompress(chunk, _INFLATE_STEP)
-    while inflate.unconsumed_tail:
-        yield inflate.decompress(inflate.unconsumed_tail, _INFLATE_STEP)
