@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import BigInteger, ColumnElement, case, func, insert, literal, select
 
-from .schema import ledger
+from ..schema import ledger
 
 if TYPE_CHECKING:
-    from . import Store
+    from .. import Store
 
 logger = logging.getLogger("imagegen_proxy")
 
