@@ -10,8 +10,6 @@ from .queries import (
     LINE_ITEM_UNNAMED,
     MICROS,
     WIDTHS,
-    LedgerRow,
-    LedgerWriter,
     UsageLine,
     UsageQueryError,
     costs,
@@ -20,6 +18,7 @@ from .queries import (
     usage_images,
     usage_lines,
 )
+from .writer import LedgerRow, LedgerWriter
 
 __all__ = [
     "COSTS",
