@@ -14,8 +14,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 from sqlalchemy import ColumnElement, Insert, Table, and_, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..config import Policy
-from . import (
+from ...config import Policy
+from .. import (
     KeyRecord,
     ProjectRecord,
     Store,
@@ -26,7 +26,7 @@ from . import (
     project_record,
     stored_policy,
 )
-from .schema import api_keys, project_rate_limits, projects, service_accounts
+from ..schema import api_keys, project_rate_limits, projects, service_accounts
 
 RATE_LIMIT_PREFIX = "rl-"  # OpenAI's rate limit ids: "rl-" and the model, "rl-gpt-image-1"
 
