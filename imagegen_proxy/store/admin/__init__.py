@@ -4,18 +4,16 @@ spend limit, limits), service accounts and a project's keys, and its rate limits
 Lists come in pages of OpenAI's kind: in creation order, after (or before) an object's id.
 """
 
-from .service_accounts import (
-    RATE_LIMIT_PREFIX,
-    Admin,
-    BadCursor,
-    NotFound,
-    Page,
-    ProjectKeyRecord,
-    RateLimitRecord,
-    ServiceAccountRecord,
-    model_of,
-    paginate,
-)
+from .common import BadCursor, NotFound, Page, paginate
+from .projects import Projects
+from .rate_limits import RATE_LIMIT_PREFIX, RateLimitRecord, RateLimits, model_of
+from .service_accounts import ProjectKeyRecord, ServiceAccountRecord, ServiceAccounts
+
+
+class Admin(ServiceAccounts, RateLimits):
+    """The Admin API's operations on `store`'s tables, one part per resource: `Projects`,
+    `ServiceAccounts` (and their keys), `RateLimits`."""
+
 
 __all__ = [
     "RATE_LIMIT_PREFIX",
@@ -24,8 +22,11 @@ __all__ = [
     "NotFound",
     "Page",
     "ProjectKeyRecord",
+    "Projects",
     "RateLimitRecord",
+    "RateLimits",
     "ServiceAccountRecord",
+    "ServiceAccounts",
     "model_of",
     "paginate",
 ]
