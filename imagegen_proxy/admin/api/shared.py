@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ..config import Policy
-from ..store import KeyRecord, ProjectRecord, Store, StoreError
-from ..store.admin import (
+from ...config import Policy
+from ...store import KeyRecord, ProjectRecord, Store, StoreError
+from ...store.admin import (
     Admin,
     BadCursor,
     NotFound,
@@ -29,7 +29,7 @@ from ..store.admin import (
     ServiceAccountRecord,
     model_of,
 )
-from ..wire.errors import ProxyError
+from ...wire.errors import ProxyError
 
 # --- what requests carry -----------------------------------------------------------------
 
