@@ -17,6 +17,7 @@ import anyio.to_thread
 from ..types import Receive, Scope, Send
 from ..wire.errors import ClientGone, ProxyError
 from ..wire.request import header, is_json, read_body
+from .answers import error_body, images_json, sse_event, variations_json
 from .cache import BytesLRU
 from .decode import Bitmap, decode_png
 from .edit import Canvas, generated, tint_colour, tint_weight
@@ -26,14 +27,10 @@ from .png import render_png
 from .wire import (
     Edit,
     Generation,
-    error_body,
-    images_json,
     parse_edit,
     parse_generation,
     parse_json_edit,
     parse_variation,
-    sse_event,
-    variations_json,
 )
 
 Headers = list[tuple[bytes, bytes]]
