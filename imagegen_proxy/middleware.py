@@ -48,6 +48,7 @@ from .upstream.transport import create_transport, sender_for
 from .wire.errors import ClientGone, ProxyError, expect_method, send_error, too_large
 from .wire.headers import ResponseHeaders
 from .wire.json_upload import Incoming, JsonUpload
+from .wire.parts import boundary_of
 from .wire.request import (
     ImageRequest,
     check_content_type,
@@ -59,7 +60,7 @@ from .wire.request import (
     read_body,
 )
 from .wire.routing import ImageOperation, Route, Router, check_route
-from .wire.upload import Upload, boundary_of
+from .wire.upload import Upload
 from .wire.usage import Usage
 
 if TYPE_CHECKING:
