@@ -14,8 +14,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..types import Receive, Scope
 from ..wire.errors import ProxyError
+from ..wire.parts import boundary_of
 from ..wire.request import header, read_body
-from ..wire.upload import boundary_of
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

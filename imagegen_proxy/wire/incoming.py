@@ -6,9 +6,10 @@ from __future__ import annotations
 from ..types import Receive, Scope
 from .errors import too_large
 from .json_upload import Incoming, JsonUpload
+from .parts import boundary_of
 from .request import ImageRequest, header, is_json, parse_form, parse_json_edit
 from .routing import ImageOperation, Route
-from .upload import Upload, boundary_of
+from .upload import Upload
 
 
 def open_upload(

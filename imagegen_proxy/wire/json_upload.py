@@ -23,21 +23,21 @@ import codecs
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from ..types import Receive
 from .errors import ClientGone, ProxyError, too_large
-from .upload import MAX_TEXT_BYTES, SpoolOwner, Upload
+from .parts import MAX_TEXT_BYTES
+from .spool import SPOOL_STEP, SpoolOwner
+from .upload import Upload
 
 # A string longer than this (as sent, escapes included) goes to disk. A prompt of 32,000
 # characters is at most 192 KB even with every character escaped: it stays in memory.
 LONG_STRING = 256 * 1024
 # OpenAI's ImageRefParam: an image_url (https or a base64 data URL) of at most 20 MiB.
 MAX_IMAGE_URL = 20 * 1024 * 1024
-_SPOOL_STEP = 256 * 1024  # bytes per write to the spool (batched), and per read from it
 # Where a string's scan stops: its end, an escape, or a control character (not allowed).
 _STOP = re.compile(rb'["\\\x00-\x1f]')
 _ESCAPED = frozenset(b'"\\/bfnrtu')
@@ -111,7 +111,7 @@ class JsonUpload(SpoolOwner):
                         raise too_large(self._max_bytes)
                     if chunk:
                         self._feed(chunk)
-                        if self._pending_size >= _SPOOL_STEP:
+                        if self._pending_size >= SPOOL_STEP:
                             await self._flush()
                     if not message.get("more_body", False):
                         break
@@ -261,10 +261,9 @@ class JsonUpload(SpoolOwner):
     async def _flush(self) -> None:
         if not self._pending:
             return
-        if self._spool is None:
-            self._spool = await asyncio.to_thread(tempfile.TemporaryFile)
+        spool = await self._spool_file()
         pending, self._pending, self._pending_size = self._pending, [], 0
-        await asyncio.to_thread(_write, self._spool, b"".join(pending))
+        await asyncio.to_thread(_write, spool, b"".join(pending))
 
     async def _unspool(self, spooled: Spooled) -> AsyncIterator[bytes]:
         assert self._spool is not None
@@ -272,7 +271,7 @@ class JsonUpload(SpoolOwner):
         offset, left = spooled.offset, spooled.size
         while left:
             # pread: no shared file position, whatever else reads the spool meanwhile.
-            chunk = await asyncio.to_thread(os.pread, fd, min(left, _SPOOL_STEP), offset)
+            chunk = await asyncio.to_thread(os.pread, fd, min(left, SPOOL_STEP), offset)
             if not chunk:  # pragma: no cover - the spool is this process's own file
                 raise OSError("the spool file is shorter than what was written to it")
             offset += len(chunk)

@@ -12,6 +12,8 @@ The upstream gets a multipart body the proxy encodes itself, with its own bounda
 text fields first, then the files in the order they came, each part's name, filename and
 content type as sent. Nothing but those parts reaches the upstream (no preamble, no other
 part headers), and the `model` field can be rewritten on the way.
+
+What a part may be, and its checks, are in `parts.py`; the spool is `spool.py`'s.
 """
 
 from __future__ import annotations
@@ -19,52 +21,37 @@ from __future__ import annotations
 import asyncio
 import collections
 import secrets
-import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser
 
 from ..types import Receive
-from .errors import ClientGone, ProxyError, gif_refusal, too_large
+from .errors import ClientGone, ProxyError, too_large
+from .parts import (
+    DECIDING,
+    FILE_FIELDS,
+    MAX_TEXT_BYTES,
+    Part,
+    add_field,
+    boundary_of,
+    check_file,
+    invalid,
+    part_of,
+)
+from .spool import SPOOL_STEP, SpoolOwner
 
-# The fields the proxy decides on (model, price, limits): a client that sends one of them
-# after a file part that already went upstream is refused (see `Upload.head`).
-DECIDING = frozenset({"model", "n", "stream", "partial_images", "size", "quality", "prompt"})
-# Fields the proxy checks (ImageFormBody's): one copy each, or the upstream could act on a
-# copy other than the one checked.
-CHECKED = DECIDING | {"output_compression", "frame_count", "frame_duration_ms"}
-# Fields that are files whatever their part says.
-FILE_FIELDS = frozenset({"image", "image[]", "mask"})
-MAX_TEXT_BYTES = 1024 * 1024  # all text fields together: a prompt is at most 32,000 characters
-# Sixteen images, a mask and a few dozen fields are a large request; a flood of empty parts
-# would make the proxy keep a list of them.
-MAX_PARTS = 1000
-_SPOOL_STEP = 256 * 1024  # bytes per write to the spool (batched), and per read from it
-
-
-@dataclass(slots=True)
-class Part:
-    """One part's name and what it says it holds, as sent (latin-1, so bytes round-trip)."""
-
-    name: str
-    filename: str | None
-    content_type: str | None
-
-    @property
-    def is_file(self) -> bool:
-        return self.filename is not None or self.name in FILE_FIELDS
-
-    def head(self, boundary: bytes) -> bytes:
-        """The part's opening lines in the body the proxy sends."""
-        disposition = f'form-data; name="{_quoted(self.name)}"'
-        if self.filename is not None:
-            disposition += f'; filename="{_quoted(self.filename)}"'
-        lines = [b"--" + boundary, b"Content-Disposition: " + disposition.encode("latin-1")]
-        if self.content_type is not None:
-            lines.append(b"Content-Type: " + self.content_type.encode("latin-1"))
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+# The upload, and what was imported from here before the parts and the spool had modules
+# of their own.
+__all__ = [
+    "DECIDING",
+    "FILE_FIELDS",
+    "MAX_TEXT_BYTES",
+    "SpoolOwner",
+    "Upload",
+    "boundary_of",
+]
 
 
 @dataclass(slots=True)
@@ -72,52 +59,6 @@ class _Spooled:
     part: Part
     offset: int
     length: int = 0
-
-
-def _quoted(value: str) -> str:
-    # As browsers and httpx do (WHATWG's multipart/form-data encoding): a name or filename
-    # cannot close its quotes, or start a header line.
-    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _invalid(message: str, param: str | None = None, code: str = "invalid_multipart") -> ProxyError:
-    return ProxyError(400, message, param=param, code=code)
-
-
-def boundary_of(content_type: bytes) -> bytes:
-    """The boundary of a `multipart/form-data` Content-Type; 415 for another media type."""
-    media, options = parse_options_header(content_type)
-    if media != b"multipart/form-data":
-        raise ProxyError(
-            415,
-            "Content-Type must be multipart/form-data on image variations, and "
-            "multipart/form-data or application/json on image edits.",
-            code="unsupported_media_type",
-        )
-    boundary = options.get(b"boundary", b"")
-    # RFC 2046: 1 to 70 characters, none of them a line break.
-    if not 0 < len(boundary) <= 70 or b"\r" in boundary or b"\n" in boundary:
-        raise _invalid("The multipart/form-data Content-Type has no valid boundary.")
-    return boundary
-
-
-class SpoolOwner:
-    """An upload's spool: an anonymous temporary file (unlinked at creation) made when
-    something must go to disk, and `_spooled` bytes written to it."""
-
-    _spool: IO[bytes] | None = None
-    _spooled = 0
-
-    @property
-    def spooled_bytes(self) -> int:
-        """How many bytes went to disk."""
-        return self._spooled
-
-    async def aclose(self) -> None:
-        """Close (and so delete) the spool file."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await asyncio.to_thread(spool.close)
 
 
 class Upload(SpoolOwner):
@@ -250,44 +191,15 @@ class Upload(SpoolOwner):
             # The part being read, or the body itself: outside any part (a boundary that
             # is not the Content-Type's, a body cut off between parts).
             where = "body" if self._current is None else self._current.name
-            raise _invalid(event[1], where)
+            raise invalid(event[1], where)
         return event
 
     def _begin(self, headers: Mapping[bytes, bytes]) -> Part:
         self._parts += 1
-        if self._parts > MAX_PARTS:
-            raise _invalid(f"Too many parts: at most {MAX_PARTS}.", None, "too_many_parts")
-        disposition, options = parse_options_header(headers.get(b"content-disposition", b""))
-        name = options.get(b"name")
-        if disposition != b"form-data" or not name:
-            raise _invalid(
-                f"Part {self._parts} of the multipart body has no name "
-                '(Content-Disposition: form-data; name="...").',
-                f"part {self._parts}",
-            )
-        filename = options.get(b"filename")
-        content_type = headers.get(b"content-type")
-        part = Part(
-            name.decode("latin-1"),
-            None if filename is None else filename.decode("latin-1"),
-            None if content_type is None else content_type.decode("latin-1"),
-        )
+        part = part_of(headers, self._parts)
         self._current = part
         if part.is_file:
-            if part.name in DECIDING:
-                raise _invalid(
-                    f"Invalid value for '{part.name}': expected a text field, got a file.",
-                    part.name,
-                    "invalid_type",
-                )
-            if part.name == "mask" and self.fields.get("output_format", "").lower() == "gif":
-                raise gif_refusal("mask", "GIFs are not made with a mask")
-            if part.name != "mask" and self.images == self.max_files:
-                raise _invalid(
-                    f"Too many files: at most {self.max_files} images in one request.",
-                    part.name,
-                    "too_many_files",
-                )
+            check_file(part, self.fields, images=self.images, max_files=self.max_files)
             self.files.append(part)
         elif part.name in FILE_FIELDS:  # pragma: no cover - is_file covers them
             raise AssertionError(part.name)
@@ -317,26 +229,11 @@ class Upload(SpoolOwner):
                 else:
                     raw = await self._text(part)
                     self._head.append((part, raw))
-                    self._field(part.name, raw)
+                    add_field(self.fields, part.name, raw)
                     missing.discard(part.name)
         except (ProxyError, ClientGone) as exc:
             self._failed(exc)
             raise
-
-    def _field(self, name: str, raw: bytes) -> None:
-        """Keep a text field for the request's checks; it goes upstream as sent, whatever
-        its bytes, but one the proxy decides on must be UTF-8, and come once."""
-        if name in CHECKED and name in self.fields:
-            raise _invalid(
-                f"'{name}' was sent more than once: send each parameter once.",
-                name,
-                "duplicate_field",
-            )
-        try:
-            self.fields[name] = raw.decode()
-        except UnicodeDecodeError:
-            if name in DECIDING:
-                raise _invalid(f"Invalid value for '{name}': not UTF-8.", name) from None
 
     async def _text(self, part: Part) -> bytes:
         value = bytearray()
@@ -344,14 +241,13 @@ class Upload(SpoolOwner):
             value += event[1]
             self._text_bytes += len(event[1])
             if self._text_bytes > MAX_TEXT_BYTES:
-                raise _invalid(
+                raise invalid(
                     f"The text fields exceed {MAX_TEXT_BYTES} bytes.", part.name, "field_too_large"
                 )
         return bytes(value)
 
     async def _spool_part(self, part: Part) -> None:
-        if self._spool is None:
-            self._spool = await asyncio.to_thread(tempfile.TemporaryFile)
+        await self._spool_file()
         spooled = _Spooled(part, self._spooled)
         self._head.append(spooled)
         pending: list[bytes] = []
@@ -359,7 +255,7 @@ class Upload(SpoolOwner):
         while (event := await self._next()) is not None and event[0] == "data":
             pending.append(event[1])
             size += len(event[1])
-            if size >= _SPOOL_STEP:  # one thread hop per step, not per received chunk
+            if size >= SPOOL_STEP:  # one thread hop per step, not per received chunk
                 await self._write(pending, size, spooled)
                 pending, size = [], 0
         await self._write(pending, size, spooled)
@@ -414,7 +310,7 @@ class Upload(SpoolOwner):
         left = item.length
         await asyncio.to_thread(spool.seek, item.offset)
         while left:
-            chunk = await asyncio.to_thread(spool.read, min(left, _SPOOL_STEP))
+            chunk = await asyncio.to_thread(spool.read, min(left, SPOOL_STEP))
             left -= len(chunk)
             yield chunk
         yield b"\r\n"
@@ -438,7 +334,7 @@ class Upload(SpoolOwner):
             if kind == "begin":
                 part: Part = value
                 if not part.is_file and part.name in DECIDING and part.name not in rewrite:
-                    raise _invalid(
+                    raise invalid(
                         f"'{part.name}' came after a file: send the text fields "
                         "before the files (as the OpenAI SDK does).",
                         part.name,
