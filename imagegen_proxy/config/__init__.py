@@ -26,6 +26,7 @@ from .sections import (
 from .upstreams import (
     AzureMember,
     AzureUpstream,
+    Member,
     OpenAIMember,
     OpenAIUpstream,
     PoolConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "IdempotencyConfig",
     "KeyConfig",
     "LimitsConfig",
+    "Member",
     "MetricsConfig",
     "MockConfig",
     "OpenAIMember",
@@ -126,12 +128,12 @@ class ProxyConfig(_Section):
         `[pool]`. The shorthand sections alone route as they always did."""
         return bool(self.upstreams) or self.pool is not None
 
-    def members(self) -> list[OpenAIMember | AzureMember]:
+    def members(self) -> list[Member]:
         """The pool: `[[upstreams]]`, or the shorthand sections as members named "openai"
         and "azure"."""
         if self.upstreams:
             return list(self.upstreams)
-        members: list[OpenAIMember | AzureMember] = []
+        members: list[Member] = []
         if self.openai is not None:
             settings = {k: v for k, v in self.openai if k != "api_key_env"}
             members.append(OpenAIMember(kind="openai", name="openai", **settings))

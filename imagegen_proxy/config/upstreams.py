@@ -59,6 +59,15 @@ class OpenAIUpstream(_Upstream):
     def _base_url(cls, value: str) -> str:
         return _http_url(value)
 
+    @property
+    def location(self) -> str:
+        """Where it is, for people (mask it before showing it)."""
+        return self.base_url
+
+    def described(self) -> dict[str, str]:
+        """Where it is, as `/healthz` and `--check-config` show it (masked)."""
+        return {"base_url": mask_url(self.base_url)}
+
 
 class AzureUpstream(_Upstream):
     """`[azure]`: an Azure OpenAI resource, called with the deployments path form."""
@@ -71,6 +80,15 @@ class AzureUpstream(_Upstream):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         return _http_url(value)
+
+    @property
+    def location(self) -> str:
+        """Where it is, for people (mask it before showing it)."""
+        return self.endpoint
+
+    def described(self) -> dict[str, str]:
+        """Where it is, as `/healthz` and `--check-config` show it (masked)."""
+        return {"endpoint": mask_url(self.endpoint), "api_version": self.api_version}
 
     @field_validator("api_version")
     @classmethod
@@ -110,7 +128,9 @@ class AzureMember(AzureUpstream, PoolMember):
     kind: Literal["azure"]
 
 
-UpstreamEntry = Annotated[OpenAIMember | AzureMember, Field(discriminator="kind")]
+# Every kind of upstream's member: a new kind adds its own here (and in `upstream/kinds/`).
+Member = OpenAIMember | AzureMember
+UpstreamEntry = Annotated[Member, Field(discriminator="kind")]
 
 
 class PoolConfig(_Section):

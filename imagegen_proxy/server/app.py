@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from ..config import ConfigError, OpenAIMember, OpenAIUpstream, ProxyConfig, mask_url
+from ..config import ConfigError, OpenAIUpstream, ProxyConfig, mask_url
 from ..governance.auth import is_admin
 from ..middleware import ImageGenProxy
 from ..mock import MockUpstream
@@ -216,10 +216,9 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
     upstreams: dict[str, Any] = {}
     for member in config.members():
         has_key = member.api_key is not None
-        if isinstance(member, OpenAIMember):
-            where = {"base_url": "embedded mock" if mock else mask_url(member.base_url)}
-        else:
-            where = {"endpoint": mask_url(member.endpoint), "api_version": member.api_version}
+        where = member.described()
+        if mock and member.kind == "openai":
+            where = {"base_url": "embedded mock"}
         upstreams[member.name] = {
             **({"kind": member.kind} if config.upstreams else {}),
             **where,

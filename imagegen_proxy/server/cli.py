@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from ..admin import shell as manage
-from ..config import ConfigError, OpenAIMember, ProxyConfig, mask_url
+from ..config import ConfigError, ProxyConfig, mask_url
 from ..upstream.pool import Pool
 from .app import (
     EMBEDDED_STORE,
@@ -305,7 +305,7 @@ def _banner(url: str, config: ProxyConfig, mock: bool) -> str:
     else:
         names = []
         for member in config.members():
-            where = member.base_url if isinstance(member, OpenAIMember) else member.endpoint
+            where = member.location
             names.append(f"{member.name} {mask_url(where)}")
         upstream = ", ".join(names)
     save = (

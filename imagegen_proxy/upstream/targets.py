@@ -8,7 +8,7 @@ client credential, cookie or forwarding header can leak through, whatever it is 
 
 from __future__ import annotations
 
-from ..config import AzureMember, ConfigError, OpenAIMember, ProxyConfig
+from ..config import ConfigError, Member, ProxyConfig
 from ..types import Scope
 from ..wire.errors import ProxyError
 from ..wire.headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX
@@ -28,7 +28,7 @@ class Target:
     """One configured upstream: its name, its kind, its fixed headers and timeouts, computed
     once; in a pool, also the models it serves, its weight and its priority."""
 
-    def __init__(self, member: OpenAIMember | AzureMember) -> None:
+    def __init__(self, member: Member) -> None:
         self.name = member.name
         self.kind = member.kind
         self.api = kind_of(member)  # what this kind of upstream does its own way

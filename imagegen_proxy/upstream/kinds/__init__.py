@@ -5,17 +5,21 @@ its prices."""
 
 from __future__ import annotations
 
-from ...config import AzureMember, OpenAIMember
+from collections.abc import Callable
+from typing import Any
+
+from ...config import Member
 from .azure import Azure
 from .base import Kind, Located
 from .openai import OpenAI
 
+# Each kind by its `kind = "..."`, made from its member's settings.
+KINDS: dict[str, Callable[[Any], Kind]] = {"openai": OpenAI, "azure": Azure}
 
-def kind_of(member: OpenAIMember | AzureMember) -> Kind:
+
+def kind_of(member: Member) -> Kind:
     """The kind of upstream `member` configures."""
-    if isinstance(member, AzureMember):
-        return Azure(member)
-    return OpenAI(member)
+    return KINDS[member.kind](member)
 
 
-__all__ = ["Kind", "Located", "kind_of"]
+__all__ = ["KINDS", "Kind", "Located", "kind_of"]
