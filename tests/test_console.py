@@ -2,7 +2,8 @@
 Playwright, against the bundled command (a store, the embedded mock upstream, an admin key).
 
 Screenshots of every page go to `$IMAGEGEN_CONSOLE_SHOTS` (default: a temporary folder
-the run prints); the README's come from `IMAGEGEN_CONSOLE_SHOTS=docs pytest tests/test_console.py`.
+the run prints); the README's two are its `overview.png` and `playground.png`, copied to
+`docs/console-overview.png` and `docs/console-playground.png`.
 """
 
 from __future__ import annotations
