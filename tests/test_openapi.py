@@ -13,6 +13,7 @@ import yaml
 from double import multipart_parts
 from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import validate
+from python_multipart.multipart import parse_options_header
 from test_cli import running
 
 from imagegen_proxy.wire.upload import FILE_FIELDS
@@ -100,6 +101,12 @@ def declared_files(path: str) -> set[str]:
     return set(schema["properties"]) & FILE_FIELDS
 
 
+def read_back(name: str) -> str:
+    """A part's `name` as a multipart reader reads it from `name="..."`."""
+    _, options = parse_options_header(f'form-data; name="{name}"'.encode())
+    return options[b"name"].decode()
+
+
 def check_sent_as_multipart(case: Any, response: Any) -> None:
     """What schemathesis sent is a multipart body with one part per generated value, the
     files (with a filename) after the text fields."""
@@ -112,8 +119,10 @@ def check_sent_as_multipart(case: Any, response: Any) -> None:
         for name, values in case.body.items()
         for value in (values if isinstance(values, list) else [values])
     ]
-    # Names as browsers and urllib3 write them (WHATWG): quotes and line breaks escaped.
-    escaped = [name.translate(WHATWG_ESCAPES) for name, _ in expected]
+    # Names as browsers and urllib3 write them (WHATWG): quotes and line breaks escaped,
+    # a backslash left as it is; then read back as a quoted string (where `\\` is `\`),
+    # as the parts were.
+    escaped = [read_back(name.translate(WHATWG_ESCAPES)) for name, _ in expected]
     assert [name for name, _, _ in parts] == escaped
     files = declared_files(case.operation.path)
     for (name, filename, content), (_, value) in zip(parts, expected, strict=True):
