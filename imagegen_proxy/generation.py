@@ -85,6 +85,7 @@ class Generation:
     failovers: list[tuple[str, str, str]] = field(default_factory=list)  # (from, to, reason)
     reached: bool = False  # it may have reached the upstream (and be billed there)
     upstream_status: int | None = None  # the upstream's, once it answered
+    billed: bool = False  # a provider took the work on (a submitted task): spent even if it failed
     upstream_request_id: str | None = None
     failure: str | None = None  # how the upstream failed (see metrics.Metrics.upstream_errors)
     client_gone: bool = False
@@ -106,9 +107,11 @@ class Generation:
     @property
     def charged(self) -> bool:
         """Whether it counts as spent: it may have reached the upstream, and the upstream
-        did not answer an error. A client that left changes nothing: the upstream may well
-        finish the generation, and bill it."""
+        did not answer an error (or it had taken the work on, `billed`). A client that left
+        changes nothing: the upstream may well finish the generation, and bill it."""
         status = self.upstream_status
+        if self.billed:
+            return True
         return self.reached if status is None else 200 <= status < 300
 
     @property

@@ -124,3 +124,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def provider_proxy() -> Iterator[Callable[..., str]]:
+    """Start a proxy whose pool is `members` (and `sections`); returns its base URL."""
+    with contextlib.ExitStack() as stack:
+
+        def start(members: list[dict[str, Any]], **sections: Any) -> str:
+            config = ProxyConfig.model_validate(
+                {"auth": {"open": True}, "upstreams": members} | sections
+            )
+            proxy = ImageGenProxy(HostApp().app, config)
+            return stack.enter_context(serve(proxy))
+
+        yield start

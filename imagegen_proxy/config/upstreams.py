@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -128,8 +129,130 @@ class AzureMember(AzureUpstream, PoolMember):
     kind: Literal["azure"]
 
 
+# A provider's model name goes into its URL path: only names of this shape are sent.
+PROVIDER_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def is_valid_provider_model(name: str) -> bool:
+    """Whether `name` may name a provider's model in its URL path."""
+    return PROVIDER_MODEL.fullmatch(name) is not None and ".." not in name
+
+
+class ProviderUpstream(_Upstream, PoolMember):
+    """What every kind that speaks its own API (not OpenAI's) shares: its `base_url`, the
+    provider's `model` for a request that names none, and `model_map` from the names
+    clients use (a pool's alias) to the provider's own."""
+
+    base_url: str
+    model: str | None = None
+    model_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_provider_model(value):
+            raise ValueError(f"invalid model name {value!r}")
+        return value
+
+    @field_validator("model_map")
+    @classmethod
+    def _model_map(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value.values() if not is_valid_provider_model(name)]
+        if bad:
+            raise ValueError(f"invalid model name {bad[0]!r}")
+        return value
+
+    @property
+    def location(self) -> str:
+        """Where it is, for people (mask it before showing it)."""
+        return self.base_url
+
+    def described(self) -> dict[str, str]:
+        """Where it is, as `/healthz` and `--check-config` show it (masked)."""
+        return {"base_url": mask_url(self.base_url)}
+
+
+class GeminiMember(ProviderUpstream):
+    """`[[upstreams]]` with `kind = "gemini"`: Google's Gemini image models through the
+    Gemini API (`x-goog-api-key`), or through Vertex AI with `vertex_project` (a service
+    account's OAuth token from `credentials_file`, or Application Default Credentials)."""
+
+    kind: Literal["gemini"]
+    base_url: str = "https://generativelanguage.googleapis.com"
+    vertex_project: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$")
+    vertex_location: str = Field("global", pattern=r"^[a-z0-9-]{1,40}$")
+    credentials_file: str | None = None
+
+    @model_validator(mode="after")
+    def _vertex(self) -> GeminiMember:
+        if self.credentials_file is not None and self.vertex_project is None:
+            raise ValueError("credentials_file is for Vertex AI: set vertex_project too")
+        return self
+
+
+class BflMember(ProviderUpstream):
+    """`[[upstreams]]` with `kind = "bfl"`: Black Forest Labs' FLUX API (`x-key`): a task
+    submitted, polled every `poll_interval` seconds (growing to `poll_max_interval`), its
+    image fetched from the signed URL it names, which must be on `result_hosts`."""
+
+    kind: Literal["bfl"]
+    base_url: str = "https://api.bfl.ai"
+    poll_interval: float = Field(0.5, gt=0, le=60)
+    poll_max_interval: float = Field(4.0, gt=0, le=300)
+    # A host of the polling and result URLs the API answers: exactly, or "*." + a domain.
+    result_hosts: list[str] = Field(default_factory=lambda: ["*.bfl.ai", "*.bfl.ml"])
+
+    @model_validator(mode="after")
+    def _poll(self) -> BflMember:
+        if self.poll_max_interval < self.poll_interval:
+            raise ValueError("poll_max_interval must not be below poll_interval")
+        return self
+
+
+class StabilityMember(ProviderUpstream):
+    """`[[upstreams]]` with `kind = "stability"`: Stability AI's Stable Image API (v2beta,
+    `Authorization: Bearer`); the model names the service (`ultra`, `core`) or an SD3 model."""
+
+    kind: Literal["stability"]
+    base_url: str = "https://api.stability.ai"
+
+
+class BedrockMember(ProviderUpstream):
+    """`[[upstreams]]` with `kind = "bedrock"`: Amazon Bedrock's runtime in `region`,
+    requests signed with SigV4 (botocore) from the standard AWS credential chain, or from
+    `aws_access_key_id` and the secret in `aws_secret_access_key_env`; or a Bedrock API key
+    (`api_key`, sent as a bearer token). `base_url` defaults to the region's endpoint."""
+
+    kind: Literal["bedrock"]
+    base_url: str = ""
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+    aws_access_key_id: str | None = Field(None, pattern=r"^[A-Z0-9]{16,128}$")
+    aws_secret_access_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _endpoint(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("base_url") and data.get("region"):
+            data = {**data, "base_url": f"https://bedrock-runtime.{data['region']}.amazonaws.com"}
+        return data
+
+    @model_validator(mode="after")
+    def _keys(self) -> BedrockMember:
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key_env is None):
+            raise ValueError("set aws_access_key_id and aws_secret_access_key_env together")
+        return self
+
+    def described(self) -> dict[str, str]:
+        return {**super().described(), "region": self.region}
+
+
 # Every kind of upstream's member: a new kind adds its own here (and in `upstream/kinds/`).
-Member = OpenAIMember | AzureMember
+Member = OpenAIMember | AzureMember | GeminiMember | BflMember | StabilityMember | BedrockMember
 UpstreamEntry = Annotated[Member, Field(discriminator="kind")]
 
 

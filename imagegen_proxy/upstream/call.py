@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from .kinds.base import TextHeaders
-
+# Upstream request headers: `str` pairs, what aiohttp takes (httpx takes them too).
+TextHeaders = list[tuple[str, str]]
 Content = bytes | AsyncIterator[bytes]
 
 
@@ -34,12 +34,18 @@ class Timeouts:
 
 @dataclass(slots=True)
 class Call:
-    """One attempt's request to an upstream (always a POST), as plain values."""
+    """One attempt's request to an upstream, as plain values.
+
+    With `exchange`, the call is not sent as it is: `exchange(send)` makes the provider's
+    own request(s) with `send` and answers in OpenAI's wire (a kind that speaks another API:
+    `kinds.base.Translating`)."""
 
     url: str
     headers: TextHeaders
     content: Content
     timeouts: Timeouts
+    method: str = "POST"
+    exchange: Callable[[SendUpstream], Awaitable[Answer]] | None = None
 
 
 class Answer(Protocol):
@@ -63,6 +69,19 @@ class Answer(Protocol):
 
 
 SendUpstream = Callable[[Call], Awaitable[Answer]]
+
+
+def retry_after(value: str | None) -> float | None:
+    """An upstream's `retry-after` in seconds (a number of seconds; dates are ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 3600 else None
+
+
 SendHttpx = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
@@ -80,7 +99,7 @@ def httpx_sender(send: SendHttpx) -> SendUpstream:
 
     async def send_call(call: Call) -> Answer:
         request = httpx.Request(
-            "POST",
+            call.method,
             call.url,
             headers=call.headers,
             content=call.content,

@@ -249,17 +249,6 @@ class Pool:
 _FAILED = FAILOVER_STATUSES | {None}
 
 
-def retry_after(value: str | None) -> float | None:
-    """An upstream's `retry-after` in seconds (a number of seconds; dates are ignored)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds <= 3600 else None
-
-
 class Tries:
     """One request's `relay.Attempts`: its candidates, how to build the request for each,
     and the pool (None without one) to tell how each try went."""

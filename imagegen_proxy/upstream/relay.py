@@ -25,11 +25,12 @@ from ..wire.headers import Headers, ResponseHeaders
 from ..wire.json_upload import Incoming
 from ..wire.sse import EventScanner
 from ..wire.usage import Tail, tokens_in
-from .call import Answer, Call, SendUpstream
+from .call import Answer, Call, SendUpstream, retry_after
 from .decoding import decoded, inflater
 from .failures import INVALID_STATUS, TIMED_OUT, failure
-from .pool import FAILOVER_STATUSES, retry_after
+from .pool import FAILOVER_STATUSES
 from .targets import Target
+from .translated import Translated
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -208,7 +209,10 @@ class Relay:
             generation.reached = True  # from here on it may have: count it unless proven otherwise
             attempts.started(target)
             try:
-                answer = await self.send_upstream(call)
+                if call.exchange is None:
+                    answer = await self.send_upstream(call)
+                else:  # a kind that speaks another API: its answer is translated
+                    answer = await call.exchange(self.send_upstream)
             except asyncio.CancelledError:
                 if self._expired:  # no answer within total_timeout
                     attempts.ended(target, None, None)
@@ -233,7 +237,12 @@ class Relay:
                 raise row.error() from None
             status = answer.status
             wait = retry_after(answer.header("retry-after"))
-            if status in FAILOVER_STATUSES and self._may_fail_over(index, targets, upload):
+            committed = isinstance(answer, Translated) and answer.committed
+            if (
+                status in FAILOVER_STATUSES
+                and not committed
+                and self._may_fail_over(index, targets, upload)
+            ):
                 attempts.ended(target, status, wait)
                 attempts.failed_over(target, targets[index + 1], str(status))
                 await answer.aclose()
@@ -255,6 +264,8 @@ class Relay:
         generation.ttfb = time.perf_counter() - started
         generation.upstream_status = status = answer.status
         generation.upstream_request_id = answer.header("x-request-id")
+        if isinstance(answer, Translated) and answer.billed:
+            generation.billed = True  # the provider took the work on: spent, though it failed
         if not 200 <= status < 300:
             generation.failure = "status"
         try:

@@ -8,6 +8,8 @@ client credential, cookie or forwarding header can leak through, whatever it is 
 
 from __future__ import annotations
 
+import functools
+
 from ..config import ConfigError, Member, ProxyConfig
 from ..types import Scope
 from ..wire.errors import ProxyError
@@ -15,9 +17,8 @@ from ..wire.headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX
 from ..wire.json_upload import Incoming, JsonUpload
 from ..wire.request import ImageGenerationBody, ImageRequest
 from ..wire.routing import ImageOperation
-from .call import Call, Content, Timeouts
-from .kinds import kind_of
-from .kinds.base import TextHeaders
+from .call import Call, Content, TextHeaders, Timeouts
+from .kinds import Job, Translating, kind_of
 
 # The relay reads SSE event boundaries and usage: it must see the bytes as sent.
 _BASE_HEADERS: TextHeaders = [("accept-encoding", "identity")]
@@ -32,6 +33,8 @@ class Target:
         self.name = member.name
         self.kind = member.kind
         self.api = kind_of(member)  # what this kind of upstream does its own way
+        # A kind that speaks its own API: its calls are made, and its answers translated.
+        self.translating = self.api if isinstance(self.api, Translating) else None
         self.models = member.models
         self.weight, self.priority = member.weight, member.priority
         self.total_timeout = member.total_timeout
@@ -107,7 +110,11 @@ class Upstreams:
     ) -> Call:
         """The upstream request to `target`; `api_key` replaces the configured upstream
         key, and `request_id` goes as `X-Client-Request-Id`, for the upstream's logs. An
-        edit or variation sends the rest of its `upload` as it arrives."""
+        edit or variation sends the rest of its `upload` as it arrives. A kind that speaks
+        its own API gets its configured key (a client's own key is for OpenAI's API) and
+        no header of the client's."""
+        if target.translating is not None:
+            return self._translated(request, target, target.translating, upload)
         url, model = target.api.locate(request, self.pooled)
         content: Content
         if isinstance(upload, JsonUpload):
@@ -126,6 +133,19 @@ class Upstreams:
                 body = body.model_copy(update={"model": model})
             content, content_type = body.to_json(), _JSON
         return target.call(url, content, content_type, scope, api_key, request_id)
+
+    def _translated(
+        self,
+        request: ImageRequest,
+        target: Target,
+        kind: Translating,
+        upload: Incoming | None,
+    ) -> Call:
+        kind.check(request)
+        url, model = kind.locate(request, self.pooled)
+        assert model is not None
+        job = Job(request, model, target.headers, target.timeouts, upload)
+        return Call(url, [], b"", target.timeouts, exchange=functools.partial(kind.exchange, job))
 
     def target(self, request: ImageRequest) -> Target:
         """The upstream a request goes to without a pool."""
@@ -148,4 +168,11 @@ class Upstreams:
             )
 
 
-_NAMES = {"openai": "OpenAI", "azure": "Azure OpenAI"}  # for people
+_NAMES = {  # for people
+    "openai": "OpenAI",
+    "azure": "Azure OpenAI",
+    "gemini": "Gemini",
+    "bfl": "Black Forest Labs",
+    "stability": "Stability AI",
+    "bedrock": "Amazon Bedrock",
+}

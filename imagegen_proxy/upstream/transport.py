@@ -157,7 +157,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         url, proxy = self._url(call.url)
         try:
             response = await self._get_session().request(
-                "POST",
+                call.method,
                 url,
                 headers=call.headers,
                 data=call.content or None,

@@ -10,11 +10,12 @@ from typing import Any
 
 from ...config import Member
 from .azure import Azure
-from .base import Kind, Located
+from .base import Job, Kind, Located, Translating
+from .gemini import Gemini
 from .openai import OpenAI
 
 # Each kind by its `kind = "..."`, made from its member's settings.
-KINDS: dict[str, Callable[[Any], Kind]] = {"openai": OpenAI, "azure": Azure}
+KINDS: dict[str, Callable[[Any], Kind]] = {"openai": OpenAI, "azure": Azure, "gemini": Gemini}
 
 
 def kind_of(member: Member) -> Kind:
@@ -22,4 +23,4 @@ def kind_of(member: Member) -> Kind:
     return KINDS[member.kind](member)
 
 
-__all__ = ["KINDS", "Kind", "Located", "kind_of"]
+__all__ = ["KINDS", "Job", "Kind", "Located", "Translating", "kind_of"]

@@ -11,7 +11,8 @@ from ...config import AzureMember
 from ...wire.errors import ProxyError
 from ...wire.request import ImageRequest
 from ...wire.routing import ENDPOINTS, ImageOperation, is_valid_deployment
-from .base import Located, TextHeaders
+from ..call import TextHeaders
+from .base import Located
 
 
 class Azure:

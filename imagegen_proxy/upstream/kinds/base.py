@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
 
+from ...wire.json_upload import Incoming
 from ...wire.request import ImageRequest
 from ...wire.routing import ImageOperation
-
-# Upstream request headers: `str` pairs, what aiohttp takes (httpx takes them too).
-TextHeaders = list[tuple[str, str]]
+from ..call import Answer, SendUpstream, TextHeaders, Timeouts
 
 
 class Located(NamedTuple):
@@ -40,4 +40,32 @@ class Kind(Protocol):
         """Where `request` goes here; a 400 `ProxyError` when it cannot go (a model that
         names no valid deployment). `pooled`: the upstream is one of a pool, where a
         request's deployment only names its model."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One request to a kind that speaks another API, as plain values: the normalized
+    request, the provider's model for it, the headers that carry the upstream's credentials
+    (nothing of the client's), the upstream's timeouts, and an edit's upload."""
+
+    request: ImageRequest
+    model: str
+    headers: TextHeaders
+    timeouts: Timeouts
+    upload: Incoming | None = None
+
+
+@runtime_checkable
+class Translating(Kind, Protocol):
+    """A kind whose upstream speaks its own API: it makes the provider's request(s) for a
+    request and answers in OpenAI's wire (`translated.translate`)."""
+
+    def check(self, request: ImageRequest) -> None:
+        """Refuse, with a 400 naming the `param`, what this provider cannot do as asked (a
+        size it has no match for, `n` above its maximum): never a silent change."""
+        ...
+
+    async def exchange(self, job: Job, send: SendUpstream) -> Answer:
+        """Make `job`'s images with `send` (the transport); the answer in OpenAI's wire."""
         ...

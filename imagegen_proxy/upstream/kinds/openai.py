@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 from ...config import OpenAIMember
 from ...wire.request import ImageRequest
 from ...wire.routing import ENDPOINTS, ImageOperation
-from .base import Located, TextHeaders
+from ..call import TextHeaders
+from .base import Located
 
 OPENAI_API_HOST = "api.openai.com"
 

@@ -1,0 +1,190 @@
+"""Gemini image models as an upstream kind, driven by the official SDK through the proxy."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from double import UpstreamDouble
+from providers import (
+    PROVIDER_KEY,
+    client,
+    decoded_size,
+    gemini_blocked,
+    gemini_image,
+    gemini_member,
+    google_error,
+    no_secrets,
+    png,
+)
+
+Start = Callable[..., str]
+MODEL = "gemini-3.1-flash-image"
+
+
+def test_a_generation_answers_openais_images_response(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    image = png(96, 64)
+    upstream.answer = gemini_image(image)
+    url = provider_proxy([gemini_member(upstream)])
+    result = client(url).images.generate(model=MODEL, prompt="a red fox", size="1536x1024")
+    assert result.data is not None and result.data[0].b64_json is not None
+    assert base64.b64decode(result.data[0].b64_json) == image
+    assert result.size == "96x64" and result.output_format == "png"  # what was made
+    assert result.usage is not None
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (12, 1120)
+    sent = upstream.last
+    assert sent.path == f"/v1beta/models/{MODEL}:generateContent"
+    assert sent.header("x-goog-api-key") == PROVIDER_KEY
+    assert sent.header("authorization") is None
+    assert sent.json == {
+        "contents": [{"role": "user", "parts": [{"text": "a red fox"}]}],
+        "generationConfig": {
+            "responseModalities": ["IMAGE"],
+            "imageConfig": {"aspectRatio": "3:2"},
+        },
+    }
+    no_secrets(upstream)
+
+
+def test_a_stream_ends_with_the_completed_event(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    image = png(64, 64)
+    upstream.answer = gemini_image(image)
+    url = provider_proxy([gemini_member(upstream)])
+    events = list(client(url).images.generate(model=MODEL, prompt="a fox", stream=True))
+    assert [event.type for event in events] == ["image_generation.completed"]
+    assert base64.b64decode(events[0].b64_json) == image
+    assert events[0].usage.output_tokens == 1120
+
+
+def test_n_images_are_n_calls(upstream: UpstreamDouble, provider_proxy: Start) -> None:
+    upstream.answer = gemini_image(png(32, 32), image_tokens=1000)
+    url = provider_proxy([gemini_member(upstream)])
+    result = client(url).images.generate(model=MODEL, prompt="foxes", n=3)
+    assert result.data is not None and len(result.data) == 3
+    assert all(decoded_size(one.b64_json or "") == (32, 32) for one in result.data)
+    assert len(upstream.requests) == 3
+    assert result.usage is not None and result.usage.output_tokens == 3000
+
+
+@pytest.mark.parametrize(
+    ("size", "quality", "config"),
+    [
+        ("1024x1024", None, {"aspectRatio": "1:1"}),
+        ("1024x1536", None, {"aspectRatio": "2:3"}),
+        ("1600x900", None, {"aspectRatio": "16:9"}),
+        ("2048x2048", None, {"aspectRatio": "1:1", "imageSize": "2K"}),
+        ("4096x4096", None, {"aspectRatio": "1:1", "imageSize": "4K"}),
+        ("1024x1024", "high", {"aspectRatio": "1:1", "imageSize": "2K"}),
+        ("auto", "low", None),
+        (None, None, None),
+    ],
+)
+def test_sizes_map_to_aspect_ratios_and_tiers(
+    upstream: UpstreamDouble,
+    provider_proxy: Start,
+    size: str | None,
+    quality: str | None,
+    config: dict[str, str] | None,
+) -> None:
+    upstream.answer = gemini_image()
+    url = provider_proxy([gemini_member(upstream)])
+    asked: dict[str, Any] = {"model": MODEL, "prompt": "p"}
+    asked |= {"size": size} if size else {}
+    asked |= {"quality": quality} if quality else {}
+    client(url).images.generate(**asked)
+    assert upstream.last.json["generationConfig"].get("imageConfig") == config
+
+
+@pytest.mark.parametrize(
+    ("asked", "param"),
+    [
+        ({"size": "1000x700"}, "size"),
+        ({"size": "1792x1024"}, "size"),  # 7:4, dall-e-3's: no exact ratio
+        ({"size": "big"}, "size"),
+        ({"output_format": "jpeg"}, "output_format"),
+        ({"output_compression": 50}, "output_compression"),
+        ({"background": "transparent"}, "background"),
+        ({"response_format": "url"}, "response_format"),
+    ],
+)
+def test_what_gemini_cannot_do_is_a_400_naming_the_param(
+    upstream: UpstreamDouble, provider_proxy: Start, asked: dict[str, Any], param: str
+) -> None:
+    url = provider_proxy([gemini_member(upstream)])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(url).images.generate(model=MODEL, prompt="p", **asked)
+    assert caught.value.param == param
+    assert upstream.requests == []  # refused before anything was sent
+
+
+@pytest.mark.parametrize("prompt", [True, False])
+def test_a_blocked_request_is_a_content_policy_violation(
+    upstream: UpstreamDouble, provider_proxy: Start, prompt: bool
+) -> None:
+    upstream.answer = gemini_blocked(
+        "IMAGE_SAFETY" if not prompt else "PROHIBITED_CONTENT", prompt=prompt
+    )
+    url = provider_proxy([gemini_member(upstream)])
+    answer = httpx.post(url + "/v1/images/generations", json={"model": MODEL, "prompt": "p"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "content_policy_violation"
+    assert answer.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("status", "grpc", "headers", "expected", "code"),
+    [
+        (429, "RESOURCE_EXHAUSTED", [("retry-after", "7")], 429, "rate_limit_exceeded"),
+        (400, "INVALID_ARGUMENT", [], 400, "invalid_request"),
+        (403, "PERMISSION_DENIED", [], 502, "upstream_auth_failed"),
+        (401, "UNAUTHENTICATED", [], 502, "upstream_auth_failed"),
+        (500, "INTERNAL", [], 500, "upstream_error"),
+        (503, "UNAVAILABLE", [], 503, "upstream_error"),
+    ],
+)
+def test_googles_errors_are_mapped(
+    upstream: UpstreamDouble,
+    provider_proxy: Start,
+    status: int,
+    grpc: str,
+    headers: list[tuple[str, str]],
+    expected: int,
+    code: str,
+) -> None:
+    upstream.answer = google_error(status, grpc, "the provider's own words", headers)
+    url = provider_proxy([gemini_member(upstream)])
+    answer = httpx.post(url + "/v1/images/generations", json={"model": MODEL, "prompt": "p"})
+    assert answer.status_code == expected
+    error = answer.json()["error"]
+    assert error["code"] == code
+    assert PROVIDER_KEY not in answer.text
+    if status == 429:
+        assert answer.headers["retry-after"] == "7"
+
+
+def test_model_map_names_the_providers_model(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    upstream.answer = gemini_image()
+    member = gemini_member(upstream, models=["house-style"], model_map={"house-style": MODEL})
+    url = provider_proxy([member])
+    client(url).images.generate(model="house-style", prompt="p")
+    assert upstream.last.path == f"/v1beta/models/{MODEL}:generateContent"
+
+
+@pytest.mark.parametrize("model", ["../admin", "a/b", "x y", "m?q=1"])
+def test_a_model_name_never_builds_a_path(
+    upstream: UpstreamDouble, provider_proxy: Start, model: str
+) -> None:
+    url = provider_proxy([gemini_member(upstream)])
+    answer = httpx.post(url + "/v1/images/generations", json={"model": model, "prompt": "p"})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "model"
+    assert upstream.requests == []
