@@ -188,3 +188,54 @@ def test_a_model_name_never_builds_a_path(
     answer = httpx.post(url + "/v1/images/generations", json={"model": model, "prompt": "p"})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "model"
     assert upstream.requests == []
+
+
+def test_an_edit_sends_its_images_inline(upstream: UpstreamDouble, provider_proxy: Start) -> None:
+    made, given, second = png(40, 30), png(300, 200, pad_to=400_000), png(20, 20)
+    upstream.answer = gemini_image(made)
+    url = provider_proxy([gemini_member(upstream)])
+    result = client(url).images.edit(
+        model=MODEL,
+        image=[("in.png", given, "image/png"), ("two.png", second, "image/png")],
+        prompt="make it blue",
+        size="1024x1024",
+        n=2,
+    )
+    assert result.data is not None and len(result.data) == 2
+    assert base64.b64decode(result.data[1].b64_json or "") == made
+    assert len(upstream.requests) == 2  # one image a call, each with the inputs
+    for sent in upstream.requests:
+        parts = sent.json["contents"][0]["parts"]
+        assert parts[0] == {"text": "make it blue"}
+        assert [base64.b64decode(p["inlineData"]["data"]) for p in parts[1:]] == [given, second]
+        assert {p["inlineData"]["mimeType"] for p in parts[1:]} == {"image/png"}
+        assert sent.json["generationConfig"]["imageConfig"] == {"aspectRatio": "1:1"}
+    no_secrets(upstream)
+
+
+def test_an_edit_streams_the_edit_event(upstream: UpstreamDouble, provider_proxy: Start) -> None:
+    upstream.answer = gemini_image(png(16, 16))
+    url = provider_proxy([gemini_member(upstream)])
+    events = list(
+        client(url).images.edit(
+            model=MODEL, image=("in.png", png(), "image/png"), prompt="p", stream=True
+        )
+    )
+    assert [event.type for event in events] == ["image_edit.completed"]
+
+
+@pytest.mark.parametrize(
+    ("files", "param"),
+    [
+        ({"image": ("in.png", png(), "image/png"), "mask": ("m.png", png(), "image/png")}, "mask"),
+        ({"image": ("in.gif", b"GIF89a...", "image/gif")}, "image"),
+    ],
+)
+def test_what_a_gemini_edit_cannot_take_is_a_400(
+    upstream: UpstreamDouble, provider_proxy: Start, files: dict[str, Any], param: str
+) -> None:
+    url = provider_proxy([gemini_member(upstream)])
+    answer = httpx.post(url + "/v1/images/edits", data={"model": MODEL, "prompt": "p"}, files=files)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert upstream.requests == []

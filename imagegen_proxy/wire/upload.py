@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -49,13 +50,16 @@ __all__ = [
     "FILE_FIELDS",
     "MAX_TEXT_BYTES",
     "SpoolOwner",
+    "Spooled",
     "Upload",
     "boundary_of",
 ]
 
 
 @dataclass(slots=True)
-class _Spooled:
+class Spooled:
+    """A file part on the spool: where its bytes start, and how many."""
+
     part: Part
     offset: int
     length: int = 0
@@ -108,7 +112,7 @@ class Upload(SpoolOwner):
         self.files: list[Part] = []  # the file parts seen so far
         self.fields: dict[str, str] = {}  # the text fields read before the files went upstream
         self._text_bytes = 0
-        self._head: list[tuple[Part, bytes] | _Spooled] = []
+        self._head: list[tuple[Part, bytes] | Spooled] = []
         self.started = False  # the body began to go upstream: it cannot be sent again
         self.complete = False  # the whole body went upstream
         self.error: ProxyError | ClientGone | None = None  # why the body could not be sent
@@ -248,7 +252,7 @@ class Upload(SpoolOwner):
 
     async def _spool_part(self, part: Part) -> None:
         await self._spool_file()
-        spooled = _Spooled(part, self._spooled)
+        spooled = Spooled(part, self._spooled)
         self._head.append(spooled)
         pending: list[bytes] = []
         size = 0
@@ -260,7 +264,7 @@ class Upload(SpoolOwner):
                 pending, size = [], 0
         await self._write(pending, size, spooled)
 
-    async def _write(self, pieces: list[bytes], size: int, spooled: _Spooled) -> None:
+    async def _write(self, pieces: list[bytes], size: int, spooled: Spooled) -> None:
         if size:
             assert self._spool is not None
             await asyncio.to_thread(self._spool.write, b"".join(pieces))
@@ -281,7 +285,7 @@ class Upload(SpoolOwner):
         try:
             yield self._fields(boundary, rewrite)
             for item in self._head:
-                if isinstance(item, _Spooled):
+                if isinstance(item, Spooled):
                     async for chunk in self._unspool(item, boundary):
                         yield chunk
             async for chunk in self._rest(boundary, rewrite):
@@ -299,11 +303,11 @@ class Upload(SpoolOwner):
         for name, value in rewrite.items():
             out += Part(name, None, None).head(boundary) + value.encode() + b"\r\n"
         for item in self._head:
-            if not isinstance(item, _Spooled) and item[0].name not in rewrite:
+            if not isinstance(item, Spooled) and item[0].name not in rewrite:
                 out += item[0].head(boundary) + item[1] + b"\r\n"
         return bytes(out)
 
-    async def _unspool(self, item: _Spooled, boundary: bytes) -> AsyncIterator[bytes]:
+    async def _unspool(self, item: Spooled, boundary: bytes) -> AsyncIterator[bytes]:
         spool = self._spool
         assert spool is not None
         yield item.part.head(boundary)
@@ -351,6 +355,52 @@ class Upload(SpoolOwner):
                 out.append(b"\r\n")
         if out:
             yield b"".join(out)
+
+    async def spool_rest(self) -> list[tuple[Part, Spooled]]:
+        """Read the rest of the body to disk, for an upstream that takes the files in a
+        body of its own (base64 inside JSON, several calls): the file parts, in order.
+
+        Text fields after the files are read as `head` reads them (a deciding one is
+        refused, as `body` refuses it). The body counts as sent whole once it is on disk.
+        """
+        self.started = True
+        try:
+            while (event := await self._next()) is not None:
+                kind, value = event
+                part = self._begin(value) if kind == "part" else value
+                assert kind in ("part", "begin"), kind
+                if part.is_file:
+                    await self._spool_part(part)
+                elif part.name in DECIDING:
+                    raise invalid(
+                        f"'{part.name}' came after a file: send the text fields "
+                        "before the files (as the OpenAI SDK does).",
+                        part.name,
+                        "field_after_files",
+                    )
+                else:
+                    add_field(self.fields, part.name, await self._text(part))
+        except (ProxyError, ClientGone) as exc:
+            self._failed(exc)
+            raise
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.flush)  # `spooled` reads the file, not its buffer
+        self.complete = True
+        self.done.set()
+        return [(item.part, item) for item in self._head if isinstance(item, Spooled)]
+
+    async def spooled(self, item: Spooled) -> AsyncIterator[bytes]:
+        """A spooled file's bytes, read at their offset (several readers at once may read
+        the spool: no shared file position is used)."""
+        spool = self._spool
+        assert spool is not None
+        at, end = item.offset, item.offset + item.length
+        while at < end:
+            chunk = await asyncio.to_thread(os.pread, spool.fileno(), min(end - at, SPOOL_STEP), at)
+            if not chunk:
+                raise OSError("the upload's spool ended early")
+            at += len(chunk)
+            yield chunk
 
     def _failed(self, exc: ProxyError | ClientGone) -> None:
         if self.error is None:

@@ -12,6 +12,7 @@ parameters is the table in docs/providers.md.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
@@ -21,10 +22,12 @@ import anyio.to_thread
 from ...config import GeminiMember
 from ...wire.errors import ProxyError
 from ...wire.jsonstream import JsonEvents, JsonStreamError
-from ...wire.request import ImageRequest
+from ...wire.request import ImageEditBody, ImageRequest
+from ...wire.upload import Spooled, Upload
 from ...wire.usage import Usage
 from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
+    Base64Pieces,
     ImageDone,
     Piece,
     Pieces,
@@ -32,6 +35,7 @@ from ..translated import (
     broken,
     check_base64,
     content_policy,
+    refused,
     translate,
 )
 from .base import Job, Located
@@ -43,6 +47,7 @@ from .provider import (
     loads,
     ratio,
     read_small,
+    unsupported,
 )
 
 NAME = "Gemini"
@@ -98,6 +103,7 @@ class Gemini(ProviderKind):
     """The Gemini API, or Vertex AI with `vertex_project`."""
 
     name = NAME
+    operations = ("generation", "edit")
 
     def __init__(self, member: GeminiMember) -> None:
         super().__init__(member)
@@ -125,12 +131,18 @@ class Gemini(ProviderKind):
     def check(self, request: ImageRequest) -> None:
         check_common(request, NAME)
         ratio(request.size, RATIOS)
+        if isinstance(request.body, ImageEditBody):
+            raise unsupported(
+                "images",
+                f"{NAME} edits take the images as files (multipart), not by URL or file id.",
+            )
 
     def locate(self, request: ImageRequest, pooled: bool) -> Located:
         model = self.model_for(request)
         return Located(f"{self._models}{self.quoted(model)}:generateContent", model)
 
-    def body(self, request: ImageRequest) -> bytes:
+    def config(self, request: ImageRequest) -> dict[str, Any]:
+        """`generationConfig`: an image out, its aspect ratio and size tier."""
         config: dict[str, Any] = {"responseModalities": ["IMAGE"]}
         image: dict[str, str] = {}
         aspect = ratio(request.size, RATIOS)
@@ -141,21 +153,78 @@ class Gemini(ProviderKind):
             image["imageSize"] = tier
         if image:
             config["imageConfig"] = image
+        return config
+
+    def body(self, request: ImageRequest) -> bytes:
         contents = [{"role": "user", "parts": [{"text": request.prompt}]}]
-        return json.dumps({"contents": contents, "generationConfig": config}).encode()
+        return json.dumps({"contents": contents, "generationConfig": self.config(request)}).encode()
 
     async def exchange(self, job: Job, send: SendUpstream) -> Answer:
-        body = self.body(job.request)
+        request = job.request
+        files: list[tuple[str, Spooled]] = []
+        if isinstance(job.upload, Upload):
+            try:
+                files = await _images_of(job.upload)
+            except ProviderError as error:
+                return refused(error)
         headers = [*job.headers, ("content-type", "application/json")]
         if self._tokens is not None:
             headers.append(("authorization", "Bearer " + await self._tokens.token()))
-        url = self.locate(job.request, True).url
-        call = Call(url, headers, body, job.timeouts)
+        url = self.locate(request, True).url
+        upload = job.upload
 
         def shot() -> Pieces:
-            return _images(send, call)
+            if not files:
+                return _images(send, Call(url, headers, self.body(request), job.timeouts))
+            assert isinstance(upload, Upload)
+            content = _edit_body(request, self.config(request), upload, files)
+            return _images(send, Call(url, headers, content, job.timeouts))
 
-        return await translate(job.request, shot, job.request.images)
+        return await translate(request, shot, request.images)
+
+
+# Input image types Gemini takes as `inlineData`.
+_INPUT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
+
+
+async def _images_of(upload: Upload) -> list[tuple[str, Spooled]]:
+    """An edit's input images, spooled to disk, each with its media type; a mask (Gemini
+    has none) or an image of another type is refused."""
+    files = await upload.spool_rest()
+    found: list[tuple[str, Spooled]] = []
+    for part, spooled in files:
+        if part.name == "mask":
+            raise ProviderError(
+                400, f"{NAME} edits take no mask: describe the change in the prompt.", param="mask"
+            )
+        media = (part.content_type or "").split(";", 1)[0].strip().lower()
+        if media not in _INPUT_TYPES:
+            raise ProviderError(
+                400,
+                f"{NAME} takes PNG, JPEG or WebP input images, not {media or 'an untyped file'}.",
+                param="image",
+                code="invalid_image_format",
+            )
+        found.append((media, spooled))
+    if not found:
+        raise ProviderError(400, "An edit needs an image.", param="image")
+    return found
+
+
+async def _edit_body(
+    request: ImageRequest, config: dict[str, Any], upload: Upload, files: list[tuple[str, Spooled]]
+) -> AsyncIterator[bytes]:
+    """An edit's `generateContent` body, its images base64 inside it as they are read
+    back from the spool."""
+    prompt = json.dumps({"text": request.prompt}).encode()
+    yield b'{"contents":[{"role":"user","parts":[' + prompt
+    for media, spooled in files:
+        yield b',{"inlineData":{"mimeType":"' + media.encode() + b'","data":"'
+        encoder = Base64Pieces()
+        async for chunk in upload.spooled(spooled):
+            yield encoder.feed(chunk)
+        yield encoder.end() + b'"}}'
+    yield b']}],"generationConfig":' + json.dumps(config).encode() + b"}"
 
 
 async def _images(send: SendUpstream, call: Call) -> Pieces:
