@@ -131,11 +131,13 @@ def provider_proxy() -> Iterator[Callable[..., str]]:
     """Start a proxy whose pool is `members` (and `sections`); returns its base URL."""
     with contextlib.ExitStack() as stack:
 
-        def start(members: list[dict[str, Any]], **sections: Any) -> str:
+        def start(
+            members: list[dict[str, Any]], hooks: dict[str, Any] | None = None, **sections: Any
+        ) -> str:
             config = ProxyConfig.model_validate(
                 {"auth": {"open": True}, "upstreams": members} | sections
             )
-            proxy = ImageGenProxy(HostApp().app, config)
+            proxy = ImageGenProxy(HostApp().app, config, **(hooks or {}))
             return stack.enter_context(serve(proxy))
 
         yield start

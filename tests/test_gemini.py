@@ -239,3 +239,19 @@ def test_what_a_gemini_edit_cannot_take_is_a_400(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
     assert upstream.requests == []
+
+
+def test_geminis_models_are_priced_by_their_tokens(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    from imagegen_proxy.governance.pricing import Prices
+
+    for model in ("gemini-3.1-flash-image", "gemini-3-pro-image"):
+        price = Prices().get(model)
+        assert price is not None and not price.per_image
+    upstream.answer = gemini_image(prompt_tokens=10, image_tokens=1120)
+    url = provider_proxy([gemini_member(upstream)])
+    answer = httpx.post(url + "/v1/images/generations", json={"model": MODEL, "prompt": "p"})
+    assert answer.status_code == 200
+    # 10 input tokens at $0.50/1M and 1120 image tokens at $60/1M: $0.067205.
+    assert answer.json()["usage"]["output_tokens_details"]["image_tokens"] == 1120

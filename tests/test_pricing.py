@@ -270,7 +270,8 @@ def test_an_estimate_for_gpt_image_1_reserves_images_and_prompt() -> None:
 
 def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
     shipped = shipped_prices()
-    assert set(shipped) == {
+    # OpenAI's models; each other provider's test module checks its own.
+    assert set(shipped) >= {
         "gpt-image-2",
         "gpt-image-2-2026-04-21",
         "gpt-image-2.5-flare",
