@@ -255,3 +255,84 @@ def test_geminis_models_are_priced_by_their_tokens(
     assert answer.status_code == 200
     # 10 input tokens at $0.50/1M and 1120 image tokens at $60/1M: $0.067205.
     assert answer.json()["usage"]["output_tokens_details"]["image_tokens"] == 1120
+
+
+def service_account(path: Any, token_uri: str) -> None:
+    """A service account's key file, with a key made for the test, its tokens from
+    `token_uri`."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "image-team",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "gateway@image-team.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": token_uri,
+            }
+        )
+    )
+
+
+def test_vertex_ai_with_a_service_accounts_token(
+    upstream: UpstreamDouble,
+    provider_proxy: Start,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+    import logging
+
+    from double import Exchange
+
+    image = gemini_image(png(24, 24))
+
+    async def answer(x: Exchange) -> None:
+        if x.request.path == "/token":
+            body = json.dumps(
+                {
+                    "access_token": "ya29.vertex-token-secret",
+                    "expires_in": 3600,
+                    "token_type": "Bearer",
+                }
+            ).encode()
+            await x.start(200, [("content-type", "application/json")])
+            await x.body(body, more=False)
+        else:
+            await image(x)
+
+    upstream.answer = answer
+    keyfile = tmp_path / "sa.json"
+    service_account(keyfile, upstream.url + "/token")
+    member = gemini_member(
+        upstream,
+        api_key=None,
+        vertex_project="image-team",
+        vertex_location="us-central1",
+        credentials_file=str(keyfile),
+    )
+    url = provider_proxy([member])
+    caplog.set_level(logging.DEBUG)
+    for _ in range(2):
+        client(url).images.generate(model=MODEL, prompt="p")
+    calls = [r for r in upstream.requests if r.path != "/token"]
+    assert [r.path for r in upstream.requests].count("/token") == 1  # kept until near expiry
+    assert calls[0].path == (
+        "/v1/projects/image-team/locations/us-central1/publishers/google/models/"
+        f"{MODEL}:generateContent"
+    )
+    assert all(r.header("authorization") == "Bearer ya29.vertex-token-secret" for r in calls)
+    assert all(r.header("x-goog-api-key") is None for r in calls)
+    assert "ya29.vertex-token-secret" not in caplog.text
