@@ -27,6 +27,11 @@ class _Upstream(_Section):
     def _resolve_key(cls, data: Any) -> Any:
         return _from_env(data, "api_key_env", "api_key") if isinstance(data, dict) else data
 
+    @property
+    def has_credentials(self) -> bool:
+        """Whether requests to it carry credentials (a key, or what its kind makes them of)."""
+        return self.api_key is not None
+
 
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")) or len(value) < 10:
@@ -188,6 +193,10 @@ class GeminiMember(ProviderUpstream):
     vertex_location: str = Field("global", pattern=r"^[a-z0-9-]{1,40}$")
     credentials_file: str | None = None
 
+    @property
+    def has_credentials(self) -> bool:
+        return self.api_key is not None or self.vertex_project is not None
+
     @model_validator(mode="after")
     def _vertex(self) -> GeminiMember:
         if self.credentials_file is not None and self.vertex_project is None:
@@ -246,6 +255,10 @@ class BedrockMember(ProviderUpstream):
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key_env is None):
             raise ValueError("set aws_access_key_id and aws_secret_access_key_env together")
         return self
+
+    @property
+    def has_credentials(self) -> bool:
+        return True  # a key, given keys, or the AWS credential chain at request time
 
     def described(self) -> dict[str, str]:
         return {**super().described(), "region": self.region}

@@ -215,7 +215,7 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
     """What each upstream is and whether it has credentials (never the credentials)."""
     upstreams: dict[str, Any] = {}
     for member in config.members():
-        has_key = member.api_key is not None
+        has_key = member.has_credentials
         where = member.described()
         if mock and member.kind == "openai":
             where = {"base_url": "embedded mock"}
