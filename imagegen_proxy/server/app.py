@@ -215,7 +215,7 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
     """What each upstream is and whether it has credentials (never the credentials)."""
     upstreams: dict[str, Any] = {}
     for member in config.members():
-        has_key = member.has_credentials
+        has_key = member.api_key is not None
         where = member.described()
         if mock and member.kind == "openai":
             where = {"base_url": "embedded mock"}
@@ -223,7 +223,7 @@ def describe_upstreams(config: ProxyConfig, mock: bool = False) -> dict[str, Any
             **({"kind": member.kind} if config.upstreams else {}),
             **where,
             "api_key": has_key,
-            "complete": (mock and member.kind == "openai") or has_key,
+            "complete": (mock and member.kind == "openai") or member.has_credentials,
         }
     return upstreams
 
