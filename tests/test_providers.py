@@ -139,3 +139,14 @@ def test_a_dead_provider_answers_502(provider_proxy: Start) -> None:
     answer = httpx.post(url + "/v1/images/generations", json={"model": MODEL, "prompt": "p"})
     assert answer.status_code == 502
     assert answer.json()["error"]["type"] == "server_error"
+
+
+def test_an_openai_member_maps_an_alias_to_its_model(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    member = openai_member(
+        upstream.url, models=["house-style"], model_map={"house-style": "gpt-image-2"}
+    )
+    url = provider_proxy([member])
+    client(url).images.generate(model="house-style", prompt="p")
+    assert upstream.last.json["model"] == "gpt-image-2"

@@ -59,6 +59,8 @@ class OpenAIUpstream(_Upstream):
     base_url: str = "https://api.openai.com/v1"
     organization: str | None = None
     project: str | None = None
+    # A client's model name (a pool's alias) -> the one sent upstream in its place.
+    model_map: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("base_url")
     @classmethod

@@ -23,6 +23,7 @@ class OpenAI:
         self.headers: TextHeaders = []
         self.headers += [("openai-organization", org)] if org else []
         self.headers += [("openai-project", project)] if project else []
+        self.model_map = member.model_map
         self._urls = {
             operation: f"{member.base_url}/images/{endpoint}"
             for operation, endpoint in ENDPOINTS.items()
@@ -37,4 +38,6 @@ class OpenAI:
     def locate(self, request: ImageRequest, pooled: bool) -> Located:
         # An Azure-form request names a deployment: here, the model.
         model = request.deployment if request.form == "azure" else None
+        if self.model_map:
+            model = self.model_map.get(request.model or "", model)
         return Located(self._urls[request.operation], model)
