@@ -74,3 +74,24 @@ def test_readme_reference_lists_every_key() -> None:
             f"`{section}.{key}`" in row or (f"`{section}." in row and f"{key}" in row)
             for row in rows
         ), f"{section}.{key} missing from the README's configuration reference"
+
+
+def test_readme_reference_lists_every_upstream_key() -> None:
+    """Every key of every kind's `[[upstreams]]` entry, as its own row or as `[openai]`'s
+    and `[azure]`'s (whose keys the members of those kinds take)."""
+    from imagegen_proxy.config import Member
+
+    rows = [
+        line
+        for line in (EXAMPLES.parent / "README.md").read_text().splitlines()
+        if line.startswith("| `")
+    ]
+    for member in get_args(Member):
+        for key in member.model_fields:
+            assert any(
+                f"`upstreams[].{key}`" in row
+                or f"`openai.{key}`" in row
+                or f"`azure.{key}`" in row
+                or (row.startswith("| `upstreams[].") and re.search(rf"\b{key}\b", row))
+                for row in rows
+            ), f"upstreams[].{key} ({member.__name__}) missing from the README's reference"
