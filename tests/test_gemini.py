@@ -336,3 +336,43 @@ def test_vertex_ai_with_a_service_accounts_token(
     assert all(r.header("authorization") == "Bearer ya29.vertex-token-secret" for r in calls)
     assert all(r.header("x-goog-api-key") is None for r in calls)
     assert "ya29.vertex-token-secret" not in caplog.text
+
+
+def test_n_images_answer_those_made_when_some_calls_fail(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    from double import Exchange
+
+    made, refused = gemini_image(png(8, 8)), google_error(500, "INTERNAL", "oops")
+    calls: list[int] = []
+
+    async def answer(x: Exchange) -> None:
+        calls.append(1)
+        await (refused if len(calls) == 2 else made)(x)
+
+    upstream.answer = answer
+    url = provider_proxy([gemini_member(upstream)])
+    result = client(url).images.generate(model=MODEL, prompt="p", n=3)
+    assert result.data is not None and len(result.data) == 2  # what was paid for is not lost
+    assert result.usage is not None and result.usage.output_tokens == 2 * 1120
+
+
+def test_n_images_all_refused_answer_the_refusal(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    upstream.answer = gemini_blocked()
+    url = provider_proxy([gemini_member(upstream)])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(url).images.generate(model=MODEL, prompt="p", n=2)
+    assert caught.value.code == "content_policy_violation"
+
+
+def test_n_streamed_images_are_n_completed_events(
+    upstream: UpstreamDouble, provider_proxy: Start
+) -> None:
+    upstream.answer = gemini_image(png(8, 8))
+    url = provider_proxy([gemini_member(upstream)])
+    events = list(client(url).images.generate(model=MODEL, prompt="p", n=2, stream=True))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert all(decoded_size(e.b64_json) == (8, 8) for e in events)
+    assert sum(e.usage.output_tokens for e in events) == 2 * 1120

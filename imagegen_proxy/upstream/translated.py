@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import struct
 import tempfile
 import time
@@ -35,6 +36,7 @@ from ..wire.request import ImageRequest
 from ..wire.usage import Usage
 
 RawHeaders = list[tuple[bytes, bytes]]
+logger = logging.getLogger("imagegen_proxy")
 
 _JSON = (b"content-type", b"application/json")
 _SSE = (b"content-type", b"text/event-stream")
@@ -447,13 +449,18 @@ async def _spool(pieces: Pieces, into: _Spooled) -> None:
                 into.sniffed.feed(piece)
     except ProviderError as error:
         into.error = error
-    except httpx.HTTPError as exc:
-        into.error = ProviderError(
-            502,
-            f"The upstream failed before the image was complete ({type(exc).__name__}).",
-            type="server_error",
-            code="upstream_error",
-        )
+    except (httpx.HTTPError, TimeoutError, ProxyError, OSError) as exc:
+        # Kept, not raised: the other shots' images still count.
+        if isinstance(exc, ProxyError):
+            into.error = ProviderError(exc.status, exc.message, type=exc.type, code=exc.code)
+        else:
+            logger.warning("provider call failed: %s", type(exc).__name__)
+            into.error = ProviderError(
+                502,
+                f"The upstream failed before the image was complete ({type(exc).__name__}).",
+                type="server_error",
+                code="upstream_error",
+            )
     finally:
         await pieces.aclose()
 
