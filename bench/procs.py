@@ -105,13 +105,15 @@ def imagegen_proxy(
     store: str | None = None,
     pool: int = 0,
     budget_usd: float | None = None,
+    members: str | None = None,
 ) -> Iterator[tuple[str, int]]:
     """The product with one key, the in-memory limiter doing real work.
     `extra_config` is TOML appended to the configuration (e.g. an `[azure]` section); `env`
     is added to its environment (`PYTHONPATH` runs another checkout's code). With `store`
     (a database URL), the bench key lives in that store instead of the configuration. With
     `pool`, `[openai]` becomes that many `[[upstreams]]`, all the same `upstream`. With
-    `budget_usd`, the key spends on a daily dollar budget (never reached)."""
+    `budget_usd`, the key spends on a daily dollar budget (never reached). `members` is
+    TOML of `[[upstreams]]` entries in place of `[openai]` (another kind of upstream)."""
     limits = "requests_per_minute = 100000000\nimages_per_minute = 100000000\n"
     limits += "max_concurrent = 100000\n"
     if budget_usd is not None:
@@ -122,6 +124,8 @@ def imagegen_proxy(
             f'[[upstreams]]\nname = "u{index}"\nkind = "openai"\nbase_url = "{upstream}/v1"\n'
             for index in range(pool)
         )
+    if members is not None:
+        config = members
     if store is None:
         config += f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n{limits}'
     else:
