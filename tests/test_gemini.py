@@ -229,6 +229,10 @@ def test_an_edit_streams_the_edit_event(upstream: UpstreamDouble, provider_proxy
     [
         ({"image": ("in.png", png(), "image/png"), "mask": ("m.png", png(), "image/png")}, "mask"),
         ({"image": ("in.gif", b"GIF89a...", "image/gif")}, "image"),
+        (
+            {"image": ("in.png", png(), "image/png"), "background": (None, "transparent")},
+            "background",
+        ),
     ],
 )
 def test_what_a_gemini_edit_cannot_take_is_a_400(

@@ -191,6 +191,15 @@ async def _images_of(upload: Upload) -> list[tuple[str, Spooled]]:
     """An edit's input images, spooled to disk, each with its media type; a mask (Gemini
     has none) or an image of another type is refused."""
     files = await upload.spool_rest()
+    fields = upload.fields
+    if fields.get("background") == "transparent":
+        raise ProviderError(
+            400, f"{NAME} cannot make a transparent background.", param="background"
+        )
+    if fields.get("response_format") == "url":
+        raise ProviderError(
+            400, f"Images from {NAME} come back as base64 only.", param="response_format"
+        )
     found: list[tuple[str, Spooled]] = []
     for part, spooled in files:
         if part.name == "mask":
