@@ -1,4 +1,5 @@
-"""MockUpstream: a raw ASGI app that speaks the OpenAI image-generation API."""
+"""MockUpstream: a raw ASGI app that speaks the OpenAI image-generation API, and the other
+providers' APIs through `providers`."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from .edit import Canvas, generated, tint_colour, tint_weight
 from .form import read_form
 from .formats import render_gif, render_svg
 from .png import render_png
+from .providers import Providers
 from .replies import JSON as _JSON
-from .replies import in_thread, respond, until_disconnect
+from .replies import in_thread, respond, route_path, until_disconnect
 from .wire import (
     Edit,
     Generation,
@@ -59,6 +61,9 @@ class MockUpstream:
 
     Edits tint the first input image toward a colour from the prompt and fill the mask's
     transparent area with it (see `edit`); variations tint it a different colour each.
+
+    Gemini's, Black Forest Labs', Stability's and Bedrock's own paths are answered in their
+    wire (see `providers`), `api_key` being each one's credential.
     """
 
     def __init__(self, *, delay: float = 0.0, pad_to: int = 0, api_key: str | None = None) -> None:
@@ -69,6 +74,7 @@ class MockUpstream:
         self._authorization = None if api_key is None else b"Bearer " + api_key.encode()
         # Encoding a padded multi-megabyte PNG costs milliseconds per request; keep the results.
         self._b64 = BytesLRU(max_bytes=128 * 1024 * 1024)
+        self._providers = Providers(self, api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -103,6 +109,8 @@ class MockUpstream:
                 await _method_not_allowed(send, request_id, method, path, b"GET, HEAD")
                 return
             await respond(send, 200, b'{"status":"ok"}', [_JSON, (b"x-request-id", request_id)])
+        elif (handler := self._providers.handler(route_path(scope))) is not None:
+            await handler(scope, receive, send)
         else:
             payload = error_body(
                 ProxyError(404, f"Invalid URL ({method} {path})", code="unknown_url")
