@@ -1,5 +1,6 @@
 """The embedded mock upstream: an OpenAI-compatible image-generation service (generations,
-edits, variations).
+edits, variations), which also speaks Gemini's, Black Forest Labs', Stability's and Amazon
+Bedrock's own image APIs (`providers`).
 
 The bundled proxy serves it when no real upstream is configured; benchmarks run it as the
 upstream (`python -m imagegen_proxy.mock`).

@@ -13,7 +13,10 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve MockUpstream with uvicorn until interrupted."""
     parser = argparse.ArgumentParser(
         prog="python -m imagegen_proxy.mock",
-        description="Serve the mock OpenAI-compatible image-generation upstream.",
+        description=(
+            "Serve the mock image-generation upstream: OpenAI's API, and Gemini's, Black"
+            " Forest Labs', Stability's and Bedrock's."
+        ),
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"

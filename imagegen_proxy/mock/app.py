@@ -1,4 +1,5 @@
-"""MockUpstream: a raw ASGI app that speaks the OpenAI image-generation API."""
+"""MockUpstream: a raw ASGI app that speaks the OpenAI image-generation API, and the other
+providers' APIs through `providers`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import anyio
-import anyio.to_thread
 
 from ..types import Receive, Scope, Send
 from ..wire.errors import ClientGone, ProxyError
@@ -24,6 +23,9 @@ from .edit import Canvas, generated, tint_colour, tint_weight
 from .form import read_form
 from .formats import render_gif, render_svg
 from .png import render_png
+from .providers import Providers
+from .replies import JSON as _JSON
+from .replies import in_thread, respond, route_path, until_disconnect
 from .wire import (
     Edit,
     Generation,
@@ -33,8 +35,6 @@ from .wire import (
     parse_variation,
 )
 
-Headers = list[tuple[bytes, bytes]]
-T = TypeVar("T")
 # (image index, detail) -> the image as base64 PNG; detail below 1 is a partial image.
 Render = Callable[[int, float], Awaitable[bytes]]
 # (created, the images as base64) -> the non-streaming answer's body.
@@ -49,8 +49,6 @@ EDITS_SUFFIX = "/images/edits"
 VARIATIONS_SUFFIX = "/images/variations"
 HEALTH_SUFFIX = "/healthz"
 
-_JSON = (b"content-type", b"application/json")
-
 
 class MockUpstream:
     """An OpenAI-compatible image-generation service answering on any `.../images/generations`,
@@ -63,6 +61,9 @@ class MockUpstream:
 
     Edits tint the first input image toward a colour from the prompt and fill the mask's
     transparent area with it (see `edit`); variations tint it a different colour each.
+
+    Gemini's, Black Forest Labs', Stability's and Bedrock's own paths are answered in their
+    wire (see `providers`), `api_key` being each one's credential.
     """
 
     def __init__(self, *, delay: float = 0.0, pad_to: int = 0, api_key: str | None = None) -> None:
@@ -73,6 +74,7 @@ class MockUpstream:
         self._authorization = None if api_key is None else b"Bearer " + api_key.encode()
         # Encoding a padded multi-megabyte PNG costs milliseconds per request; keep the results.
         self._b64 = BytesLRU(max_bytes=128 * 1024 * 1024)
+        self._providers = Providers(self, api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -106,12 +108,14 @@ class MockUpstream:
             if method not in ("GET", "HEAD"):
                 await _method_not_allowed(send, request_id, method, path, b"GET, HEAD")
                 return
-            await _respond(send, 200, b'{"status":"ok"}', [_JSON, (b"x-request-id", request_id)])
+            await respond(send, 200, b'{"status":"ok"}', [_JSON, (b"x-request-id", request_id)])
+        elif (handler := self._providers.handler(route_path(scope))) is not None:
+            await handler(scope, receive, send)
         else:
             payload = error_body(
                 ProxyError(404, f"Invalid URL ({method} {path})", code="unknown_url")
             )
-            await _respond(send, 404, payload, [_JSON, (b"x-request-id", request_id)])
+            await respond(send, 404, payload, [_JSON, (b"x-request-id", request_id)])
 
     async def _generation(self, scope: Scope, receive: Receive, reply: _Reply) -> None:
         try:
@@ -147,7 +151,7 @@ class MockUpstream:
             else:
                 colour, weight = tint_colour(gen.prompt), tint_weight(index, detail)
             paint = functools.partial(canvas.paint, colour, weight, pad_to=self.pad_to)
-            return base64.b64encode(await _in_thread(paint))
+            return base64.b64encode(await in_thread(paint))
 
         answer = functools.partial(variations_json if variation else images_json, gen)
         await self._answer(receive, gen, render, answer, reply)
@@ -160,7 +164,7 @@ class MockUpstream:
         else:
             work = self._complete(gen, render, answer, reply)
         if self.delay > 0:
-            await _until_disconnect(receive, work)
+            await until_disconnect(receive, work)
         else:
             # No waiting means nothing to abandon early: skip the watcher and its overhead.
             await work
@@ -183,7 +187,7 @@ class MockUpstream:
                 gif = functools.partial(
                     render_gif, gen.prompt, frames=gen.frames, frame_ms=gen.frame_ms, **size
                 )
-                image = await _in_thread(gif)
+                image = await in_thread(gif)
             elif gen.output_format == "svg":
                 image = render_svg(gen.prompt, **size)
             else:
@@ -200,7 +204,7 @@ class MockUpstream:
         images = [await render(i, 1.0) for i in range(gen.n)]
         body = answer(int(time.time()), images)
         headers = [_JSON, (b"x-request-id", reply.request_id), _processing_ms(reply.started)]
-        await _respond(reply.send, 200, body, headers)
+        await respond(reply.send, 200, body, headers)
 
     async def _stream(self, gen: Generation, render: Render, reply: _Reply) -> None:
         send = reply.send
@@ -236,10 +240,10 @@ class _Reply:
 async def _canvas(edit: Edit) -> Canvas:
     """The input and mask, decoded in a worker thread (a slow PNG takes up to a second), or
     the generated picture when the input is no PNG the mock can read."""
-    source, mask = await _in_thread(functools.partial(_decode, edit.image, edit.mask))
+    source, mask = await in_thread(functools.partial(_decode, edit.image, edit.mask))
     if source is None:
         source = generated(edit.gen.prompt, edit.gen.width, edit.gen.height)
-    return await _in_thread(
+    return await in_thread(
         functools.partial(Canvas.of, source, mask, edit.gen.width, edit.gen.height)
     )
 
@@ -248,27 +252,8 @@ def _decode(image: bytes, mask: bytes | None) -> tuple[Bitmap | None, Bitmap | N
     return decode_png(image), None if mask is None else decode_png(mask)
 
 
-async def _in_thread(work: Callable[[], T]) -> T:
-    # Abandoned, not awaited, if the request is cancelled: the client is gone.
-    return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-
-
-async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
-    """Run `work`, abandoning it as soon as the client goes away."""
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        await work
-        tg.cancel_scope.cancel()
-
-
 async def _error(send: Send, error: ProxyError, request_id: bytes) -> None:
-    await _respond(send, error.status, error_body(error), [_JSON, (b"x-request-id", request_id)])
+    await respond(send, error.status, error_body(error), [_JSON, (b"x-request-id", request_id)])
 
 
 async def _method_not_allowed(
@@ -277,13 +262,7 @@ async def _method_not_allowed(
     message = f"Method {method} is not allowed on {path}."
     payload = error_body(ProxyError(405, message, code="method_not_allowed"))
     headers = [_JSON, (b"allow", allow), (b"x-request-id", request_id)]
-    await _respond(send, 405, payload, headers)
-
-
-async def _respond(send: Send, status: int, body: bytes, headers: Headers) -> None:
-    headers.append((b"content-length", b"%d" % len(body)))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await respond(send, 405, payload, headers)
 
 
 def _processing_ms(started: float) -> tuple[bytes, bytes]:
