@@ -358,8 +358,12 @@ def google_error(answer: Answer, body: bytes) -> ProviderError:
     error = found.get("error") if isinstance(found, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     status = answer.status
-    if isinstance(error, dict) and status == 400 and error.get("status") == "FAILED_PRECONDITION":
-        status = 403  # billing or region: the gateway's account, not the request
+    if isinstance(error, dict) and status == 400 and (
+        error.get("status") == "FAILED_PRECONDITION" or b"API_KEY_INVALID" in body
+    ):
+        # Billing, region, or a key Google does not know (which it answers 400): the
+        # gateway's account, not the client's request.
+        status = 403
     return failed(NAME, status, message if isinstance(message, str) else None, answer)
 
 
