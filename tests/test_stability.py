@@ -17,6 +17,9 @@ from double import Answer, Exchange, UpstreamDouble
 from providers import PROVIDER_KEY, b64, client, decoded_size, no_secrets, png, send_json
 from support import until
 
+from imagegen_proxy.governance.pricing import Prices
+from imagegen_proxy.wire.request import ImageGenerationBody, ImageRequest
+
 Start = Callable[..., str]
 GENERATE = "/v2beta/stable-image/generate/"
 
@@ -493,3 +496,26 @@ def test_the_clients_key_never_reaches_stability(
         assert sent.header("authorization") == f"Bearer {PROVIDER_KEY}"
         assert CLIENT_KEY not in (sent.header("authorization") or "")
     no_secrets(upstream)
+
+
+@pytest.mark.parametrize(
+    ("model", "dollars"),
+    [
+        ("ultra", 0.08),
+        ("stable-image-ultra", 0.08),
+        ("core", 0.03),
+        ("stable-image-core", 0.03),
+        ("sd3.5-large", 0.065),
+        ("sd3.5-large-turbo", 0.04),
+        ("sd3.5-medium", 0.035),
+    ],
+)
+@pytest.mark.parametrize("size", [None, "1024x1024", "1536x1024", "auto"])
+def test_each_model_is_priced_per_image_whatever_its_size(
+    model: str, dollars: float, size: str | None
+) -> None:
+    body = {"prompt": "p", "model": model, "n": 2} | ({"size": size} if size else {})
+    request = ImageRequest(form="openai", body=ImageGenerationBody.model_validate(body))
+    price = Prices().get(model)
+    assert price is not None and price.per_image
+    assert price.estimate(request) == price.cost(request, None) == round(2 * dollars * 1e6)
