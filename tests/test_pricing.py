@@ -285,6 +285,13 @@ def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
         "gpt-image-1.5",
         "dall-e-3",
         "dall-e-2",
+        "stable-image-ultra",
+        "ultra",
+        "stable-image-core",
+        "core",
+        "sd3.5-large",
+        "sd3.5-large-turbo",
+        "sd3.5-medium",
     }
     assert all(entry.source for entry in shipped.values())
     assert resources.files("imagegen_proxy.governance").joinpath("prices.toml").is_file()

@@ -13,9 +13,15 @@ from .azure import Azure
 from .base import Job, Kind, Located, Translating
 from .gemini import Gemini
 from .openai import OpenAI
+from .stability import Stability
 
 # Each kind by its `kind = "..."`, made from its member's settings.
-KINDS: dict[str, Callable[[Any], Kind]] = {"openai": OpenAI, "azure": Azure, "gemini": Gemini}
+KINDS: dict[str, Callable[[Any], Kind]] = {
+    "openai": OpenAI,
+    "azure": Azure,
+    "gemini": Gemini,
+    "stability": Stability,
+}
 
 
 def kind_of(member: Member) -> Kind:
