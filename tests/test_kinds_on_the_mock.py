@@ -31,10 +31,11 @@ def members(mock: str) -> dict[str, tuple[dict[str, Any], str]]:
             {"kind": "gemini", "base_url": mock, "api_key": KEY},
             "gemini-3.1-flash-image",
         ),
+        "stability": ({"kind": "stability", "base_url": mock, "api_key": KEY}, "core"),
     }
 
 
-KINDS = ["gemini"]
+KINDS = ["gemini", "stability"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
