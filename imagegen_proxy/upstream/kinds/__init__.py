@@ -11,11 +11,17 @@ from typing import Any
 from ...config import Member
 from .azure import Azure
 from .base import Job, Kind, Located, Translating
+from .bedrock import Bedrock
 from .gemini import Gemini
 from .openai import OpenAI
 
 # Each kind by its `kind = "..."`, made from its member's settings.
-KINDS: dict[str, Callable[[Any], Kind]] = {"openai": OpenAI, "azure": Azure, "gemini": Gemini}
+KINDS: dict[str, Callable[[Any], Kind]] = {
+    "openai": OpenAI,
+    "azure": Azure,
+    "gemini": Gemini,
+    "bedrock": Bedrock,
+}
 
 
 def kind_of(member: Member) -> Kind:
