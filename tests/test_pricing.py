@@ -284,6 +284,7 @@ def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
         "gpt-image-1.5",
         "dall-e-3",
         "dall-e-2",
+        "amazon.nova-canvas-v1:0",
     }
     assert all(entry.source for entry in shipped.values())
     assert resources.files("imagegen_proxy.governance").joinpath("prices.toml").is_file()
