@@ -292,6 +292,7 @@ def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
         "sd3.5-large",
         "sd3.5-large-turbo",
         "sd3.5-medium",
+        "amazon.nova-canvas-v1:0",
     }
     assert all(entry.source for entry in shipped.values())
     assert resources.files("imagegen_proxy.governance").joinpath("prices.toml").is_file()

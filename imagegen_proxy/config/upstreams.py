@@ -256,6 +256,8 @@ class BedrockMember(ProviderUpstream):
     def _keys(self) -> BedrockMember:
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key_env is None):
             raise ValueError("set aws_access_key_id and aws_secret_access_key_env together")
+        if self.api_key is not None and self.aws_access_key_id is not None:
+            raise ValueError("set api_key (a Bedrock API key) or aws_access_key_id, not both")
         return self
 
     @property

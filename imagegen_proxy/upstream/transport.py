@@ -109,7 +109,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         handful per process (Azure's are bounded by its targets' own caches)."""
         found = self._urls.get(url)
         if found is None:
-            parsed = URL(url)
+            # As httpx sends it: escapes kept (yarl's own parsing would decode "%3A" to
+            # ":", and a SigV4 signature covers the path as encoded).
+            parsed = URL(str(httpx.URL(url)), encoded=True)
             key = (parsed.scheme, parsed.host or "")
             if key not in self._proxy_for:
                 bypass = urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]

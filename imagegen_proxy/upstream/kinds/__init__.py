@@ -11,6 +11,7 @@ from typing import Any
 from ...config import Member
 from .azure import Azure
 from .base import Job, Kind, Located, Translating
+from .bedrock import Bedrock
 from .gemini import Gemini
 from .openai import OpenAI
 from .stability import Stability
@@ -21,6 +22,7 @@ KINDS: dict[str, Callable[[Any], Kind]] = {
     "azure": Azure,
     "gemini": Gemini,
     "stability": Stability,
+    "bedrock": Bedrock,
 }
 
 
