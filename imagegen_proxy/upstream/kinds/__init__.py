@@ -11,11 +11,17 @@ from typing import Any
 from ...config import Member
 from .azure import Azure
 from .base import Job, Kind, Located, Translating
+from .bfl import Bfl
 from .gemini import Gemini
 from .openai import OpenAI
 
 # Each kind by its `kind = "..."`, made from its member's settings.
-KINDS: dict[str, Callable[[Any], Kind]] = {"openai": OpenAI, "azure": Azure, "gemini": Gemini}
+KINDS: dict[str, Callable[[Any], Kind]] = {
+    "openai": OpenAI,
+    "azure": Azure,
+    "gemini": Gemini,
+    "bfl": Bfl,
+}
 
 
 def kind_of(member: Member) -> Kind:
