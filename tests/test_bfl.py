@@ -479,15 +479,19 @@ def test_a_task_taken_on_never_fails_over(
 # --- Where the answers point ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["polling_url", "sample_url"])
+@pytest.mark.parametrize(
+    ("which", "path"),
+    [("polling_url", "/v1/get_result?id=task-0"), ("sample_url", "/delivery/task-0.png")],
+)
 def test_a_url_on_another_origin_is_never_followed(
     upstream: UpstreamDouble,
     other: UpstreamDouble,
     provider_proxy: Start,
     flux: Flux,
     which: str,
+    path: str,
 ) -> None:
-    setattr(flux, which, other.url + "/v1/get_result?id=task-0")
+    setattr(flux, which, other.url + path)  # the same host, another port
     url = provider_proxy([member(upstream)])
     answer = post(url)
     assert answer.status_code == 502
