@@ -270,7 +270,7 @@ def test_a_size_the_model_cannot_make_is_a_400_naming_size(
 ) -> None:
     url = provider_proxy([member(upstream)])
     with pytest.raises(openai.BadRequestError) as caught:
-        client(url).images.generate(model=model, prompt="p", size=size)  # type: ignore[arg-type]
+        client(url).images.generate(model=model, prompt="p", size=size)
     assert caught.value.param == "size"
     assert said in caught.value.message
     assert upstream.requests == []  # never shrunk to fit: refused before anything was sent
