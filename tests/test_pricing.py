@@ -293,6 +293,16 @@ def test_the_shipped_table_loads_and_names_a_source_for_every_entry() -> None:
         "sd3.5-large-turbo",
         "sd3.5-medium",
         "amazon.nova-canvas-v1:0",
+        "flux-pro-1.1",
+        "flux-pro-1.1-ultra",
+        "flux-kontext-pro",
+        "flux-kontext-max",
+        "flux-dev",
+        "flux-2-pro",
+        "flux-2-max",
+        "flux-2-flex",
+        "flux-2-klein-4b",
+        "flux-2-klein-9b",
     }
     assert all(entry.source for entry in shipped.values())
     assert resources.files("imagegen_proxy.governance").joinpath("prices.toml").is_file()

@@ -12,6 +12,7 @@ from ...config import Member
 from .azure import Azure
 from .base import Job, Kind, Located, Translating
 from .bedrock import Bedrock
+from .bfl import Bfl
 from .gemini import Gemini
 from .openai import OpenAI
 from .stability import Stability
@@ -23,6 +24,7 @@ KINDS: dict[str, Callable[[Any], Kind]] = {
     "gemini": Gemini,
     "stability": Stability,
     "bedrock": Bedrock,
+    "bfl": Bfl,
 }
 
 
