@@ -36,6 +36,7 @@ from .retries.idempotency import rate_only
 from .retries.recording import Recording
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstream.call import Call, SendUpstream, client_sender
+from .upstream.kinds import makes
 from .upstream.pool import Tries
 from .upstream.relay import Relay
 from .upstream.targets import Target, Upstreams
@@ -98,7 +99,10 @@ class ImageGenProxy:
         self.prices = Prices(config.prices)
         # What the gateway serves: the pool's models, or the priced ones through one upstream.
         priced = self.prices.models
-        self.models = priced if self.pool is None else self.pool.models(priced)
+        if self.pool is None:  # [openai] or [azure]: OpenAI's API makes what it makes
+            self.models = [model for model in priced if makes("openai", model)]
+        else:
+            self.models = self.pool.models(priced)
         self.admin = AdminPlane(
             config.proxy.mount_prefix,
             config.admin.digest,

@@ -150,3 +150,19 @@ def test_an_openai_member_maps_an_alias_to_its_model(
     url = provider_proxy([member])
     client(url).images.generate(model="house-style", prompt="p")
     assert upstream.last.json["model"] == "gpt-image-2"
+
+
+def test_models_lists_what_each_kind_makes(
+    upstream: UpstreamDouble, provider_proxy: Start, start_proxy: Start
+) -> None:
+    # [openai] alone: OpenAI's models only
+    listed = client(start_proxy(proxy={"list_models": True})).models.list()
+    names = {model.id for model in listed}
+    assert "gpt-image-1" in names and not any(
+        name.startswith(("gemini-", "flux", "amazon.")) or name == "core" for name in names
+    )
+    url = provider_proxy([gemini_member(upstream)])  # a Gemini member naming no models
+    assert {model.id for model in client(url).models.list()} == {
+        "gemini-3.1-flash-image",
+        "gemini-3-pro-image",
+    }

@@ -28,6 +28,7 @@ from ..config import PoolConfig
 from ..wire.errors import ProxyError
 from ..wire.request import ImageRequest
 from .call import Call
+from .kinds import makes
 from .targets import Target
 
 logger = logging.getLogger("imagegen_proxy")
@@ -161,12 +162,12 @@ class Pool:
         return ready[: self.config.max_attempts]
 
     def models(self, known: Iterable[str]) -> list[str]:
-        """The models the pool serves: those its upstreams name, with `known` ones (the
-        priced models) when an upstream serves every model."""
+        """The models the pool serves: those its upstreams name, with the `known` ones (the
+        priced models) of its kind when an upstream serves every model."""
         served: set[str] = set()
         for target in self.targets:
             if target.models is None:
-                served.update(known)
+                served.update(model for model in known if makes(target.kind, model))
             else:
                 served.update(target.models)
         return sorted(served)
