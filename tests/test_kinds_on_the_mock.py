@@ -4,6 +4,7 @@ provider's own wire: the official SDK gets OpenAI's answers, real PNGs of the mo
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from providers import client, decoded_size
 from support import serve
 
 from imagegen_proxy.mock import MockUpstream
+from imagegen_proxy.mock.providers.bedrock import ACCESS_KEY_ID
 
 Start = Callable[..., str]
 KEY = "mock-key-for-the-kinds-0123456789"
@@ -32,10 +34,29 @@ def members(mock: str) -> dict[str, tuple[dict[str, Any], str]]:
             "gemini-3.1-flash-image",
         ),
         "stability": ({"kind": "stability", "base_url": mock, "api_key": KEY}, "core"),
+        "bfl": (
+            {"kind": "bfl", "base_url": mock, "api_key": KEY, "poll_interval": 0.02},
+            "flux-pro-1.1",
+        ),
+        "bedrock": (
+            {
+                "kind": "bedrock",
+                "base_url": mock,
+                "region": "us-east-1",
+                "aws_access_key_id": ACCESS_KEY_ID,
+                "aws_secret_access_key_env": "MOCK_AWS_SECRET",
+            },
+            "amazon.nova-canvas-v1:0",
+        ),
     }
 
 
-KINDS = ["gemini", "stability"]
+KINDS = ["gemini", "stability", "bfl", "bedrock"]
+
+
+@pytest.fixture(autouse=True)
+def aws_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCK_AWS_SECRET", KEY)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -75,7 +96,10 @@ def test_each_kind_with_a_wrong_key_is_the_gateways_problem(
     mock: str, provider_proxy: Start, kind: str
 ) -> None:
     member, model = members(mock)[kind]
-    url = provider_proxy([{"name": kind, **member, "api_key": "not-the-key"}])
+    wrong = {"api_key": "not-the-key"}
+    if kind == "bedrock":
+        os.environ["MOCK_AWS_SECRET"] = wrong.pop("api_key")
+    url = provider_proxy([{"name": kind, **member, **wrong}])
     with pytest.raises(openai.InternalServerError) as caught:
         client(url).images.generate(model=model, prompt="p")
     assert caught.value.status_code == 502 and caught.value.code == "upstream_auth_failed"

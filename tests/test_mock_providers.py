@@ -24,6 +24,7 @@ from test_mock import Recorder
 from imagegen_proxy.mock import MockUpstream, decode_png, encode_rgba
 from imagegen_proxy.mock.edit import COLOURS
 from imagegen_proxy.mock.providers import sigv4
+from imagegen_proxy.mock.providers.bedrock import ACCESS_KEY_ID
 
 KEY = "mock-provider-key-0123456789"
 GEMINI = "/v1beta/models/gemini-3.1-flash-image:generateContent"
@@ -495,7 +496,7 @@ def signed(
     *,
     path: str = NOVA,
     secret: str = KEY,
-    access_key: str = "mock",
+    access_key: str = ACCESS_KEY_ID,
     service: str = "bedrock",
 ) -> tuple[str, dict[str, str]]:
     request = AWSRequest(
@@ -548,7 +549,7 @@ def test_bedrock_refuses_a_tampered_or_wrongly_signed_request(url: str) -> None:
     incomplete = httpx.post(target, content=body, headers=unsigned)
     assert incomplete.status_code == 400
     assert incomplete.headers["x-amzn-errortype"] == "IncompleteSignatureException"
-    for headers in ({}, {"authorization": "AWS4-HMAC-SHA256 Credential=mock/x"}):
+    for headers in ({}, {"authorization": f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/x"}):
         missing = httpx.post(url + NOVA, content=body, headers=headers)
         assert missing.status_code == 403
         assert missing.headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
@@ -565,7 +566,7 @@ def test_bedrock_api_key(url: str) -> None:
 def test_sigv4_time_window() -> None:
     body = b"{}"
     request = AWSRequest(method="POST", url="http://127.0.0.1:9/model/m/invoke", data=body)
-    SigV4Auth(Credentials("mock", KEY), "bedrock", "eu-west-1").add_auth(request)
+    SigV4Auth(Credentials(ACCESS_KEY_ID, KEY), "bedrock", "eu-west-1").add_auth(request)
     headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.items()]
     headers.append((b"host", b"127.0.0.1:9"))
     scope = {

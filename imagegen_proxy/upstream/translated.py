@@ -25,7 +25,7 @@ import logging
 import struct
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -229,19 +229,29 @@ def check_base64(piece: bytes, provider: str) -> None:
 
 
 class Base64Pieces:
-    """Raw image bytes, as they arrive, to base64 pieces (a chunk's last bytes, up to two, wait
-    for the next)."""
+    """Raw image bytes, as they arrive, to base64 pieces of at most `PIECE` bytes of input
+    each: a network chunk (often most of a megabyte) is neither copied nor encoded whole.
+    A chunk's last bytes, up to two, wait for the next."""
 
     __slots__ = ("_rest",)
+    PIECE = 48 * 1024  # a multiple of 3
 
     def __init__(self) -> None:
         self._rest = b""
 
-    def feed(self, data: bytes) -> bytes:
-        data = self._rest + data
-        cut = len(data) - len(data) % 3
-        self._rest = data[cut:]
-        return base64.b64encode(data[:cut])
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        if self._rest:
+            need = 3 - len(self._rest)
+            if len(view) < need:
+                self._rest += bytes(view)
+                return
+            yield base64.b64encode(self._rest + bytes(view[:need]))
+            view, self._rest = view[need:], b""
+        cut = len(view) - len(view) % 3
+        for at in range(0, cut, self.PIECE):
+            yield base64.b64encode(view[at : min(at + self.PIECE, cut)])
+        self._rest = bytes(view[cut:])
 
     def end(self) -> bytes:
         rest, self._rest = self._rest, b""

@@ -5,8 +5,8 @@ Route: `POST /model/{modelId}/invoke`, the model id `amazon.nova-canvas-v1:0` or
 `amazon.titan-image-generator-v{1,2}[:0]` (its colon often sent as `%3A`; ASGI's path is
 decoded). Auth: SigV4 (`Authorization: AWS4-HMAC-SHA256 Credential=...` and `x-amz-date`),
 service `bedrock`, any region; with the mock's `api_key` set, the signature is checked for
-real against access key id `mock` and secret `api_key` (see `sigv4`). A Bedrock API key,
-`Authorization: Bearer`, is taken too: it must be `api_key` when one is set.
+real against access key id `AKIAIMAGEGENPROXYMOCK` and secret `api_key` (see `sigv4`). A
+Bedrock API key, `Authorization: Bearer`, is taken too: it must be `api_key` when one is set.
 
 Bodies: `TEXT_IMAGE` (`textToImageParams.text`, optional `negativeText`) and `INPAINTING`
 (`inPaintingParams.image` with `maskImage` or `maskPrompt`): the input tinted toward the
@@ -40,7 +40,7 @@ from .sigv4 import SignatureError, parse_authorization, verify
 
 _PATH = re.compile(r"/model/([^/]+)/invoke")
 _MODEL_ID = re.compile(r"amazon\.(?:nova-canvas-v1:0|titan-image-generator-v[12](?::0)?)")
-ACCESS_KEY_ID = "mock"
+ACCESS_KEY_ID = "AKIAIMAGEGENPROXYMOCK"  # the shape of an AWS access key id
 SERVICE = "bedrock"
 TASK_TYPES = (
     "TEXT_IMAGE",

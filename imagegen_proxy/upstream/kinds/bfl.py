@@ -246,7 +246,7 @@ async def _image(send: SendUpstream, download: Call) -> Pieces:
             size = 0
             async for chunk in answer.chunks():
                 size += len(chunk)
-                if piece := pieces.feed(chunk):
+                for piece in pieces.feed(chunk):
                     yield piece
             if size == 0:
                 raise _lost(f"{NAME}'s image was empty.")

@@ -231,7 +231,8 @@ async def _edit_body(
         yield b',{"inlineData":{"mimeType":"' + media.encode() + b'","data":"'
         encoder = Base64Pieces()
         async for chunk in upload.spooled(spooled):
-            yield encoder.feed(chunk)
+            for piece in encoder.feed(chunk):
+                yield piece
         yield encoder.end() + b'"}}'
     yield b']}],"generationConfig":' + json.dumps(config).encode() + b"}"
 
@@ -358,8 +359,10 @@ def google_error(answer: Answer, body: bytes) -> ProviderError:
     error = found.get("error") if isinstance(found, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     status = answer.status
-    if isinstance(error, dict) and status == 400 and (
-        error.get("status") == "FAILED_PRECONDITION" or b"API_KEY_INVALID" in body
+    if (
+        isinstance(error, dict)
+        and status == 400
+        and (error.get("status") == "FAILED_PRECONDITION" or b"API_KEY_INVALID" in body)
     ):
         # Billing, region, or a key Google does not know (which it answers 400): the
         # gateway's account, not the client's request.

@@ -187,7 +187,7 @@ async def _image(send: SendUpstream, call: Call) -> Pieces:
             )
         encoder = Base64Pieces()
         async for chunk in answer.chunks():
-            if piece := encoder.feed(chunk):
+            for piece in encoder.feed(chunk):
                 yield piece
         if piece := encoder.end():
             yield piece
