@@ -32,8 +32,10 @@ from typing import IO
 import httpx
 
 from ..wire.errors import ProxyError
+from ..wire.jsonstream import Event, JsonEvents, JsonStreamError
 from ..wire.request import ImageRequest
 from ..wire.usage import Usage
+from .call import Answer
 
 RawHeaders = list[tuple[bytes, bytes]]
 logger = logging.getLogger("imagegen_proxy")
@@ -220,6 +222,21 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
         bits = int.from_bytes(data[21:25], "little")
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     return None
+
+
+async def json_pieces(
+    answer: Answer, provider: str, read: Callable[[list[Event]], list[Piece]]
+) -> Pieces:
+    """A JSON answer read as a stream of events, which `read` turns into pieces (an image
+    string's pieces as they arrive); what is not one JSON document fails as `broken`."""
+    events = JsonEvents()
+    try:
+        async for chunk in answer.chunks():
+            for piece in read(events.feed(chunk)):
+                yield piece
+        events.end()
+    except JsonStreamError as exc:
+        raise broken(provider, f"an answer that is not JSON ({exc})") from None
 
 
 def check_base64(piece: bytes, provider: str) -> None:

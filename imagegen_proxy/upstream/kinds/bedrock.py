@@ -23,7 +23,6 @@ import anyio.to_thread
 
 from ...config import BedrockMember, ConfigError
 from ...wire.errors import ProxyError
-from ...wire.jsonstream import JsonEvents, JsonStreamError
 from ...wire.request import ImageRequest
 from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
@@ -31,9 +30,9 @@ from ..translated import (
     Piece,
     Pieces,
     ProviderError,
-    broken,
     check_base64,
     content_policy,
+    json_pieces,
     translate,
 )
 from .base import Job, Located
@@ -189,18 +188,8 @@ async def _images(send: SendUpstream, call: Call) -> Pieces:
         if not 200 <= answer.status < 300:
             raise aws_error(answer, await read_small(answer))
         reader = _Reader()
-        events = JsonEvents()
-        async for chunk in answer.chunks():
-            try:
-                parsed = events.feed(chunk)
-            except JsonStreamError as exc:
-                raise broken(NAME, f"an answer that is not JSON ({exc})") from None
-            for piece in reader.read(parsed):
-                yield piece
-        try:
-            events.end()
-        except JsonStreamError as exc:
-            raise broken(NAME, f"an answer that is not JSON ({exc})") from None
+        async for piece in json_pieces(answer, NAME, reader.read):
+            yield piece
         if reader.images == 0:
             raise reader.refusal()
     finally:

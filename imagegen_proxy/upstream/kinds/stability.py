@@ -18,17 +18,18 @@ from collections.abc import Sequence
 
 from ...config import StabilityMember
 from ...wire.errors import ProxyError
-from ...wire.jsonstream import JsonEvents, JsonStreamError
+from ...wire.jsonstream import Event
 from ...wire.request import ImageRequest
 from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
     Base64Pieces,
     ImageDone,
+    Piece,
     Pieces,
     ProviderError,
-    broken,
     check_base64,
     content_policy,
+    json_pieces,
     translate,
 )
 from .base import Job, Located
@@ -199,29 +200,31 @@ async def _image(send: SendUpstream, call: Call) -> Pieces:
 async def _json_image(answer: Answer) -> Pieces:
     """A JSON answer's `image` as its pieces arrive. A `finish_reason` of CONTENT_FILTERED
     that comes after the image has begun can only fail the answer there."""
-    events = JsonEvents()
     finish = bytearray()
     images = 0
-    try:
-        async for chunk in answer.chunks():
-            for prefix, kind, value in events.feed(chunk):
-                if prefix == "finish_reason":
-                    if kind == "string":
-                        assert isinstance(value, bytes)
-                        finish += value[: _MAX_TEXT - len(finish)]
-                    elif kind == "string_end" and finish == FILTERED.encode():
-                        raise _filtered()
-                elif prefix == "image" and images == 0:
-                    if kind == "string":
-                        assert isinstance(value, bytes)
-                        check_base64(value, NAME)
-                        yield value
-                    elif kind == "string_end":
-                        images = 1
-                        yield ImageDone()
-        events.end()
-    except JsonStreamError as exc:
-        raise broken(NAME, f"an answer that is not JSON ({exc})") from None
+
+    def read(events: list[Event]) -> list[Piece]:
+        nonlocal images
+        out: list[Piece] = []
+        for prefix, kind, value in events:
+            if prefix == "finish_reason":
+                if kind == "string":
+                    assert isinstance(value, bytes)
+                    finish.extend(value[: _MAX_TEXT - len(finish)])
+                elif kind == "string_end" and finish == FILTERED.encode():
+                    raise _filtered()
+            elif prefix == "image" and images == 0:
+                if kind == "string":
+                    assert isinstance(value, bytes)
+                    check_base64(value, NAME)
+                    out.append(value)
+                elif kind == "string_end":
+                    images = 1
+                    out.append(ImageDone())
+        return out
+
+    async for piece in json_pieces(answer, NAME, read):
+        yield piece
     if images == 0:
         raise ProviderError(
             502, f"{NAME} answered without an image.", type="server_error", code="upstream_error"
