@@ -239,6 +239,34 @@ async def json_pieces(
         raise broken(provider, f"an answer that is not JSON ({exc})") from None
 
 
+class ImageStrings:
+    """The images of a JSON answer that are the strings at `prefix`: their pieces (checked
+    to be base64) as they arrive, each ended by `ImageDone`; past `most` images, the rest
+    are skipped (more than was asked for is not paid twice)."""
+
+    __slots__ = ("_in_image", "images", "most", "prefix", "provider")
+
+    def __init__(self, prefix: str, provider: str, most: int | None = None) -> None:
+        self.prefix, self.provider, self.most = prefix, provider, most
+        self.images = 0
+        self._in_image = False
+
+    def take(self, prefix: str, kind: str, value: object, out: list[Piece]) -> bool:
+        """Add to `out` what the event says of the images; whether it was one of theirs."""
+        if prefix != self.prefix:
+            return False
+        if kind == "string" and (self._in_image or self.most is None or self.images < self.most):
+            assert isinstance(value, bytes)
+            check_base64(value, self.provider)
+            self._in_image = True
+            out.append(value)
+        elif kind == "string_end" and self._in_image:
+            self._in_image = False
+            self.images += 1
+            out.append(ImageDone())
+        return True
+
+
 def check_base64(piece: bytes, provider: str) -> None:
     """Refuse a piece that is not base64 (it would break the JSON it is written into)."""
     if piece.translate(None, _B64_ALPHABET):

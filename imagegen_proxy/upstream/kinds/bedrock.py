@@ -23,14 +23,14 @@ import anyio.to_thread
 
 from ...config import BedrockMember, ConfigError
 from ...wire.errors import ProxyError
+from ...wire.jsonstream import Event
 from ...wire.request import ImageRequest
 from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
-    ImageDone,
+    ImageStrings,
     Piece,
     Pieces,
     ProviderError,
-    check_base64,
     content_policy,
     json_pieces,
     translate,
@@ -200,24 +200,19 @@ class _Reader:
     """What one answer's JSON events say: image pieces go on; its `error`, small, is kept."""
 
     def __init__(self) -> None:
-        self.images = 0
-        self.in_image = False
+        self.image = ImageStrings("images.item", NAME)
         self.error = bytearray()
 
-    def read(self, events: list[tuple[str, str, object]]) -> list[Piece]:
+    @property
+    def images(self) -> int:
+        return self.image.images
+
+    def read(self, events: list[Event]) -> list[Piece]:
         out: list[Piece] = []
         for prefix, kind, value in events:
-            if prefix == "images.item":
-                if kind == "string":
-                    assert isinstance(value, bytes)
-                    check_base64(value, NAME)
-                    self.in_image = True
-                    out.append(value)
-                elif kind == "string_end" and self.in_image:
-                    self.in_image = False
-                    self.images += 1
-                    out.append(ImageDone())
-            elif prefix == "error" and kind == "string" and len(self.error) < _MAX_TEXT:
+            if self.image.take(prefix, kind, value, out):
+                continue
+            if prefix == "error" and kind == "string" and len(self.error) < _MAX_TEXT:
                 assert isinstance(value, bytes)
                 self.error += value[: _MAX_TEXT - len(self.error)]
         return out

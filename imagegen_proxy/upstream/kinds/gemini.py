@@ -21,17 +21,17 @@ import anyio.to_thread
 
 from ...config import GeminiMember
 from ...wire.errors import ProxyError
+from ...wire.jsonstream import Event
 from ...wire.request import ImageEditBody, ImageRequest
 from ...wire.upload import Spooled, Upload
 from ...wire.usage import Usage
 from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
     Base64Pieces,
-    ImageDone,
+    ImageStrings,
     Piece,
     Pieces,
     ProviderError,
-    check_base64,
     content_policy,
     json_pieces,
     refused,
@@ -256,28 +256,21 @@ class _Reader:
     """What one answer's JSON events say: image pieces go on; the rest is kept, small."""
 
     def __init__(self) -> None:
-        self.images = 0
-        self.in_image = False
+        self.image = ImageStrings(_DATA, NAME, most=1)
         self.strings: dict[str, bytearray] = {}
         self.numbers: dict[str, int] = {}
         self.details: list[tuple[str, str, int]] = []  # (which, modality, tokens)
-        self._detail: dict[str, Any] = {}
 
-    def read(self, events: list[tuple[str, str, object]]) -> list[Piece]:
+    @property
+    def images(self) -> int:
+        return self.image.images
+
+    def read(self, events: list[Event]) -> list[Piece]:
         out: list[Piece] = []
         for prefix, kind, value in events:
-            if prefix == _DATA:
-                if kind == "string":
-                    assert isinstance(value, bytes)
-                    if self.images == 0 or self.in_image:
-                        check_base64(value, NAME)
-                        self.in_image = True
-                        out.append(value)
-                elif kind == "string_end" and self.in_image:
-                    self.in_image = False
-                    self.images += 1
-                    out.append(ImageDone())
-            elif kind == "string":
+            if self.image.take(prefix, kind, value, out):
+                continue
+            if kind == "string":
                 kept = self.strings.setdefault(prefix, bytearray())
                 if len(kept) < _MAX_TEXT:
                     assert isinstance(value, bytes)

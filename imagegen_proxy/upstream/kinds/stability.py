@@ -24,10 +24,10 @@ from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
     Base64Pieces,
     ImageDone,
+    ImageStrings,
     Piece,
     Pieces,
     ProviderError,
-    check_base64,
     content_policy,
     json_pieces,
     translate,
@@ -201,31 +201,23 @@ async def _json_image(answer: Answer) -> Pieces:
     """A JSON answer's `image` as its pieces arrive. A `finish_reason` of CONTENT_FILTERED
     that comes after the image has begun can only fail the answer there."""
     finish = bytearray()
-    images = 0
+    image = ImageStrings("image", NAME, most=1)
 
     def read(events: list[Event]) -> list[Piece]:
-        nonlocal images
         out: list[Piece] = []
         for prefix, kind, value in events:
-            if prefix == "finish_reason":
-                if kind == "string":
-                    assert isinstance(value, bytes)
-                    finish.extend(value[: _MAX_TEXT - len(finish)])
-                elif kind == "string_end" and finish == FILTERED.encode():
-                    raise _filtered()
-            elif prefix == "image" and images == 0:
-                if kind == "string":
-                    assert isinstance(value, bytes)
-                    check_base64(value, NAME)
-                    out.append(value)
-                elif kind == "string_end":
-                    images = 1
-                    out.append(ImageDone())
+            if image.take(prefix, kind, value, out) or prefix != "finish_reason":
+                continue
+            if kind == "string":
+                assert isinstance(value, bytes)
+                finish.extend(value[: _MAX_TEXT - len(finish)])
+            elif kind == "string_end" and finish == FILTERED.encode():
+                raise _filtered()
         return out
 
     async for piece in json_pieces(answer, NAME, read):
         yield piece
-    if images == 0:
+    if image.images == 0:
         raise ProviderError(
             502, f"{NAME} answered without an image.", type="server_error", code="upstream_error"
         )
