@@ -166,3 +166,25 @@ def test_models_lists_what_each_kind_makes(
         "gemini-3.1-flash-image",
         "gemini-3-pro-image",
     }
+
+
+def test_credentials_that_cannot_be_made_charge_nothing(
+    upstream: UpstreamDouble, provider_proxy: Start, tmp_path: Any
+) -> None:
+    limiter = MemoryLimiter()
+    (tmp_path / "sa.json").write_text("{}")  # no service account in it: no token
+    member = gemini_member(
+        upstream,
+        api_key=None,
+        vertex_project="image-team",
+        credentials_file=str(tmp_path / "sa.json"),
+    )
+    keys = [{"name": "team", "key": KEY, "budget_usd": 1.0}]
+    url = provider_proxy([member], hooks={"rate_limiter": limiter}, auth={"open": False}, keys=keys)
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        sdk.images.generate(model=MODEL, prompt="p")
+    assert caught.value.code == "upstream_auth_failed"
+    assert upstream.requests == []
+    assert wait_for(lambda: asyncio.run(limiter.in_flight("team")) == 0)
+    assert asyncio.run(limiter.committed("team")) == 0  # the provider never had it

@@ -225,6 +225,10 @@ class Relay:
                 generation.upstream_time = time.perf_counter() - started
                 if upload is not None and upload.error is not None:
                     self._upload_failed(upload.error)  # what the client did, not the upstream
+                if call.exchange is not None and isinstance(exc, ProxyError):
+                    # A kind refuses so only before the provider had the request (no
+                    # credentials to sign it with): nothing can have been billed.
+                    generation.reached = False
                 if not isinstance(exc, httpx.HTTPError | TimeoutError):
                     raise
                 row = failure(exc)

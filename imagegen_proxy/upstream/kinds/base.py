@@ -67,5 +67,8 @@ class Translating(Kind, Protocol):
         ...
 
     async def exchange(self, job: Job, send: SendUpstream) -> Answer:
-        """Make `job`'s images with `send` (the transport); the answer in OpenAI's wire."""
+        """Make `job`'s images with `send` (the transport); the answer in OpenAI's wire.
+        A `ProxyError` raised here says the provider never had the request (its
+        credentials could not be made); a provider's refusal is an answer
+        (`translated.refused`)."""
         ...
