@@ -95,3 +95,13 @@ def test_readme_reference_lists_every_upstream_key() -> None:
                 or (row.startswith("| `upstreams[].") and re.search(rf"\b{key}\b", row))
                 for row in rows
             ), f"upstreams[].{key} ({member.__name__}) missing from the README's reference"
+
+
+def test_the_readmes_pool_of_providers_is_a_valid_configuration() -> None:
+    import tomllib
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme[readme.index("## Other providers") :]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = ProxyConfig.model_validate(tomllib.loads(block))
+    assert [member.kind for member in config.members()] == ["openai", "gemini", "bfl"]
