@@ -553,3 +553,51 @@ def test_a_client_that_leaves_while_the_task_runs_stops_the_polls_and_is_charged
     [line] = access()
     assert line["outcome"] == "client_gone"
     assert line["images"] == 1 and line["cost_usd"] == 0.04  # the task was taken on
+
+
+def test_a_kontext_edit_sends_its_images_base64_in_the_task(
+    upstream: UpstreamDouble, provider_proxy: Start, flux: Flux
+) -> None:
+    given, second = png(300, 200, pad_to=300_000), png(20, 20)
+    url = provider_proxy([member(upstream)])
+    result = client(url).images.edit(
+        model="flux-kontext-pro",
+        image=[("in.png", given, "image/png"), ("two.png", second, "image/png")],
+        prompt="make it blue",
+        size="1536x1024",
+    )
+    assert result.data is not None and base64.b64decode(result.data[0].b64_json or "") == flux.image
+    task = upstream.requests[0].json
+    assert task["prompt"] == "make it blue" and task["aspect_ratio"] == "3:2"
+    assert base64.b64decode(task["input_image"]) == given
+    assert base64.b64decode(task["input_image_2"]) == second
+    no_secrets(upstream)
+
+
+@pytest.mark.parametrize(
+    ("model", "files", "param"),
+    [
+        ("flux-pro-1.1", {"image": ("in.png", png(), "image/png")}, "model"),
+        (
+            "flux-kontext-pro",
+            {"image": ("in.png", png(), "image/png"), "mask": ("m.png", png(), "image/png")},
+            "mask",
+        ),
+        ("flux-kontext-pro", {"image[]": [("i.png", png(), "image/png")] * 5}, "image"),
+    ],
+)
+def test_what_a_flux_edit_cannot_take_is_a_400(
+    upstream: UpstreamDouble, provider_proxy: Start, flux: Flux, model: str, files: Any, param: str
+) -> None:
+    url = provider_proxy([member(upstream)])
+    multipart = [
+        (name, one)
+        for name, value in files.items()
+        for one in (value if isinstance(value, list) else [value])
+    ]
+    answer = httpx.post(
+        url + "/v1/images/edits", data={"model": model, "prompt": "p"}, files=multipart
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert upstream.requests == []

@@ -6,35 +6,41 @@ From the receipt on, the task is the provider's: whatever happens next (a modera
 result, a failed task, a client that left) is billed, and no other upstream is tried. The
 polling and result URLs come from the answers, so they are followed only on `base_url`'s
 own origin or on a host of `result_hosts`. FLUX makes one image per task: `n` images are
-`n` tasks side by side. The mapping of OpenAI's parameters is the table in
-docs/providers.md.
+`n` tasks side by side. Edits (FLUX.1 Kontext, FLUX.2) send the input images base64 in
+the task's JSON, read back from the upload's spool. The mapping of OpenAI's parameters is
+the table in docs/providers.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from ...config import BflMember
-from ...wire.request import ImageRequest
-from ..call import Answer, Call, SendUpstream, TextHeaders
+from ...wire.request import ImageEditBody, ImageRequest
+from ...wire.upload import Spooled, Upload
+from ..call import Answer, Call, Content, SendUpstream, TextHeaders
 from ..translated import (
     Base64Pieces,
     ImageDone,
     Pieces,
     ProviderError,
     content_policy,
+    refused,
     translate,
 )
 from .base import Job, Located
 from .provider import (
     ProviderKind,
+    base64_of,
     check_common,
     dimensions,
+    edit_images,
     failed,
     loads,
     ratio,
@@ -61,6 +67,9 @@ PIXEL_SIZED = frozenset({"flux-pro-1.1", "flux-pro", "flux-dev"})
 FLUX1_SIDES, FLUX1_STEP = (256, 1440), 32
 # FLUX.2: sides multiples of 16, at least 64, at most 4 MP (2048x2048) in all.
 FLUX2_STEP, FLUX2_SIDE, FLUX2_PIXELS = 16, 64, 2048 * 2048
+# The models that edit: an input image (`input_image`, then `input_image_2`...) and a prompt.
+EDITING = ("flux-kontext-", "flux-2-")
+KONTEXT_INPUTS, FLUX2_INPUTS = 4, 8
 _MODERATED = frozenset({"Request Moderated", "Content Moderated"})
 _FAILED = frozenset({"Task not found", "Error", "Failed"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -106,6 +115,7 @@ class Bfl(ProviderKind):
     """Black Forest Labs' API at `base_url` (the global, EU or US cluster)."""
 
     name = NAME
+    operations = ("generation", "edit")
 
     def __init__(self, member: BflMember) -> None:
         super().__init__(member)
@@ -121,6 +131,19 @@ class Bfl(ProviderKind):
 
     def check(self, request: ImageRequest) -> None:
         check_common(request, NAME, formats=FORMATS)
+        if request.operation == "edit":
+            model = self.model_for(request)
+            if not model.startswith(EDITING):
+                raise unsupported(
+                    "model",
+                    f"{NAME} edits with FLUX.1 Kontext or FLUX.2 models ({', '.join(EDITING)}"
+                    f"...), not {model}.",
+                )
+            if isinstance(request.body, ImageEditBody):
+                raise unsupported(
+                    "images",
+                    f"{NAME} edits take the images as files (multipart), not by URL or file id.",
+                )
         if request.quality not in (None, "auto"):
             raise unsupported(
                 "quality", f"{NAME} has no quality setting: omit quality or set it to auto."
@@ -139,17 +162,26 @@ class Bfl(ProviderKind):
         return json.dumps(task).encode()
 
     async def exchange(self, job: Job, send: SendUpstream) -> Answer:
-        submit = Call(
-            self.locate(job.request, True).url,
-            [*job.headers, ("content-type", "application/json")],
-            self.body(job.request, job.model),
-            job.timeouts,
-        )
+        request, upload = job.request, job.upload
+        files: list[tuple[str, Spooled]] = []
+        if isinstance(upload, Upload):
+            most = FLUX2_INPUTS if job.model.startswith("flux-2-") else KONTEXT_INPUTS
+            try:
+                files = await edit_images(upload, NAME, max_images=most)
+            except ProviderError as error:
+                return refused(error)
+        url = self.locate(request, True).url
+        headers = [*job.headers, ("content-type", "application/json")]
 
         def shot() -> Pieces:
-            return self._task(job, send, submit)
+            task = self.body(request, job.model)
+            content: Content = task
+            if files:
+                assert isinstance(upload, Upload)
+                content = _with_images(task, upload, files)
+            return self._task(job, send, Call(url, headers, content, job.timeouts))
 
-        return await translate(job.request, shot, job.request.images)
+        return await translate(request, shot, request.images)
 
     async def _task(self, job: Job, send: SendUpstream, submit: Call) -> Pieces:
         """One task: submitted, polled until ready, its image's base64 pieces as they are
@@ -233,6 +265,21 @@ class Bfl(ProviderKind):
                 "host that is neither base_url's nor on result_hosts."
             )
         return url
+
+
+async def _with_images(
+    task: bytes, upload: Upload, files: list[tuple[str, Spooled]]
+) -> AsyncIterator[bytes]:
+    """A task's JSON with an edit's images added as `input_image`, `input_image_2`, ...,
+    base64 inside it as they are read back from the spool."""
+    yield task[:-1]  # the object, open
+    for number, (_, spooled) in enumerate(files, start=1):
+        name = "input_image" if number == 1 else f"input_image_{number}"
+        yield f',"{name}":"'.encode()
+        async for piece in base64_of(upload, spooled):
+            yield piece
+        yield b'"'
+    yield b"}"
 
 
 async def _image(send: SendUpstream, download: Call) -> Pieces:

@@ -27,7 +27,6 @@ from ...wire.upload import Spooled, Upload
 from ...wire.usage import Usage
 from ..call import Answer, Call, SendUpstream, TextHeaders
 from ..translated import (
-    Base64Pieces,
     ImageStrings,
     Piece,
     Pieces,
@@ -40,8 +39,10 @@ from ..translated import (
 from .base import Job, Located
 from .provider import (
     ProviderKind,
+    base64_of,
     check_common,
     dimensions,
+    edit_images,
     failed,
     loads,
     ratio,
@@ -50,6 +51,7 @@ from .provider import (
 )
 
 NAME = "Gemini"
+MAX_INPUTS = 14  # reference images a Gemini 3 image model takes (third parties)
 RATIOS = {
     "1:1": (1, 1),
     "2:3": (2, 3),
@@ -163,7 +165,7 @@ class Gemini(ProviderKind):
         files: list[tuple[str, Spooled]] = []
         if isinstance(job.upload, Upload):
             try:
-                files = await _images_of(job.upload)
+                files = await edit_images(job.upload, NAME, max_images=MAX_INPUTS)
             except ProviderError as error:
                 return refused(error)
         headers = [*job.headers, ("content-type", "application/json")]
@@ -182,43 +184,6 @@ class Gemini(ProviderKind):
         return await translate(request, shot, request.images)
 
 
-# Input image types Gemini takes as `inlineData`.
-_INPUT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
-
-
-async def _images_of(upload: Upload) -> list[tuple[str, Spooled]]:
-    """An edit's input images, spooled to disk, each with its media type; a mask (Gemini
-    has none) or an image of another type is refused."""
-    files = await upload.spool_rest()
-    fields = upload.fields
-    if fields.get("background") == "transparent":
-        raise ProviderError(
-            400, f"{NAME} cannot make a transparent background.", param="background"
-        )
-    if fields.get("response_format") == "url":
-        raise ProviderError(
-            400, f"Images from {NAME} come back as base64 only.", param="response_format"
-        )
-    found: list[tuple[str, Spooled]] = []
-    for part, spooled in files:
-        if part.name == "mask":
-            raise ProviderError(
-                400, f"{NAME} edits take no mask: describe the change in the prompt.", param="mask"
-            )
-        media = (part.content_type or "").split(";", 1)[0].strip().lower()
-        if media not in _INPUT_TYPES:
-            raise ProviderError(
-                400,
-                f"{NAME} takes PNG, JPEG or WebP input images, not {media or 'an untyped file'}.",
-                param="image",
-                code="invalid_image_format",
-            )
-        found.append((media, spooled))
-    if not found:
-        raise ProviderError(400, "An edit needs an image.", param="image")
-    return found
-
-
 async def _edit_body(
     request: ImageRequest, config: dict[str, Any], upload: Upload, files: list[tuple[str, Spooled]]
 ) -> AsyncIterator[bytes]:
@@ -228,11 +193,9 @@ async def _edit_body(
     yield b'{"contents":[{"role":"user","parts":[' + prompt
     for media, spooled in files:
         yield b',{"inlineData":{"mimeType":"' + media.encode() + b'","data":"'
-        encoder = Base64Pieces()
-        async for chunk in upload.spooled(spooled):
-            for piece in encoder.feed(chunk):
-                yield piece
-        yield encoder.end() + b'"}}'
+        async for piece in base64_of(upload, spooled):
+            yield piece
+        yield b'"}}'
     yield b']}],"generationConfig":' + json.dumps(config).encode() + b"}"
 
 

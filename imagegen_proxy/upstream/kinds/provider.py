@@ -6,7 +6,7 @@ JSON bodies read with a bound, and the error table every provider's statuses go 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -14,8 +14,9 @@ from ...config import ProviderUpstream
 from ...wire.errors import ProxyError
 from ...wire.request import ImageRequest
 from ...wire.routing import ImageOperation
+from ...wire.upload import Spooled, Upload
 from ..call import Answer, TextHeaders, retry_after
-from ..translated import ProviderError
+from ..translated import Base64Pieces, ProviderError
 
 # A provider's error body, a polling answer, a submission's receipt: small. Past this, it
 # is not what was expected.
@@ -214,3 +215,61 @@ def failed(
         code="upstream_error",
         billed=billed,
     )
+
+
+# Input image types the providers take inside their JSON (base64).
+INPUT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
+
+
+async def edit_images(
+    upload: Upload, provider: str, *, max_images: int
+) -> list[tuple[str, Spooled]]:
+    """A multipart edit's input images, spooled to disk (a provider that takes them base64
+    inside its JSON, perhaps in several calls, reads them back from there), each with its
+    media type. Refused with a 400 naming the param: a mask (these providers have none), an
+    image of another type, more than `max_images`, none, and a transparent background or
+    `response_format=url` in the form's fields."""
+    files = await upload.spool_rest()
+    fields = upload.fields
+    if fields.get("background") == "transparent":
+        raise ProviderError(
+            400, f"{provider} cannot make a transparent background.", param="background"
+        )
+    if fields.get("response_format") == "url":
+        raise ProviderError(
+            400, f"Images from {provider} come back as base64 only.", param="response_format"
+        )
+    found: list[tuple[str, Spooled]] = []
+    for part, spooled in files:
+        if part.name == "mask":
+            raise ProviderError(
+                400,
+                f"{provider} edits take no mask: describe the change in the prompt.",
+                param="mask",
+            )
+        media = (part.content_type or "").split(";", 1)[0].strip().lower()
+        if media not in INPUT_TYPES:
+            raise ProviderError(
+                400,
+                f"{provider} takes PNG, JPEG or WebP input images, "
+                f"not {media or 'an untyped file'}.",
+                param="image",
+                code="invalid_image_format",
+            )
+        found.append((media, spooled))
+    if not found:
+        raise ProviderError(400, "An edit needs an image.", param="image")
+    if len(found) > max_images:
+        raise ProviderError(
+            400, f"{provider} takes at most {max_images} input images.", param="image"
+        )
+    return found
+
+
+async def base64_of(upload: Upload, spooled: Spooled) -> AsyncIterator[bytes]:
+    """A spooled input image's base64, in pieces, as it is read back from the spool."""
+    encoder = Base64Pieces()
+    async for chunk in upload.spooled(spooled):
+        for piece in encoder.feed(chunk):
+            yield piece
+    yield encoder.end()
