@@ -21,6 +21,7 @@ from .sections import (
     MockConfig,
     ProxySettings,
     ServerConfig,
+    StorageConfig,
     StoreConfig,
 )
 from .upstreams import (
@@ -72,6 +73,7 @@ __all__ = [
     "ProxySettings",
     "ServerConfig",
     "StabilityMember",
+    "StorageConfig",
     "StoreConfig",
     "UpstreamEntry",
     "describe",
@@ -98,6 +100,7 @@ class ProxyConfig(_Section):
     projects: list[ProjectConfig] = Field(default_factory=list)
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     mock: MockConfig = Field(default_factory=MockConfig)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..wire.headers import HOP_BY_HOP, is_forwarded_upstream
 from .base import _Section
@@ -176,6 +176,55 @@ class StoreConfig(_Section):
         if value is not None and not value.startswith(("sqlite:///", "postgresql://")):
             raise ValueError('must be "sqlite:///PATH" or "postgresql://USER@HOST/DB"')
         return value
+
+
+class StorageConfig(_Section):
+    """`[storage]`: where images are kept and served by URL (`response_format="url"`):
+    `file:///path` (served by the proxy at signed, expiring URLs under `public_url`) or
+    `s3://bucket/prefix` on any S3-compatible store (the `s3` extra)."""
+
+    url: str | None = None
+    endpoint_url: str | None = None  # an S3-compatible service other than AWS's
+    region: str | None = None
+    access_key_id_env: str | None = None  # absent: the standard AWS credential chain
+    secret_access_key_env: str | None = None
+    url_ttl: float = Field(3600.0, gt=0, le=7 * 24 * 3600)  # S3 presigns a week at most
+    keep: Literal["asked", "always"] = "asked"
+    on_error: Literal["fail", "inline"] = "fail"
+    retention_days: int | None = Field(None, ge=1)
+    public_url: str | None = None  # file://: where clients reach this proxy
+    signing_key_env: str | None = None  # file://: the URLs' HMAC key (absent: per process)
+    part_size: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024)  # S3's least part
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("file:///") and len(value) > len("file:///"):
+            return value
+        if re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", value):
+            return value.rstrip("/")
+        raise ValueError('must be "file:///PATH" or "s3://BUCKET[/PREFIX]"')
+
+    @field_validator("public_url", "endpoint_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("http://", "https://")) or "@" in value.split("/")[2]:
+            raise ValueError("must be an http:// or https:// URL, without credentials")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _keys(self) -> StorageConfig:
+        if (self.access_key_id_env is None) != (self.secret_access_key_env is None):
+            raise ValueError("set access_key_id_env and secret_access_key_env together")
+        return self
+
+    @property
+    def is_file(self) -> bool:
+        return self.url is not None and self.url.startswith("file://")
 
 
 class MockConfig(_Section):
