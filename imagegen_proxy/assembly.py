@@ -16,6 +16,7 @@ from .upstream.targets import Upstreams
 
 if TYPE_CHECKING:
     from .observe.metrics import Metrics
+    from .storage import ImageStore
     from .store import Store
     from .store.ledger import LedgerWriter
 
@@ -26,6 +27,15 @@ def store_for(config: ProxyConfig) -> Store | None:
     from .store import Store
 
     return Store(config.store.url)
+
+
+def image_store_for(config: ProxyConfig) -> ImageStore | None:
+    """Where images are kept (`[storage]`), or None: storage off."""
+    if config.storage.url is None:
+        return None
+    from .storage import image_store
+
+    return image_store(config.storage)
 
 
 def authenticator_for(config: ProxyConfig, store: Store | None) -> Authenticator:

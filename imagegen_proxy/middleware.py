@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import httpx
@@ -13,6 +15,7 @@ from .admin.plane import AdminPlane
 from .assembly import (
     authenticator_for,
     idempotency_for,
+    image_store_for,
     ledger_for,
     metrics_for,
     pool_for,
@@ -34,14 +37,16 @@ from .observe.activity import Activity
 from .retries.idempotency import marker as idempotency_marker
 from .retries.idempotency import rate_only
 from .retries.recording import Recording
+from .storage import FileStore, StorageError
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstream.call import Call, SendUpstream, client_sender
 from .upstream.kinds import makes
 from .upstream.pool import Tries
 from .upstream.relay import Relay
+from .upstream.storing import Storing
 from .upstream.targets import Target, Upstreams
 from .upstream.transport import create_transport, sender_for
-from .views import budget_view, models_view
+from .views import budget_view, files_view, models_view
 from .wire.errors import ClientGone, ProxyError, expect_method, send_error
 from .wire.headers import ResponseHeaders
 from .wire.incoming import open_upload, read_upload
@@ -53,6 +58,7 @@ from .wire.request import (
     read_body,
 )
 from .wire.routing import Router, check_route
+from .wire.upload import Upload
 from .wire.usage import Usage
 
 if TYPE_CHECKING:
@@ -89,8 +95,14 @@ class ImageGenProxy:
         self.app = app
         self.config = config
         listed = config.proxy.list_models
+        # Where images are kept (`[storage]`); a `file://` store's files are served here.
+        self.images = image_store_for(config)
+        self._next_sweep = 0.0  # when kept images may be swept next (`retention_days`)
+        self._sweeping: asyncio.Task[None] | None = None
         self.router = Router(
-            config.proxy.mount_prefix, models=config.pooled if listed is None else listed
+            config.proxy.mount_prefix,
+            models=config.pooled if listed is None else listed,
+            files=isinstance(self.images, FileStore),
         )
         self.upstreams = Upstreams(config)
         self.pool = pool_for(config, self.upstreams) if config.pooled else None
@@ -161,6 +173,8 @@ class ImageGenProxy:
             await self.ledger.aclose()
         if self.store is not None:
             await self.store.aclose()
+        if self.images is not None:
+            await self.images.aclose()
         if self.idempotency is not None:
             if self.idempotency.shared is not None:
                 await self.idempotency.shared.aclose()
@@ -181,6 +195,10 @@ class ImageGenProxy:
             return
         if route.operation == "admin":
             await self.admin(scope, receive, send)
+            return
+        if route.operation == "files":
+            assert isinstance(self.images, FileStore)
+            await files_view(scope, send, self.images, self.router.prefix)
             return
         generation = Generation(
             route.form, route.operation, client_request_id=client_request_id(scope)
@@ -210,6 +228,9 @@ class ImageGenProxy:
                     within=self._body_timeout,
                 )
                 request = await read_upload(route, upload)
+            storing = self._storing(generation, request, upload)
+            if storing is not None:
+                request = request.for_storage()
             generation.describe(request)
             check_policy(principal, request)
             if self.idempotency is not None and route.operation == "generation":
@@ -233,7 +254,9 @@ class ImageGenProxy:
                 generation.limit = decision.limit or decision.code
                 raise decision.refusal()
             generation.price, generation.decision = price, decision
-            await self._generate(generation, scope, receive, send, upload, targets, recording)
+            await self._generate(
+                generation, scope, receive, send, upload, targets, recording, storing
+            )
         except ProxyError as error:
             if recording is not None:
                 recording.fail(error)  # who joined it gets the same answer
@@ -296,6 +319,7 @@ class ImageGenProxy:
         upload: Incoming | None,
         targets: list[Target],
         recording: Recording | None = None,
+        storing: Storing | None = None,
     ) -> None:
         request, principal, decision = generation.request, generation.principal, generation.decision
         assert request is not None and principal is not None and decision is not None
@@ -317,6 +341,7 @@ class ImageGenProxy:
             response_headers=self._response_headers,
             total_timeout=targets[0].total_timeout,
             max_bytes=self.config.proxy.max_response_bytes,
+            storing=storing,
         )
         generation.upstream, generation.admitted = targets[0].name, True
         self.activity.started(generation)
@@ -329,6 +354,51 @@ class ImageGenProxy:
         finally:
             await self._settle(generation)
             generation.relayed()
+
+    def _storing(
+        self, generation: Generation, request: ImageRequest, upload: Incoming | None
+    ) -> Storing | None:
+        """How the request's images go to the store: as URLs when the client asks for
+        them (`response_format="url"`), or copied besides with `keep = "always"`."""
+        if self.images is None:
+            return None
+        if isinstance(upload, Upload):
+            asked = upload.fields.get("response_format")
+        else:
+            asked = getattr(request.body, "response_format", None)
+        settings = self.config.storage
+        if asked != "url" and settings.keep != "always":
+            return None
+        if settings.retention_days is not None:
+            self._sweep_soon(settings.retention_days)
+        return Storing(
+            self.images,
+            project=generation.project,
+            request_id=generation.id,
+            ttl=settings.url_ttl,
+            as_url=asked == "url",
+            inline=settings.on_error == "inline",
+        )
+
+    def _sweep_soon(self, days: int) -> None:
+        """Delete kept images older than `days`, in the background, at most hourly."""
+        now = time.monotonic()
+        if now < self._next_sweep or self.images is None:
+            return
+        self._next_sweep = now + 3600
+        store = self.images
+
+        async def sweep() -> None:
+            cutoff = datetime.now(UTC) - timedelta(days=days)
+            try:
+                gone = await store.sweep(cutoff)
+            except StorageError as exc:
+                logger.warning("storage sweep failed: %s", exc)
+                return
+            if gone:
+                logger.info("storage sweep deleted %d images older than %d days", gone, days)
+
+        self._sweeping = asyncio.get_running_loop().create_task(sweep())
 
     async def _settle(self, generation: Generation) -> None:
         """Once per generation, whatever ended it (even a cancellation): its slot goes back

@@ -38,18 +38,29 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, lifespan: str = "auto", **config: Any) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port; yield its base URL ("http://127.0.0.1:N")."""
-    with serving(app, lifespan=lifespan, **config) as server:
+def serve(
+    app: Any, *, lifespan: str = "auto", sock: socket.socket | None = None, **config: Any
+) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port (or on `sock`, bound already: its
+    URL known before the app is made); yield its base URL ("http://127.0.0.1:N")."""
+    with serving(app, lifespan=lifespan, sock=sock, **config) as server:
         yield server.url
 
 
-@contextlib.contextmanager
-def serving(app: Any, *, lifespan: str = "auto", **config: Any) -> Iterator[_Server]:
-    """Like `serve`, but yield the server itself: its `url`, and its loop's `tasks()`."""
+def bound() -> socket.socket:
+    """A loopback socket bound to a free port, for `serve(..., sock=)`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def serving(
+    app: Any, *, lifespan: str = "auto", sock: socket.socket | None = None, **config: Any
+) -> Iterator[_Server]:
+    """Like `serve`, but yield the server itself: its `url`, and its loop's `tasks()`."""
+    sock = sock or bound()
     port = sock.getsockname()[1]
     server = _Server(
         uvicorn.Config(

@@ -240,6 +240,25 @@ def with_embedded_store(config: ProxyConfig, directory: Path, loopback: bool) ->
     return config.model_copy(update={"store": store, "admin": admin})
 
 
+SIGNING_KEY_ENV = "IMAGEGEN_PROXY_SIGNING_KEY"
+
+
+def with_file_urls(config: ProxyConfig, url: str) -> ProxyConfig:
+    """`config` whose `file://` store (if any) answers URLs of this proxy at `url` when it
+    names no `public_url`, signed with a key every worker shares when it names none (made
+    here, passed on in `IMAGEGEN_PROXY_SIGNING_KEY`)."""
+    storage = config.storage
+    if not storage.is_file:
+        return config
+    update: dict[str, Any] = {}
+    if storage.public_url is None:
+        update["public_url"] = url + config.proxy.mount_prefix.rstrip("/")
+    if storage.signing_key_env is None:
+        os.environ.setdefault(SIGNING_KEY_ENV, secrets.token_urlsafe(32))
+        update["signing_key_env"] = SIGNING_KEY_ENV
+    return config.model_copy(update={"storage": storage.model_copy(update=update)})
+
+
 def from_environment() -> ImageGenProxy:
     """The app factory the `--workers` processes import: the command passes its resolved
     choices through the environment (`IMAGEGEN_PROXY_CONFIG`, `IMAGEGEN_PROXY_MOCK_URL`,
@@ -253,6 +272,9 @@ def from_environment() -> ImageGenProxy:
     if store:  # the no-config mode's embedded store, as the command resolved it
         open_admin = os.environ.get("IMAGEGEN_PROXY_ADMIN_OPEN") == "1"
         config = with_embedded_store(config, Path(store).parent, open_admin)
+    public = os.environ.get("IMAGEGEN_PROXY_PUBLIC_URL")
+    if public:
+        config = with_file_urls(config, public)
     configure_logging(os.environ.get("IMAGEGEN_PROXY_LOG_LEVEL", "INFO"))
     return create_app(config, mock=bool(mock_url))
 

@@ -30,6 +30,7 @@ from .app import (
     ops_app,
     resolved,
     with_embedded_store,
+    with_file_urls,
     with_mock,
 )
 from .front_door import raise_open_files_limit, uvicorn_options
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     embedded = mock and args.config is None
     if embedded:  # after with_mock, which opens this mode: keys are not needed here
         config = with_embedded_store(config, Path.cwd(), _is_loopback(host))
+    config = with_file_urls(config, url)  # a file:// store's URLs are this proxy's
     try:
         app = create_app(config, mock=mock)
     except ConfigError as exc:
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             IMAGEGEN_PROXY_STORE=str(Path.cwd() / EMBEDDED_STORE) if embedded else "",
             IMAGEGEN_PROXY_ADMIN_OPEN="1" if config.admin.open else "",
             IMAGEGEN_PROXY_LOG_LEVEL=args.log_level.upper(),
+            IMAGEGEN_PROXY_PUBLIC_URL=url,
         )
         with _metrics_directory(config.metrics.enabled), _interruptible():
             uvicorn.run(

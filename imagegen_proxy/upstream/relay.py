@@ -29,6 +29,7 @@ from .call import Answer, Call, SendUpstream, retry_after
 from .decoding import decoded, inflater
 from .failures import INVALID_STATUS, TIMED_OUT, failure
 from .pool import FAILOVER_STATUSES
+from .storing import Storing
 from .targets import Target
 from .translated import Translated
 
@@ -71,7 +72,8 @@ class Relay:
     (a concurrency slot, the day's usage) is settled before the client can send its next
     request; where the response is cut instead, the caller settles afterwards.
     `total_timeout` bounds the whole exchange and `max_bytes` the answer's size: past
-    either, the answer ends as any failure after the start does.
+    either, the answer ends as any failure after the start does. With `storing`, a 2xx
+    answer's images go to the `[storage]` store on the way (`storing.py`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Relay:
         response_headers: ResponseHeaders,
         total_timeout: float,
         max_bytes: int,
+        storing: Storing | None = None,
     ) -> None:
         self.send_upstream = send_upstream
         self.send = send
@@ -96,6 +99,7 @@ class Relay:
         self.response_headers = response_headers
         self.total_timeout = total_timeout
         self.max_bytes = max_bytes
+        self.storing = storing  # its images go to the store on the way (`storing.py`)
         self._finished = False
         self._expired = False  # total_timeout passed while the exchange was not settling
         self._task: asyncio.Task[object] | None = None
@@ -279,6 +283,10 @@ class Relay:
                 generation.failure = INVALID_STATUS.kind
                 logger.warning("upstream answered status %d", status)
                 raise INVALID_STATUS.error()
+            if self.storing is not None and 200 <= status < 300:
+                answer = await self.storing.answer(answer)
+                if answer.status != status:
+                    generation.failure = "storage"  # made upstream (and paid), not kept
             await self._relay(answer)
         finally:
             # Closing is not interruptible: the watcher cancels only before this point.

@@ -15,7 +15,7 @@ from ..types import Scope
 from ..wire.errors import ProxyError
 from ..wire.headers import FORWARDED_REQUEST, FORWARDED_REQUEST_PREFIX
 from ..wire.json_upload import Incoming, JsonUpload
-from ..wire.request import ImageGenerationBody, ImageRequest
+from ..wire.request import ImageGenerationBody, ImageRequest, upstream_response_format
 from ..wire.routing import ImageOperation
 from .call import Call, Content, TextHeaders, Timeouts
 from .kinds import Job, Translating, kind_of
@@ -124,7 +124,10 @@ class Upstreams:
                 edit = edit.model_copy(update={"model": model})
             content, content_type = upload.body(edit.to_json()), _JSON
         elif upload is not None:
-            content = upload.body(None if model is None else {"model": model})
+            rewrite: dict[str, str | None] = {} if model is None else {"model": model}
+            if request.stored:  # the images come back base64, for the store
+                rewrite["response_format"] = upstream_response_format(model or request.model)
+            content = upload.body(rewrite or None)
             content_type = upload.content_type.decode("latin-1")
         else:
             body = request.body

@@ -102,6 +102,7 @@ class Translated:
         committed: bool,
         billed: bool = False,
         closing: Sequence[Callable[[], object]] = (),
+        inner: Answer | None = None,
     ) -> None:
         self._status = status
         self._headers = headers
@@ -109,6 +110,7 @@ class Translated:
         self.committed = committed
         self.billed = billed
         self._closing = closing
+        self._inner = inner  # an answer this one is made from, closed with it
 
     @property
     def status(self) -> int:
@@ -136,6 +138,8 @@ class Translated:
         finally:
             for close in self._closing:
                 close()
+            if self._inner is not None:
+                await self._inner.aclose()
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -128,6 +128,22 @@ class ImageRequest(BaseModel):
     api_version: str | None = None
     body: ImageGenerationBody | ImageFormBody
     input_images: int = 0
+    # Its images go to the `[storage]` store: the upstream is asked for base64 whatever
+    # the client's `response_format`, which the proxy answers itself.
+    stored: bool = False
+
+    def for_storage(self) -> ImageRequest:
+        """This request with its images going to the store: the upstream asked for base64
+        (`b64_json` where the model has a choice, DALL·E's; nothing for the others, which
+        answer base64 only and may refuse the field)."""
+        body = self.body
+        if isinstance(body, ImageGenerationBody) and "response_format" in body.model_fields_set:
+            fields = body.model_dump(exclude_unset=True, exclude={"response_format"})
+            wanted = upstream_response_format(self.model)
+            if wanted is not None:
+                fields["response_format"] = wanted
+            body = type(body).model_validate(fields)
+        return self.model_copy(update={"body": body, "stored": True})
 
     @property
     def model(self) -> str | None:
@@ -159,6 +175,12 @@ class ImageRequest(BaseModel):
     def partial_images(self) -> int:
         """Partial images asked for: streamed only."""
         return (self.body.partial_images or 0) if self.stream else 0
+
+
+def upstream_response_format(model: str | None) -> str | None:
+    """What a stored request asks the upstream for: `b64_json` from DALL·E models (whose
+    default is a URL of OpenAI's), nothing from the others (base64 is all they answer)."""
+    return "b64_json" if model is not None and model.startswith("dall-e") else None
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

@@ -271,9 +271,10 @@ class Upload(SpoolOwner):
             spooled.length += size
             self._spooled += size
 
-    async def body(self, rewrite: Mapping[str, str] | None = None) -> AsyncIterator[bytes]:
+    async def body(self, rewrite: Mapping[str, str | None] | None = None) -> AsyncIterator[bytes]:
         """The body the upstream gets: the head (with the text fields in `rewrite` replaced
-        or added), then the rest of the client's body as it arrives.
+        or added, or left out where their value is None), then the rest of the client's
+        body as it arrives.
 
         A failure (the client left, sent too much or too slowly, or a deciding field after
         the files) is kept in `error` and raised: the upstream gets a body without its end,
@@ -298,10 +299,11 @@ class Upload(SpoolOwner):
         finally:
             self.done.set()  # an upstream that stopped reading early abandons the rest
 
-    def _fields(self, boundary: bytes, rewrite: dict[str, str]) -> bytes:
+    def _fields(self, boundary: bytes, rewrite: dict[str, str | None]) -> bytes:
         out = bytearray()
         for name, value in rewrite.items():
-            out += Part(name, None, None).head(boundary) + value.encode() + b"\r\n"
+            if value is not None:  # None: the field is left out
+                out += Part(name, None, None).head(boundary) + value.encode() + b"\r\n"
         for item in self._head:
             if not isinstance(item, Spooled) and item[0].name not in rewrite:
                 out += item[0].head(boundary) + item[1] + b"\r\n"
@@ -319,7 +321,9 @@ class Upload(SpoolOwner):
             yield chunk
         yield b"\r\n"
 
-    async def _rest(self, boundary: bytes, rewrite: Mapping[str, str]) -> AsyncIterator[bytes]:
+    async def _rest(
+        self, boundary: bytes, rewrite: Mapping[str, str | None]
+    ) -> AsyncIterator[bytes]:
         """The parts after the head, one received chunk at a time."""
         out: list[bytes] = []
         skipping = False

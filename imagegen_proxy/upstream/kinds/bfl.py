@@ -167,7 +167,7 @@ class Bfl(ProviderKind):
         if isinstance(upload, Upload):
             most = FLUX2_INPUTS if job.model.startswith("flux-2-") else KONTEXT_INPUTS
             try:
-                files = await edit_images(upload, NAME, max_images=most)
+                files = await edit_images(upload, NAME, max_images=most, stored=request.stored)
             except ProviderError as error:
                 return refused(error)
         url = self.locate(request, True).url

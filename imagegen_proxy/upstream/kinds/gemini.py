@@ -165,7 +165,9 @@ class Gemini(ProviderKind):
         files: list[tuple[str, Spooled]] = []
         if isinstance(job.upload, Upload):
             try:
-                files = await edit_images(job.upload, NAME, max_images=MAX_INPUTS)
+                files = await edit_images(
+                    job.upload, NAME, max_images=MAX_INPUTS, stored=request.stored
+                )
             except ProviderError as error:
                 return refused(error)
         headers = [*job.headers, ("content-type", "application/json")]

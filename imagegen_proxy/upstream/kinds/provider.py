@@ -222,20 +222,21 @@ INPUT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
 
 
 async def edit_images(
-    upload: Upload, provider: str, *, max_images: int
+    upload: Upload, provider: str, *, max_images: int, stored: bool = False
 ) -> list[tuple[str, Spooled]]:
     """A multipart edit's input images, spooled to disk (a provider that takes them base64
     inside its JSON, perhaps in several calls, reads them back from there), each with its
     media type. Refused with a 400 naming the param: a mask (these providers have none), an
     image of another type, more than `max_images`, none, and a transparent background or
-    `response_format=url` in the form's fields."""
+    `response_format=url` in the form's fields (unless `stored`: the gateway's store makes
+    the URL)."""
     files = await upload.spool_rest()
     fields = upload.fields
     if fields.get("background") == "transparent":
         raise ProviderError(
             400, f"{provider} cannot make a transparent background.", param="background"
         )
-    if fields.get("response_format") == "url":
+    if fields.get("response_format") == "url" and not stored:
         raise ProviderError(
             400, f"Images from {provider} come back as base64 only.", param="response_format"
         )
