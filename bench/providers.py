@@ -53,26 +53,48 @@ KINDS: dict[str, tuple[str, str]] = {
         "amazon.nova-canvas-v1:0",
     ),
 }
+# `--storage`: the OpenAI kind with `response_format="url"`, its images kept in a directory
+# or in an S3 API (moto's server, started here), beside the same kind answering base64.
+STORED: dict[str, str] = {
+    "openai+file": '[storage]\nurl = "file://{directory}"\n',
+    "openai+s3": (
+        '[storage]\nurl = "s3://bench/kept"\nendpoint_url = "{s3}"\n'
+        'access_key_id_env = "BENCH_S3_KEY"\nsecret_access_key_env = "BENCH_S3_SECRET"\n'
+        "part_size = 5242880\n"
+    ),
+}
 
 
 @contextlib.contextmanager
-def proxies(mock: str, kinds: list[str]) -> Iterator[dict[str, tuple[str, int]]]:
+def proxies(
+    mock: str, kinds: list[str], stores: dict[str, str]
+) -> Iterator[dict[str, tuple[str, int]]]:
     with contextlib.ExitStack() as stack:
         running = {}
         for kind in kinds:
-            member, _ = KINDS[kind]
-            members = f'[[upstreams]]\nname = "{kind}"\n' + member.format(mock=mock)
+            member, _ = KINDS[kind.split("+")[0]]
+            members = '[[upstreams]]\nname = "u"\n' + member.format(mock=mock)
             members += "[access_log]\nenabled = false\n"
-            env = {"BENCH_AWS_SECRET": SECRET}
+            if kind in STORED:
+                members += STORED[kind].format(**stores)
+            env = {
+                "BENCH_AWS_SECRET": SECRET,
+                "BENCH_S3_KEY": "AKIABENCH0000000000",
+                "BENCH_S3_SECRET": SECRET,
+            }
             running[kind] = stack.enter_context(
                 procs.imagegen_proxy(mock, members=members, env=env)
             )
         yield running
 
 
-async def one_round(url: str, model: str, concurrency: int) -> tuple[float, int, list[str]]:
+async def one_round(
+    url: str, model: str, concurrency: int, as_url: bool = False
+) -> tuple[float, int, list[str]]:
     """`concurrency` generations at once: the round's seconds, bytes read, errors."""
     body = {"model": model, "prompt": "a lighthouse at dawn", "size": "1024x1024"}
+    if as_url:
+        body["response_format"] = "url"
     headers = {"authorization": f"Bearer {procs.KEY}"}
     errors: list[str] = []
     read = 0
@@ -94,11 +116,40 @@ async def one_round(url: str, model: str, concurrency: int) -> tuple[float, int,
         return time.perf_counter() - started, read, errors
 
 
-def measure(pid: int, url: str, model: str, concurrency: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def storage_places() -> Iterator[dict[str, str]]:
+    """A directory, and moto's S3 server with a bucket, for `--storage`."""
+    import tempfile
+
+    import botocore.session
+    from moto.server import ThreadedMotoServer
+
+    port = procs.free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="AKIABENCH0000000000",
+        aws_secret_access_key=SECRET,
+    )
+    client.create_bucket(Bucket="bench")
+    try:
+        with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as directory:
+            yield {"directory": directory, "s3": endpoint}
+    finally:
+        server.stop()
+
+
+def measure(
+    pid: int, url: str, model: str, concurrency: int, as_url: bool = False
+) -> dict[str, Any]:
     process = psutil.Process(pid)
     cpu = process.cpu_times()
     with procs.Sampler(pid) as sampler:
-        seconds, read, errors = asyncio.run(one_round(url, model, concurrency))
+        seconds, read, errors = asyncio.run(one_round(url, model, concurrency, as_url))
     after = process.cpu_times()
     return {
         "seconds": seconds,
@@ -118,21 +169,28 @@ def main() -> None:
     parser.add_argument("--pad-to", type=int, default=4_000_000)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--storage", action="store_true", help="the OpenAI kind with and without [storage]"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.pad_to = 2, 1_000_000
-    kinds = args.kinds.split(",")
+    kinds = ["openai", *STORED] if args.storage else args.kinds.split(",")
     rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
-    with procs.server(procs.mock(pad_to=args.pad_to)) as (mock, _), proxies(mock, kinds) as running:
+    with contextlib.ExitStack() as stack:
+        stores = stack.enter_context(storage_places()) if args.storage else {}
+        mock, _ = stack.enter_context(procs.server(procs.mock(pad_to=args.pad_to)))
+        running = stack.enter_context(proxies(mock, kinds, stores))
         for kind in kinds:  # warm: the mock's PNG cache, each proxy's connections
             url, pid = running[kind]
-            measure(pid, url, KINDS[kind][1], 2)
+            measure(pid, url, KINDS[kind.split("+")[0]][1], 2, kind in STORED)
         for index in range(args.rounds):
             order = kinds[index % len(kinds) :] + kinds[: index % len(kinds)]
             for kind in order:
                 url, pid = running[kind]
-                rows[kind].append(measure(pid, url, KINDS[kind][1], args.concurrency))
+                model = KINDS[kind.split("+")[0]][1]
+                rows[kind].append(measure(pid, url, model, args.concurrency, kind in STORED))
     summary = {}
     for kind, measured in rows.items():
         errors = sum(len(row["errors"]) for row in measured)

@@ -1,19 +1,23 @@
 """Images in an S3-compatible object store (`[storage] url = "s3://bucket/prefix"`), through
 aiobotocore (the `s3` extra): AWS S3, MinIO, R2, GCS's S3 API, with `endpoint_url`.
 
-An object is a multipart upload of `part_size` parts (one part in memory at a time),
-completed by `commit` and aborted otherwise; one smaller than a part is one `put_object` at
-commit. URLs are presigned GETs. Credentials: `access_key_id_env` and
-`secret_access_key_env`, else the standard AWS chain.
+An object is a multipart upload of `part_size` parts, each spooled to an anonymous
+temporary file until it is full and then sent from there (S3 wants parts of 5 MiB at least:
+held in memory, they would be most of an image), completed by `commit` and aborted
+otherwise; one smaller than a part is one `put_object` at commit. URLs are presigned
+GETs. Credentials: `access_key_id_env` and `secret_access_key_env`, else the standard AWS
+chain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from ..config import ConfigError, StorageConfig
@@ -145,27 +149,49 @@ class S3Store:
 
 
 class _S3Writer:
-    """One object: buffered to `part_size`, each full part uploaded as it fills."""
+    """One object: its current part spooled to an anonymous temporary file (disk, not
+    memory) and uploaded, from the file, each time it fills."""
 
     def __init__(self, store: S3Store, name: str, content_type: str) -> None:
         self.store = store
         self.name = name
         self.content_type = content_type
-        self._buffer = bytearray()
+        self._part_file: IO[bytes] | None = None
+        self._part_size = 0  # bytes in the current part's file
         self._upload: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._done = False
 
     async def write(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self.store.part_size:
-            part = bytes(self._buffer[: self.store.part_size])
-            del self._buffer[: self.store.part_size]
-            await self._part(part)
+        limit = self.store.part_size
+        view = memoryview(data)
+        while view:
+            room = limit - self._part_size
+            await self._spool(view[:room])
+            view = view[room:]
+            if self._part_size >= limit:
+                await self._send_part()
 
-    async def _part(self, data: bytes) -> None:
+    async def _spool(self, data: memoryview) -> None:
+        if not data:
+            return
+        if self._part_file is None:
+            self._part_file = await asyncio.to_thread(tempfile.TemporaryFile)
+        await asyncio.to_thread(self._part_file.write, data)
+        self._part_size += len(data)
+
+    def _take_part(self) -> tuple[IO[bytes] | None, int]:
+        file, size = self._part_file, self._part_size
+        self._part_file, self._part_size = None, 0
+        if file is not None:
+            file.seek(0)
+        return file, size
+
+    async def _send_part(self) -> None:
         client = await self.store.client()
         bucket = self.store.bucket
+        file, size = self._take_part()
+        assert file is not None
         try:
             if self._upload is None:
                 started = await client.create_multipart_upload(
@@ -174,24 +200,40 @@ class _S3Writer:
                 self._upload = started["UploadId"]
             number = len(self._parts) + 1
             answer = await client.upload_part(
-                Bucket=bucket, Key=self.name, UploadId=self._upload, PartNumber=number, Body=data
+                Bucket=bucket,
+                Key=self.name,
+                UploadId=self._upload,
+                PartNumber=number,
+                Body=file,
+                ContentLength=size,
             )
         except Exception as exc:
             raise _failed("upload_part", exc) from None
+        finally:
+            file.close()
         self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
 
     async def commit(self) -> None:
         client = await self.store.client()
         bucket = self.store.bucket
-        rest, self._buffer = bytes(self._buffer), bytearray()
         try:
             if self._upload is None:  # smaller than a part: one request
-                await client.put_object(
-                    Bucket=bucket, Key=self.name, Body=rest, ContentType=self.content_type
-                )
+                file, size = self._take_part()
+                try:
+                    body: Any = file if file is not None else b""
+                    await client.put_object(
+                        Bucket=bucket,
+                        Key=self.name,
+                        Body=body,
+                        ContentLength=size,
+                        ContentType=self.content_type,
+                    )
+                finally:
+                    if file is not None:
+                        file.close()
             else:
-                if rest:
-                    await self._part(rest)
+                if self._part_file is not None:
+                    await self._send_part()
                 await client.complete_multipart_upload(
                     Bucket=bucket,
                     Key=self.name,
@@ -208,7 +250,9 @@ class _S3Writer:
         if self._done:
             return
         self._done = True
-        self._buffer = bytearray()
+        file, _ = self._take_part()
+        if file is not None:
+            file.close()
         if self._upload is None:
             return
         with contextlib.suppress(Exception):  # gone already, or the store is away: it expires
