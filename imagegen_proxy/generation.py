@@ -85,6 +85,7 @@ class Generation:
     failovers: list[tuple[str, str, str]] = field(default_factory=list)  # (from, to, reason)
     reached: bool = False  # it may have reached the upstream (and be billed there)
     upstream_status: int | None = None  # the upstream's, once it answered
+    stored: list[str] = field(default_factory=list)  # its images' keys in [storage]
     billed: bool = False  # a provider took the work on (a submitted task): spent even if it failed
     upstream_request_id: str | None = None
     failure: str | None = None  # how the upstream failed (see metrics.Metrics.upstream_errors)
@@ -187,4 +188,5 @@ class Generation:
             output_tokens=self.output_tokens,
             cost_micros=self.cost_micros,
             duration_ms=round(self.duration * 1000),
+            objects=self.stored or None,
         )

@@ -46,7 +46,7 @@ from .upstream.relay import Relay
 from .upstream.storing import Storing
 from .upstream.targets import Target, Upstreams
 from .upstream.transport import create_transport, sender_for
-from .views import budget_view, files_view, models_view
+from .views import budget_view, files_view, kept_view, models_view
 from .wire.errors import ClientGone, ProxyError, expect_method, send_error
 from .wire.headers import ResponseHeaders
 from .wire.incoming import open_upload, read_upload
@@ -103,6 +103,7 @@ class ImageGenProxy:
             config.proxy.mount_prefix,
             models=config.pooled if listed is None else listed,
             files=isinstance(self.images, FileStore),
+            stored=self.images is not None,
         )
         self.upstreams = Upstreams(config)
         self.pool = pool_for(config, self.upstreams) if config.pooled else None
@@ -199,6 +200,20 @@ class ImageGenProxy:
         if route.operation == "files":
             assert isinstance(self.images, FileStore)
             await files_view(scope, send, self.images, self.router.prefix)
+            return
+        if route.operation == "images":
+            assert self.images is not None
+            await kept_view(
+                scope,
+                send,
+                self.authenticator,
+                self._key_headers,
+                self.store,
+                self.images,
+                self.config.storage.url_ttl,
+                self.config.admin.digest,
+                self.router.prefix,
+            )
             return
         generation = Generation(
             route.form, route.operation, client_request_id=client_request_id(scope)
@@ -352,6 +367,8 @@ class ImageGenProxy:
                 tries, receive if recording is None else recording.receiving(receive), upload
             )
         finally:
+            if storing is not None:
+                generation.stored = list(storing.keys)
             await self._settle(generation)
             generation.relayed()
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from .governance.auth import Authenticator, may_use, read_credentials
+from .governance.auth import Authenticator, is_admin, may_use, read_credentials
 from .governance.ratelimit import RateLimiter
-from .storage import FileStore, StorageError
+from .storage import FileStore, ImageStore, StorageError
 from .types import Scope, Send
 from .wire.errors import ProxyError, expect_method, send_error
-from .wire.routing import FILES_PATH
+from .wire.routing import FILES_PATH, IMAGES_PATH
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 async def budget_view(
@@ -115,3 +118,58 @@ async def files_view(scope: Scope, send: Send, store: FileStore, prefix: str) ->
 
 
 _MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+
+
+async def kept_view(
+    scope: Scope,
+    send: Send,
+    authenticator: Authenticator,
+    key_headers: frozenset[bytes],
+    store: Store | None,
+    images: ImageStore,
+    ttl: float,
+    admin: bytes | None,
+    prefix: str,
+) -> None:
+    """`GET /v1/imagegen/images/{request_id}`: a generation's kept images, their URLs issued
+    anew (valid `ttl` seconds), for the key that made it or the admin key; to anyone else,
+    a 404 that tells nothing of what exists. The ledger says what was kept: without a
+    `[store]` there is none."""
+    from .store.ledger.queries import latest
+
+    try:
+        expect_method(scope, "GET")
+        request_id = scope["path"][len(prefix + IMAGES_PATH) :]
+        admin_asks = is_admin(scope, admin)
+        principal = None
+        if not admin_asks:
+            principal = await authenticator.authenticate(read_credentials(scope, key_headers))
+        missing = ProxyError(404, f"No kept images for request {request_id!r}.", code="not_found")
+        if store is None or not request_id or len(request_id) > 64:
+            raise missing
+        rows = await latest(store, limit=1, filters={"request_id": request_id})
+        if not rows or not rows[0].objects:
+            raise missing
+        row = rows[0]
+        if principal is not None and (row.key_name != principal.name or row.key_id != principal.id):
+            raise missing
+        try:
+            urls = [await images.url(key, ttl) for key in row.objects or []]
+        except StorageError:
+            raise ProxyError(
+                502,
+                "The gateway's storage could not issue the URLs; try again later.",
+                type="server_error",
+                code="storage_unavailable",
+            ) from None
+    except ProxyError as error:
+        await send_error(send, error)
+        return
+    view = {
+        "object": "imagegen.images",
+        "request_id": request_id,
+        "created": row.at,
+        "expires_at": int(time.time() + ttl),
+        "data": [{"url": url} for url in urls],
+    }
+    await send_json(send, view)

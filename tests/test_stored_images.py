@@ -371,3 +371,51 @@ def test_the_bundled_proxy_serves_its_kept_images(tmp_path: Path, workers: str) 
             assert link.startswith(url + "/v1/imagegen/files/")
             fetched = httpx.get(link, timeout=30)
             assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_owner_or_the_admin_gets_the_urls_again(
+    upstream: UpstreamDouble, tmp_path: Path, signing: str
+) -> None:
+    image = png(20, 20)
+    upstream.answer = image_answer(image)
+    sock = bound()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = ProxyConfig.model_validate(
+        {
+            "openai": {"base_url": upstream.url + "/v1", "api_key": UPSTREAM_KEY},
+            "keys": [
+                {"name": "owner", "key": "sk-owner-0123456789"},
+                {"name": "other", "key": "sk-other-0123456789"},
+            ],
+            "admin": {"key": "sk-admin-0123456789"},
+            "store": {"url": f"sqlite:///{tmp_path}/proxy.db"},
+            "storage": {
+                "url": (tmp_path / "images").as_uri(),
+                "public_url": url,
+                "signing_key_env": "IMAGE_SIGNING_KEY",
+            },
+        }
+    )
+    from test_cli import run
+
+    assert run("db", "upgrade", "--store", f"sqlite:///{tmp_path}/proxy.db").returncode == 0
+    proxy = ImageGenProxy(HostApp().app, config)
+    with serve(proxy, sock=sock):
+        owner = openai.OpenAI(base_url=url + "/v1", api_key="sk-owner-0123456789", max_retries=0)
+        made = owner.images.with_raw_response.generate(
+            model="gpt-image-1", prompt="p", response_format="url"
+        )
+        request_id = made.headers["x-imagegen-request-id"]
+        path = f"{url}/v1/imagegen/images/{request_id}"
+
+        def again(key: str) -> httpx.Response:
+            return httpx.get(path, headers={"authorization": f"Bearer {key}"})
+
+        assert until(lambda: again("sk-owner-0123456789").status_code == 200, 10)  # ledger
+        answer = again("sk-owner-0123456789").json()
+        assert answer["request_id"] == request_id
+        assert httpx.get(answer["data"][0]["url"]).content == image
+        assert again("sk-admin-0123456789").status_code == 200
+        refused = again("sk-other-0123456789")
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+        assert again("sk-nobody").status_code == 401

@@ -79,6 +79,7 @@ ledger = Table(
     Column("output_tokens", BigInteger, nullable=False),
     Column("cost_micros", BigInteger, nullable=True),  # None: no price known
     Column("duration_ms", Integer, nullable=False),
+    Column("objects", JSON, nullable=True),  # the keys of the images [storage] kept
 )
 
 # Organization-wide settings, by name: "organization_policy" (a config.Policy, the

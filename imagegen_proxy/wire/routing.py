@@ -12,7 +12,7 @@ from .errors import ProxyError
 Form = Literal["openai", "azure"]
 # What a request asks for: an image operation (sent upstream), or the proxy's own views.
 ImageOperation = Literal["generation", "edit", "variation"]
-Operation = Literal[ImageOperation, "budget", "admin", "models", "files"]
+Operation = Literal[ImageOperation, "budget", "admin", "models", "files", "images"]
 
 # Each image operation's last path segment, upstream as here.
 ENDPOINTS: dict[ImageOperation, str] = {
@@ -31,6 +31,8 @@ BUDGET_PATHS = ("/v1/imagegen/budget", "/imagegen/budget")
 MODELS_PATHS = ("/v1/models", "/models", "/openai/v1/models")
 # Images kept by a `file://` store, at signed, expiring URLs (GET).
 FILES_PATH = "/v1/imagegen/files/"
+# A generation's kept images, their URLs issued again (GET, the owner's key or the admin's).
+IMAGES_PATH = "/v1/imagegen/images/"
 # OpenAI's Admin API, for the admin key.
 ADMIN_PATHS = ("/v1/organization/", "/organization/")
 # Deliberately loose: anything between the fixed parts is captured, so that a bad
@@ -61,9 +63,12 @@ class Route(NamedTuple):
 class Router:
     """Matches scopes against the proxy paths, optionally under a mount prefix."""
 
-    def __init__(self, prefix: str = "", *, models: bool = False, files: bool = False) -> None:
+    def __init__(
+        self, prefix: str = "", *, models: bool = False, files: bool = False, stored: bool = False
+    ) -> None:
         self.prefix = prefix.rstrip("/")
         self._files = self.prefix + FILES_PATH if files else None
+        self._images = self.prefix + IMAGES_PATH if stored else None
         self._models = {self.prefix + path for path in MODELS_PATHS} if models else set()
         self._openai = {
             self.prefix + prefix + endpoint: Route("openai", operation=operation)
@@ -91,6 +96,8 @@ class Router:
             return _ADMIN
         if self._files is not None and path.startswith(self._files):
             return _FILES
+        if self._images is not None and path.startswith(self._images):
+            return _IMAGES
         found = self._azure.fullmatch(path)
         if found is None:
             return None
@@ -103,6 +110,7 @@ _BUDGET = Route("openai", operation="budget")
 _MODELS = Route("openai", operation="models")
 _ADMIN = Route("openai", operation="admin")
 _FILES = Route("openai", operation="files")
+_IMAGES = Route("openai", operation="images")
 
 
 def check_route(route: Route) -> None:

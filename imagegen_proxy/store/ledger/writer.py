@@ -43,6 +43,7 @@ class LedgerRow:
     output_tokens: int
     cost_micros: int | None
     duration_ms: int
+    objects: list[str] | None = None  # the keys of the images [storage] kept
 
 
 COLUMNS = tuple(field.name for field in fields(LedgerRow))
