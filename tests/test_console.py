@@ -59,6 +59,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         f'[admin]\nkey = "{ADMIN}"\n'
         f'[store]\nurl = "{store}"\ncache_seconds = 0\n'
         "[mock]\ndelay = 0.2\n"  # partial images a moment apart, as real ones are
+        f'[storage]\nurl = "{(folder / "images").as_uri()}"\n'  # kept images: thumbnails
         # The configuration's own, listed beside the store's (read-only).
         '[[projects]]\nname = "config-team"\nimages_per_day = 100\n'
         f'[[keys]]\nname = "config-bot"\nkey = "{CONFIG_KEY}"\nproject = "config-team"\n'
@@ -488,3 +489,21 @@ def test_the_latest_refusals_are_kept_one_by_one_newest_first_and_bounded() -> N
     assert {one.kind for one in latest} == {"limited: rate_limit_exceeded"}
     assert "secret prompt" not in repr(latest)
     assert activity.errors() == [("limited: rate_limit_exceeded", LATEST + 50)]
+
+
+def test_requests_show_the_kept_images(page: Any, console: Console) -> None:
+    sdk = openai.OpenAI(base_url=console.url + "/v1", api_key=CONFIG_KEY, max_retries=0)
+    made = sdk.images.with_raw_response.generate(
+        model="gpt-image-1", prompt="a lighthouse", size="64x64", response_format="url"
+    )
+    request_id = made.headers["x-imagegen-request-id"]
+    sign_in(page, console)
+    page.request.get(f"{console.base}/requests/{request_id}.json")  # flushes the ledger
+    page.goto(f"{console.base}/requests?request_id={request_id}")
+    thumb = page.locator(f"tr[id='{request_id}'] img.thumb")
+    thumb.wait_for()
+    # Loaded, not blocked (the console's CSP admits the store's origin) nor broken.
+    page.wait_for_function(
+        "(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle()
+    )
+    assert thumb.get_attribute("src").startswith(console.url + "/v1/imagegen/files/")

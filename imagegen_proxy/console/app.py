@@ -16,7 +16,7 @@ import hmac
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from ..config import StorageConfig
 from ..types import ASGIApp, Message, Receive, Scope, Send
 from .forms import redirect
 from .throttle import SignInThrottle, retry_after
@@ -38,17 +39,33 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Request, FormData | None], Awaitable[Response]]
 
-_HEADERS = [
-    (b"cache-control", b"no-store"),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-]
+def _headers(images: str = "") -> list[tuple[bytes, bytes]]:
+    """The console's headers; `images`: the origin its kept images' URLs are on (a
+    `[storage]` store's), the one other place a page may load from (thumbnails)."""
+    img = f"'self' data: {images}".strip()
+    policy = (
+        f"default-src 'self'; img-src {img}; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+    return [
+        (b"cache-control", b"no-store"),
+        (b"x-frame-options", b"DENY"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"content-security-policy", policy.encode()),
+    ]
+
+
+def images_origin(storage: StorageConfig) -> str:
+    """Where a `[storage]` store's URLs point: its public URL (`file://`), its endpoint, or
+    AWS's S3 hosts."""
+    if storage.url is None:
+        return ""
+    base = storage.public_url if storage.is_file else storage.endpoint_url
+    if base is None:
+        return "" if storage.is_file else "https://*.amazonaws.com"
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
@@ -150,7 +167,8 @@ def console_app(proxy: ImageGenProxy, *, path: str | None = None) -> ASGIApp:
             path=path,
             same_site="strict",
             https_only=config.console.secure_cookie,
-        )
+        ),
+        images_origin(config.storage),
     )
 
 
@@ -182,17 +200,19 @@ def _inside(request: Request, target: str) -> str:
 class _Hardened:
     """Every console answer: not cached, not framed, nothing loaded from elsewhere."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, images: str = "") -> None:
         self.app = app
+        self.headers = _headers(images)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        extra = self.headers
 
         async def hardened(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *_HEADERS]}
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         await self.app(scope, receive, hardened)

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.templating import Jinja2Templates
 
+from ..storage import StorageError
 from . import forms
 from .chart import dollars, stacked_bars
 from .forms import PERIODS
@@ -21,6 +22,7 @@ from .spend import DAY, GROUPS, SpendQuery
 if TYPE_CHECKING:
     from ..middleware import ImageGenProxy
     from ..store import Store
+    from ..store.ledger import LedgerRow
 
 OUTCOMES = ("ok", "upstream_error", "client_gone", "limited", "rejected", "error")
 SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
@@ -313,11 +315,27 @@ class Pages:
             "requests.html",
             nav="requests",
             rows=rows,
+            thumbs=await self._thumbs(rows),
             unanswered=forms.unanswered(self.proxy.activity.latest(), filters, kind),
             filters=filters,
             kind=kind,
             outcomes=OUTCOMES,
         )
+
+    async def _thumbs(self, rows: list[LedgerRow]) -> dict[str, list[str]]:
+        """Each listed generation's kept images, by request id: URLs for the page's
+        thumbnails, valid ten minutes (none where the store cannot make them now)."""
+        images = self.proxy.images
+        found: dict[str, list[str]] = {}
+        if images is None:
+            return found
+        for row in rows:
+            if row.objects:
+                try:
+                    found[row.request_id] = [await images.url(key, 600) for key in row.objects]
+                except StorageError:
+                    return found
+        return found
 
     async def request_json(self, request: Request, form: FormData | None) -> Response:
         """One ledger line as JSON (the playground shows its cost). The ledger is written
