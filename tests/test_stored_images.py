@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -419,3 +420,63 @@ def test_the_owner_or_the_admin_gets_the_urls_again(
         refused = again("sk-other-0123456789")
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
         assert again("sk-nobody").status_code == 401
+
+
+@pytest.fixture(params=["file", "s3"])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The `[storage]` settings of each store (beyond `stored`'s own file:// ones)."""
+    if request.param == "file":
+        return {}
+    _, name = request.getfixturevalue("bucket")
+    return s3_settings(request.getfixturevalue("s3_endpoint"), name)
+
+
+@pytest.mark.parametrize("kind", ["gemini", "stability", "bfl", "bedrock"])
+def test_every_kind_on_either_store_answers_urls(
+    stored: Start, either_store: dict[str, Any], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_kinds_on_the_mock import KEY, members
+
+    from imagegen_proxy.mock import MockUpstream
+
+    monkeypatch.setenv("MOCK_AWS_SECRET", KEY)
+    with serve(MockUpstream(api_key=KEY)) as mock:
+        member, model = members(mock)[kind]
+        url = stored([{"name": kind, **member}], **either_store)
+        result = sdk(url).images.generate(model=model, prompt="a lighthouse", response_format="url")
+        link = result.data[0].url or ""  # type: ignore[index]
+        fetched = httpx.get(link)
+        assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_s3_refusing_mid_answer_is_a_502_and_no_object(
+    upstream: UpstreamDouble, stored: Start, s3_endpoint: str, bucket: Any
+) -> None:
+    client, name = bucket
+    sent, release = threading.Event(), threading.Event()
+
+    async def slow(x: Exchange) -> None:
+        big = base64.b64encode(png(64, 64, pad_to=7 * 1024 * 1024))  # past one 5 MiB part
+        await x.start(200, [("content-type", "application/json")])
+        await x.body(b'{"created":1,"data":[{"b64_json":"' + big)
+        sent.set()
+        await x.wait(release)
+        await x.body(b'"}]}', more=False)
+
+    upstream.answer = slow
+    url = stored(**s3_settings(s3_endpoint, name))
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(
+            sdk(url).images.generate, model="gpt-image-1", prompt="p", response_format="url"
+        )
+        assert sent.wait(10)
+        assert until(lambda: client.list_multipart_uploads(Bucket=name).get("Uploads"), 20)
+        # The store loses the upload halfway (an operator's lifecycle rule, a failover):
+        # the rest of the image cannot be kept.
+        [upload] = client.list_multipart_uploads(Bucket=name)["Uploads"]
+        client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        release.set()
+        with pytest.raises(openai.InternalServerError) as caught:
+            call.result(60)
+    assert caught.value.code == "storage_unavailable"
+    assert objects(client, name) == []
