@@ -483,3 +483,15 @@ def test_s3_refusing_mid_answer_is_a_502_and_no_object(
             call.result(60)
     assert caught.value.code == "storage_unavailable"
     assert objects(client, name) == []
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK's variations
+def test_a_variation_answers_a_url(upstream: UpstreamDouble, stored: Start) -> None:
+    image = png(18, 18)
+    upstream.answer = image_answer(image)
+    url = stored()
+    result = sdk(url).images.create_variation(
+        image=("in.png", png(), "image/png"), model="dall-e-2", response_format="url"
+    )
+    assert httpx.get(result.data[0].url or "").content == image  # type: ignore[index]
+    assert upstream.last.fields["response_format"] == "b64_json"  # DALL·E's own choice
