@@ -495,3 +495,31 @@ def test_a_variation_answers_a_url(upstream: UpstreamDouble, stored: Start) -> N
     )
     assert httpx.get(result.data[0].url or "").content == image  # type: ignore[index]
     assert upstream.last.fields["response_format"] == "b64_json"  # DALL·E's own choice
+
+
+def test_keep_always_copies_a_streams_images_as_they_pass(
+    upstream: UpstreamDouble, stored: Start, tmp_path: Path
+) -> None:
+    image = png(26, 26)
+    upstream.answer = sse(partial(0), completed(b64(image)))
+    url = stored(keep="always")
+    events = list(
+        sdk(url).images.generate(model="gpt-image-1", prompt="p", stream=True, partial_images=1)
+    )
+    assert base64.b64decode(events[-1].b64_json) == image  # answered as asked
+    assert until(lambda: len(kept(tmp_path / "images")) == 1, 10)
+    assert kept(tmp_path / "images")[0].read_bytes() == image
+
+
+def test_keep_always_with_a_failing_store_answers_unharmed(
+    upstream: UpstreamDouble, stored: Start, tmp_path: Path
+) -> None:
+    image = png(14, 14)
+    (tmp_path / "images").write_text("not a directory")
+    upstream.answer = sse(completed(b64(image)))
+    url = stored(keep="always")
+    events = list(sdk(url).images.generate(model="gpt-image-1", prompt="p", stream=True))
+    assert base64.b64decode(events[-1].b64_json) == image
+    upstream.answer = image_answer(image)
+    result = sdk(url).images.generate(model="gpt-image-1", prompt="p")
+    assert base64.b64decode(result.data[0].b64_json or "") == image  # type: ignore[index]

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Request, FormData | None], Awaitable[Response]]
 
+
 def _headers(images: str = "") -> list[tuple[bytes, bytes]]:
     """The console's headers; `images`: the origin its kept images' URLs are on (a
     `[storage]` store's), the one other place a page may load from (thumbnails)."""

@@ -28,7 +28,7 @@ import codecs
 import json
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import IO
 
@@ -415,6 +415,7 @@ async def _json_tee(storing: Storing, answer: Answer) -> AsyncIterator[bytes]:
                         await rewriter.event(prefix, kind, value)
                 except (JsonStreamError, httpx.DecodingError):
                     broken = True  # not ours to judge: the client gets it as it came
+                rewriter.out.clear()  # the client gets the bytes as they came
             yield chunk
     finally:
         if rewriter.image is not None or broken:
@@ -448,10 +449,13 @@ async def _events(storing: Storing, answer: Answer) -> AsyncIterator[bytes]:
 
 class _EventReader:
     """SSE, line by line, without holding a line: a `*.completed` event's `data:` JSON is
-    rewritten as its events arrive; every other line passes through as it comes."""
+    rewritten as its events arrive (held until its image is kept); every other line passes
+    through as it comes. Kept but asked for as base64 (`tee`), nothing is held or
+    rewritten: the images are copied on the way, a failing store only logged."""
 
     def __init__(self, storing: Storing) -> None:
         self.storing = storing
+        self._tee = not storing.as_url
         self._line = bytearray()  # the current line's head, until its field is known
         self._mode: str | None = None  # "pass" or "data" once the current line's field is known
         self._event = b""  # the current event's name
@@ -487,18 +491,21 @@ class _EventReader:
                 self._completed = self._event.endswith(b".completed")
             if field == b"data" and self._completed:
                 self._mode = "data"
-                self._held += b"data: "
                 self._rewriter = _Rewriter(
-                    self.storing, "b64_json", as_url=self.storing.as_url, inline=False
+                    self.storing, "b64_json", as_url=self.storing.as_url, inline=self._tee
                 )
                 self._events = JsonEvents()
                 content = head.split(b":", 1)[1]
                 content = content[1:] if content.startswith(b" ") else content
-                return await self._data(content, whole)
+                if not self._tee:
+                    self._held += b"data: "
+                await self._data(content, whole)
+                return head if self._tee else b""
             self._mode = "pass"
             return self._emit(head, whole)
         if self._mode == "data":
-            return await self._data(piece, whole)
+            await self._data(piece, whole)
+            return piece if self._tee else b""
         return self._emit(piece, whole)
 
     def _emit(self, data: bytes, whole: bool) -> bytes:
@@ -506,7 +513,7 @@ class _EventReader:
             self._mode = None
             if data.strip() == b"":  # the event's end
                 return self._end_event(data)
-        if self._completed:
+        if self._completed and not self._tee:
             self._held += data
             return b""
         return data
@@ -519,7 +526,7 @@ class _EventReader:
             return held + blank
         return blank
 
-    async def _data(self, data: bytes, whole: bool) -> bytes:
+    async def _data(self, data: bytes, whole: bool) -> None:
         content = data.rstrip(b"\r\n") if whole else data
         events, rewriter = self._events, self._rewriter
         assert events is not None and rewriter is not None
@@ -537,10 +544,14 @@ class _EventReader:
                 raise httpx.DecodingError(
                     f"The upstream sent an event that is not JSON ({exc})."
                 ) from None
-            self._held += rewriter.take() + b"\n"
+            if self._tee:
+                rewriter.out.clear()
+            else:
+                self._held += rewriter.take() + b"\n"
             self._images += rewriter.done
             self._mode, self._events, self._rewriter = None, None, None
-        return b""
+        elif self._tee:
+            rewriter.out.clear()  # the client gets the bytes as they came
 
     async def end(self) -> bytes:
         return bytes(self._held)
@@ -548,7 +559,3 @@ class _EventReader:
     def close(self) -> None:
         for image in self._images:
             image.close()
-
-
-def kept_keys(storing: Storing | None) -> Sequence[str]:
-    return () if storing is None else storing.keys
