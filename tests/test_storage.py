@@ -158,10 +158,27 @@ def test_a_writer_holds_no_part_in_memory(store: Any) -> None:
     assert run(work()) <= 256 * 1024  # the file store's batch; S3 parts are on disk
 
 
-@given(st.text(max_size=40), st.text(min_size=1, max_size=40))
+@given(st.text(max_size=300), st.text(min_size=1, max_size=80))
 def test_object_keys_carry_no_client_text_as_it_is(project: str, request_id: str) -> None:
     key = object_key(project, request_id, 3, "png", NOW)
     assert valid_key(key) and ".." not in key.split("/")
+    # Every component fits a file name, however long (and escaped) the project's name.
+    assert all(len(part.encode()) <= 255 for part in key.split("/"))
+    if len(project) > 100:  # long names stay told apart
+        assert object_key(project + "x", request_id, 3, "png", NOW) != key
+
+
+def test_a_long_project_name_is_kept_on_the_filesystem(tmp_path: Path) -> None:
+    made = image_store(StorageConfig(url=(tmp_path / "kept").as_uri()))
+    key = object_key("équipe-" * 40, "pxy_5", 0, "png", NOW)  # 280 characters, longer escaped
+
+    async def work() -> bytes:
+        writer = await made.open(key, "image/png")
+        await writer.write(b"png")
+        await writer.commit()
+        return await read_all(made.read(key))
+
+    assert run(work()) == b"png"
 
 
 def test_file_urls_verify_and_expire(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Protocol
@@ -48,13 +49,23 @@ class ImageStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+# A component's most bytes: a file name may have 255, and the name adds `-{n}.{ext}`.
+MAX_COMPONENT = 200
+
+
 def _safe(text: str) -> str:
     """`text` as one key component: letters, digits, `.`, `_` and `-` as they are, the
-    rest percent-escaped; never empty, never `.` or `..`."""
+    rest percent-escaped; never empty, never `.` or `..`; past `MAX_COMPONENT` bytes (a
+    long project name, escaped), cut and told apart by a digest of the whole."""
     escaped = quote(text, safe="")  # `quote` keeps [A-Za-z0-9_.~-]: `~` is escaped below
     escaped = escaped.replace("~", "%7E")
     if escaped in ("", ".", ".."):
         escaped = escaped.replace(".", "%2E") or "%00"
+    if len(escaped) > MAX_COMPONENT:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        head = escaped[: MAX_COMPONENT - len(digest) - 1]
+        cut = head.rfind("%", len(head) - 2)
+        escaped = (head[:cut] if cut >= 0 else head) + "-" + digest
     return escaped
 
 
