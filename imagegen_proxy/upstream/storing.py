@@ -112,9 +112,6 @@ class Storing:
         ]
         return Translated(answer.status, [_JSON, *headers], _once(held), committed=True)
 
-    def _image(self) -> _Image:
-        return _Image(self, len(self.keys) + len(self._writers))
-
     async def abort(self) -> None:
         """Abort every upload begun and not committed."""
         writers, self._writers = self._writers, []

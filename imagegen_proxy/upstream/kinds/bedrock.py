@@ -32,11 +32,18 @@ from ..translated import (
     Pieces,
     ProviderError,
     content_policy,
-    json_pieces,
     translate,
 )
 from .base import Job, Located
-from .provider import ProviderKind, check_common, dimensions, failed, loads, read_small, unsupported
+from .provider import (
+    ProviderKind,
+    check_common,
+    dimensions,
+    failed,
+    json_images,
+    loads,
+    unsupported,
+)
 
 NAME = "Amazon Bedrock"
 MAX_IMAGES = 5  # Nova Canvas's and Titan's `numberOfImages`
@@ -181,19 +188,9 @@ class Bedrock(ProviderKind):
         return await translate(job.request, shot, 1)
 
 
-async def _images(send: SendUpstream, call: Call) -> Pieces:
+def _images(send: SendUpstream, call: Call) -> Pieces:
     """One `InvokeModel` call: each of its images' base64 pieces as they arrive."""
-    answer = await send(call)
-    try:
-        if not 200 <= answer.status < 300:
-            raise aws_error(answer, await read_small(answer))
-        reader = _Reader()
-        async for piece in json_pieces(answer, NAME, reader.read):
-            yield piece
-        if reader.images == 0:
-            raise reader.refusal()
-    finally:
-        await answer.aclose()
+    return json_images(send, call, NAME, _Reader(), aws_error)
 
 
 class _Reader:
@@ -216,6 +213,9 @@ class _Reader:
                 assert isinstance(value, bytes)
                 self.error += value[: _MAX_TEXT - len(self.error)]
         return out
+
+    def usage(self) -> None:
+        return None  # Bedrock reports no tokens: priced per image
 
     def refusal(self) -> ProviderError:
         said = self.error.decode(errors="replace")

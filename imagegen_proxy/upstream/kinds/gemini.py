@@ -32,7 +32,6 @@ from ..translated import (
     Pieces,
     ProviderError,
     content_policy,
-    json_pieces,
     refused,
     translate,
 )
@@ -44,9 +43,9 @@ from .provider import (
     dimensions,
     edit_images,
     failed,
+    json_images,
     loads,
     ratio,
-    read_small,
     unsupported,
 )
 
@@ -201,20 +200,9 @@ async def _edit_body(
     yield b']}],"generationConfig":' + json.dumps(config).encode() + b"}"
 
 
-async def _images(send: SendUpstream, call: Call) -> Pieces:
+def _images(send: SendUpstream, call: Call) -> Pieces:
     """One `generateContent` call: its image's base64 pieces as they arrive, then its usage."""
-    answer = await send(call)
-    try:
-        if not 200 <= answer.status < 300:
-            raise google_error(answer, await read_small(answer))
-        reader = _Reader()
-        async for piece in json_pieces(answer, NAME, reader.read):
-            yield piece
-        if reader.images == 0:
-            raise reader.refusal()
-        yield reader.usage()
-    finally:
-        await answer.aclose()
+    return json_images(send, call, NAME, _Reader(), google_error)
 
 
 class _Reader:

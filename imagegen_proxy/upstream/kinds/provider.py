@@ -6,17 +6,19 @@ JSON bodies read with a bound, and the error table every provider's statuses go 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Collection, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from ...config import ProviderUpstream
 from ...wire.errors import ProxyError
+from ...wire.jsonstream import Event
 from ...wire.request import ImageRequest
 from ...wire.routing import ImageOperation
 from ...wire.upload import Spooled, Upload
-from ..call import Answer, TextHeaders, retry_after
-from ..translated import Base64Pieces, ProviderError
+from ...wire.usage import Usage
+from ..call import Answer, Call, SendUpstream, TextHeaders, retry_after
+from ..translated import Base64Pieces, Piece, Pieces, ProviderError, json_pieces
 
 # A provider's error body, a polling answer, a submission's receipt: small. Past this, it
 # is not what was expected.
@@ -274,3 +276,42 @@ async def base64_of(upload: Upload, spooled: Spooled) -> AsyncIterator[bytes]:
         for piece in encoder.feed(chunk):
             yield piece
     yield encoder.end()
+
+
+class AnswerReader(Protocol):
+    """What a kind reads from one JSON answer: its image pieces (`read`), how many images
+    came, why none did (`refusal`) and the tokens it reports (`usage`, None: none)."""
+
+    @property
+    def images(self) -> int: ...
+
+    def read(self, events: list[Event]) -> list[Piece]: ...
+
+    def refusal(self) -> ProviderError: ...
+
+    def usage(self) -> Usage | None: ...
+
+
+async def json_images(
+    send: SendUpstream,
+    call: Call,
+    provider: str,
+    reader: AnswerReader,
+    error: Callable[[Answer, bytes], ProviderError],
+) -> Pieces:
+    """One call answering JSON with its images inside: their pieces as they arrive, then
+    its usage; a non-2xx is `error(answer, body)`, an answer without an image the reader's
+    refusal."""
+    answer = await send(call)
+    try:
+        if not 200 <= answer.status < 300:
+            raise error(answer, await read_small(answer))
+        async for piece in json_pieces(answer, provider, reader.read):
+            yield piece
+        if reader.images == 0:
+            raise reader.refusal()
+        usage = reader.usage()
+        if usage is not None:
+            yield usage
+    finally:
+        await answer.aclose()
