@@ -139,7 +139,7 @@ def test_migrations_build_an_empty_database_and_run_again_harmlessly(store_url: 
         async with store.engine.connect() as connection:
             return list((await connection.execute(text("SELECT * FROM alembic_version"))).all())
 
-    assert on_store(store_url, twice) == [("0004",)]
+    assert on_store(store_url, twice) == [("0005",)]
 
 
 def test_a_database_of_the_previous_schema_is_migrated_with_its_keys(

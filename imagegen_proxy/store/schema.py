@@ -80,6 +80,7 @@ ledger = Table(
     Column("cost_micros", BigInteger, nullable=True),  # None: no price known
     Column("duration_ms", Integer, nullable=False),
     Column("objects", JSON, nullable=True),  # the keys of the images [storage] kept
+    Column("trace_id", String(32), nullable=True),  # its W3C trace id, with [tracing] on
 )
 
 # Organization-wide settings, by name: "organization_policy" (a config.Policy, the

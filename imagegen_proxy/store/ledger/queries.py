@@ -142,6 +142,7 @@ LATEST_FILTERS: Final[Mapping[str, ColumnElement[Any]]] = {
     "project_name": ledger.c.project_name,
     "model": ledger.c.model,
     "outcome": ledger.c.outcome,
+    "trace_id": ledger.c.trace_id,
 }
 
 

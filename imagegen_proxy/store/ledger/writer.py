@@ -44,6 +44,7 @@ class LedgerRow:
     cost_micros: int | None
     duration_ms: int
     objects: list[str] | None = None  # the keys of the images [storage] kept
+    trace_id: str | None = None  # its W3C trace id, with [tracing] on
 
 
 COLUMNS = tuple(field.name for field in fields(LedgerRow))
