@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from .types import Scope
 from .wire.errors import ProxyError
@@ -49,6 +50,22 @@ def client_request_id(scope: Scope) -> str | None:
             if key == name:
                 return value.decode() if _CLIENT_ID.fullmatch(value) else None
     return None
+
+
+class Trace(Protocol):
+    """What the relay tells a traced request's trace (`observe.tracing.RequestTrace`)."""
+
+    def answering(self, status: int) -> None:
+        """The response starts: `status` goes to the client, and the relay begins."""
+        ...
+
+    def event(self, name: bytes) -> None:
+        """An event of the answer's stream passed on to the client (`partial_image`...)."""
+        ...
+
+    def settle(self) -> AbstractContextManager[object]:
+        """Around settling its spend (`ImageGenProxy._settle`)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -104,6 +121,10 @@ class Generation:
     input_tokens: int = 0
     output_tokens: int = 0
     settled: bool = False  # its slot and its spend were given back and told, once
+    # Its trace, with tracing on: the W3C trace id (logged, and in the ledger), and what
+    # the relay tells it.
+    trace_id: str | None = None
+    trace: Trace | None = None
 
     @property
     def charged(self) -> bool:
@@ -189,4 +210,5 @@ class Generation:
             cost_micros=self.cost_micros,
             duration_ms=round(self.duration * 1000),
             objects=self.stored or None,
+            trace_id=self.trace_id,
         )

@@ -46,6 +46,7 @@ class Call:
     timeouts: Timeouts
     method: str = "POST"
     exchange: Callable[[SendUpstream], Awaitable[Answer]] | None = None
+    model: str | None = None  # the model the upstream is asked for (its traces tell it)
 
 
 class Answer(Protocol):

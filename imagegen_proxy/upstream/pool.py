@@ -271,7 +271,7 @@ class Tries:
     def build(self, target: Target) -> Call:
         return self._build(target)
 
-    def started(self, target: Target) -> None:
+    def started(self, target: Target, call: Call) -> None:
         if self._pool is not None:
             self._trial = self._pool.started(target, self._key)
 

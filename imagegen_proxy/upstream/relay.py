@@ -52,7 +52,9 @@ class Attempts(Protocol):
 
     def build(self, target: Target) -> Call: ...
 
-    def started(self, target: Target) -> None: ...
+    def started(self, target: Target, call: Call) -> None:
+        """An attempt at `target` begins with `call` (still to be sent)."""
+        ...
 
     def ended(self, target: Target, status: int | None, retry_after: float | None) -> None: ...
 
@@ -211,7 +213,7 @@ class Relay:
             call = attempts.build(target)
             generation.upstream, generation.attempts = target.name, index + 1
             generation.reached = True  # from here on it may have: count it unless proven otherwise
-            attempts.started(target)
+            attempts.started(target, call)
             try:
                 if call.exchange is None:
                     answer = await self.send_upstream(call)
@@ -320,6 +322,11 @@ class Relay:
         if scanner is not None:
             headers += _SSE_HEADERS
         self._scanner, self._started = scanner, True
+        trace = self.generation.trace
+        if trace is not None:
+            trace.answering(status)
+            if scanner is not None:
+                scanner.on_event = trace.event
         await send({"type": "http.response.start", "status": status, "headers": headers})
         tail = Tail() if scanner is None and success else None
         try:

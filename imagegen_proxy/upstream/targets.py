@@ -135,7 +135,9 @@ class Upstreams:
             if model is not None:
                 body = body.model_copy(update={"model": model})
             content, content_type = body.to_json(), _JSON
-        return target.call(url, content, content_type, scope, api_key, request_id)
+        call = target.call(url, content, content_type, scope, api_key, request_id)
+        call.model = model or request.model
+        return call
 
     def _translated(
         self,
@@ -148,7 +150,8 @@ class Upstreams:
         url, model = kind.locate(request, self.pooled)
         assert model is not None
         job = Job(request, model, target.headers, target.timeouts, upload)
-        return Call(url, [], b"", target.timeouts, exchange=functools.partial(kind.exchange, job))
+        exchange = functools.partial(kind.exchange, job)
+        return Call(url, [], b"", target.timeouts, exchange=exchange, model=model)
 
     def target(self, request: ImageRequest) -> Target:
         """The upstream a request goes to without a pool."""

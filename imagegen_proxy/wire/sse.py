@@ -15,6 +15,7 @@ take its place. Only those first bytes are checked: the rest of a data line is n
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .usage import Tail, Usage, tokens_in
 
@@ -50,6 +51,7 @@ class EventScanner:
         self._data_tail = b""  # ...of the current event's last data line
         self.completed = 0
         self.usage = Usage()  # added up over the completed events
+        self.on_event: Callable[[bytes], None] | None = None  # told each event's name
 
     @property
     def done(self) -> bool:
@@ -172,6 +174,8 @@ class EventScanner:
         name = self._name or self._type
         data, self._data_tail = self._data_tail, b""
         self._fields, self._name, self._type = False, b"", b""
+        if self.on_event is not None:
+            self.on_event(name)
         if name == b"error":
             self.remaining = 0
         elif name.endswith(b".completed"):

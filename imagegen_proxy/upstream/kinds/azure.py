@@ -19,6 +19,7 @@ class Azure:
     """An Azure OpenAI resource."""
 
     is_openai_api = False
+    system = "azure.ai.openai"
 
     def __init__(self, member: AzureMember) -> None:
         self.headers: TextHeaders = []

@@ -27,6 +27,8 @@ class Kind(Protocol):
     # keeps serving what it serves.
     is_openai_api: bool
     headers: TextHeaders  # sent with every request (an organization, a project)
+    # Who serves it, as OpenTelemetry's GenAI conventions name it (`gen_ai.provider.name`).
+    system: str
 
     def credentials(self, key: str | None) -> TextHeaders:
         """The headers that carry the upstream key `key` (none without one)."""

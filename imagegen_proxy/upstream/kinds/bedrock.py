@@ -126,6 +126,7 @@ class Bedrock(ProviderKind):
     secret, or from the standard AWS credential chain; or a Bedrock API key (`api_key`)."""
 
     name = NAME
+    system = "aws.bedrock"
 
     def __init__(self, member: BedrockMember) -> None:
         super().__init__(member)

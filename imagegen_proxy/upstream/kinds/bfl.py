@@ -115,6 +115,7 @@ class Bfl(ProviderKind):
     """Black Forest Labs' API at `base_url` (the global, EU or US cluster)."""
 
     name = NAME
+    system = "black_forest_labs"
     operations = ("generation", "edit")
 
     def __init__(self, member: BflMember) -> None:

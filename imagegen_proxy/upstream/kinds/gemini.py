@@ -103,11 +103,13 @@ class Gemini(ProviderKind):
     """The Gemini API, or Vertex AI with `vertex_project`."""
 
     name = NAME
+    system = "gcp.gemini"
     operations = ("generation", "edit")
 
     def __init__(self, member: GeminiMember) -> None:
         super().__init__(member)
         self.vertex = member.vertex_project is not None
+        self.system = "gcp.vertex_ai" if self.vertex else "gcp.gemini"
         if self.vertex:
             base = member.base_url
             if base == GeminiMember.model_fields["base_url"].default:

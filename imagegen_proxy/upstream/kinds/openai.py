@@ -17,6 +17,8 @@ OPENAI_API_HOST = "api.openai.com"
 class OpenAI:
     """An OpenAI-compatible upstream."""
 
+    system = "openai"
+
     def __init__(self, member: OpenAIMember) -> None:
         self.is_openai_api = urlsplit(member.base_url).hostname == OPENAI_API_HOST
         org, project = member.organization, member.project

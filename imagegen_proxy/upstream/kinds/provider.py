@@ -30,6 +30,7 @@ class ProviderKind:
 
     is_openai_api = False
     name = "provider"  # for people, in messages
+    system: str  # gen_ai.provider.name, set by each kind
     operations: tuple[ImageOperation, ...] = ("generation",)
 
     def __init__(self, member: ProviderUpstream) -> None:

@@ -129,6 +129,7 @@ class Stability(ProviderKind):
     """Stability AI's Stable Image generate services."""
 
     name = NAME
+    system = "stability_ai"
 
     def __init__(self, member: StabilityMember) -> None:
         super().__init__(member)
