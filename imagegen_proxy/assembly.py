@@ -15,7 +15,10 @@ from .upstream.pool import Pool
 from .upstream.targets import Upstreams
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from .observe.metrics import Metrics
+    from .observe.tracing import Tracing
     from .storage import ImageStore
     from .store import Store
     from .store.ledger import LedgerWriter
@@ -119,3 +122,16 @@ def metrics_for(config: ProxyConfig, pool: Pool | None) -> Metrics | None:
     if pool is not None:
         metrics.upstream_states.watch(pool)
     return metrics
+
+
+def tracing_for(config: ProxyConfig, provider: TracerProvider | None = None) -> Tracing | None:
+    """Traces (`[tracing]`, or an app's own tracer `provider`), or None: off."""
+    if provider is None and not config.tracing.enabled:
+        return None
+    try:
+        from .observe.tracing import start_tracing
+    except ImportError:
+        raise ConfigError(
+            "[tracing] needs OpenTelemetry: pip install 'imagegen-proxy[tracing]'"
+        ) from None
+    return start_tracing(config, provider)

@@ -21,6 +21,7 @@ from .assembly import (
     pool_for,
     rate_limiter_for,
     store_for,
+    tracing_for,
 )
 from .config import ProxyConfig
 from .generation import Generation, client_request_id
@@ -62,7 +63,9 @@ from .wire.upload import Upload
 from .wire.usage import Usage
 
 if TYPE_CHECKING:
-    pass
+    from opentelemetry.trace import TracerProvider
+
+    from .observe.tracing import RequestTrace
 
 logger = logging.getLogger("imagegen_proxy")
 
@@ -79,7 +82,8 @@ class ImageGenProxy:
     closed on lifespan shutdown, when the server sends it, or by `aclose()`.
 
     Each request ends with one access log line (`[access_log]`) and, with `[metrics]`
-    enabled, its Prometheus metrics.
+    enabled, its Prometheus metrics. With `[tracing]` enabled, or an app's own
+    `tracer_provider` (OpenTelemetry's), each is traced (`observe.tracing`).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class ImageGenProxy:
         rate_limiter: RateLimiter | None = None,
         usage_observers: Sequence[UsageObserver] = (),
         http_client: httpx.AsyncClient | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.app = app
         self.config = config
@@ -150,6 +155,7 @@ class ImageGenProxy:
         # A repeat of a generation running in another process waits at most this long.
         self._repeat_wait = max((m.read_timeout for m in config.members()), default=600.0)
         self.metrics = metrics_for(config, self.pool)
+        self.tracing = tracing_for(config, tracer_provider)
 
     def _sender(self) -> SendUpstream:
         if self._given_client is not None:
@@ -176,6 +182,8 @@ class ImageGenProxy:
             await self.store.aclose()
         if self.images is not None:
             await self.images.aclose()
+        if self.tracing is not None:
+            await self.tracing.aclose()
         if self.idempotency is not None:
             if self.idempotency.shared is not None:
                 await self.idempotency.shared.aclose()
@@ -218,6 +226,7 @@ class ImageGenProxy:
         generation = Generation(
             route.form, route.operation, client_request_id=client_request_id(scope)
         )
+        trace = None if self.tracing is None else self.tracing.begin(scope, route, generation)
         upload = recording = None
         try:
             expect_method(scope, "POST")
@@ -226,7 +235,11 @@ class ImageGenProxy:
             # Who is asking comes first, from the headers alone: nothing of a stranger's
             # body is read, parsed or turned into a log field or metric label.
             credentials = read_credentials(scope, self._key_headers)
-            principal = await self.authenticator.authenticate(credentials)
+            if trace is None:
+                principal = await self.authenticator.authenticate(credentials)
+            else:
+                with trace.phase("imagegen.authenticate"):
+                    principal = await self.authenticator.authenticate(credentials)
             generation.identify(principal)
             if route.operation == "generation":
                 check_content_type(scope)
@@ -264,13 +277,14 @@ class ImageGenProxy:
             targets = self._candidates(request, principal)
             if self._refuse_retired:
                 self.prices.check_retired(request, all(t.is_openai_api for t in targets))
-            decision = await self.rate_limiter.acquire(principal, request, reservation)
-            if not decision.allowed:
-                generation.limit = decision.limit or decision.code
-                raise decision.refusal()
-            generation.price, generation.decision = price, decision
+            if trace is None:
+                await self._admit(generation, principal, request, reservation)
+            else:
+                with trace.limits():
+                    await self._admit(generation, principal, request, reservation)
+            generation.price = price
             await self._generate(
-                generation, scope, receive, send, upload, targets, recording, storing
+                generation, scope, receive, send, upload, targets, recording, storing, trace
             )
         except ProxyError as error:
             if recording is not None:
@@ -299,7 +313,19 @@ class ImageGenProxy:
                 if not recording.ended:
                     self.idempotency.ended(recording)
                 recording.let_go()
+            if trace is not None:
+                trace.finish()
             self._observe(generation)
+
+    async def _admit(
+        self, generation: Generation, principal: Principal, request: ImageRequest, reserved: int
+    ) -> None:
+        """The limits admit `request` (`generation.decision`), or their refusal is raised."""
+        decision = await self.rate_limiter.acquire(principal, request, reserved)
+        if not decision.allowed:
+            generation.limit = decision.limit or decision.code
+            raise decision.refusal()
+        generation.decision = decision
 
     def _listed(self) -> list[tuple[str, str | None]]:
         """What `/v1/models` lists: each model and its shutdown date (what is shut down is
@@ -335,6 +361,7 @@ class ImageGenProxy:
         targets: list[Target],
         recording: Recording | None = None,
         storing: Storing | None = None,
+        trace: RequestTrace | None = None,
     ) -> None:
         request, principal, decision = generation.request, generation.principal, generation.decision
         assert request is not None and principal is not None and decision is not None
@@ -347,6 +374,7 @@ class ImageGenProxy:
 
         tries = Tries(targets, build, self.pool, api_key)
         generation.failovers = tries.failovers
+        attempts = tries if trace is None else trace.attempts(tries)
         relay = Relay(
             self._sender(),
             send if recording is None else recording.tee(send),
@@ -364,7 +392,7 @@ class ImageGenProxy:
             self.metrics.started(generation)
         try:
             await relay.run(
-                tries, receive if recording is None else recording.receiving(receive), upload
+                attempts, receive if recording is None else recording.receiving(receive), upload
             )
         finally:
             if storing is not None:
@@ -425,6 +453,14 @@ class ImageGenProxy:
         if generation.settled:
             return
         generation.settled = True
+        trace = generation.trace
+        if trace is None:
+            await self._spend(generation)
+            return
+        with trace.settle():
+            await self._spend(generation)
+
+    async def _spend(self, generation: Generation) -> None:
         request, principal, decision = generation.request, generation.principal, generation.decision
         assert request is not None and principal is not None and decision is not None
         spent = None

@@ -23,6 +23,7 @@ from .sections import (
     ServerConfig,
     StorageConfig,
     StoreConfig,
+    TracingConfig,
 )
 from .upstreams import (
     AzureMember,
@@ -75,6 +76,7 @@ __all__ = [
     "StabilityMember",
     "StorageConfig",
     "StoreConfig",
+    "TracingConfig",
     "UpstreamEntry",
     "describe",
     "is_valid_provider_model",
@@ -104,6 +106,7 @@ class ProxyConfig(_Section):
     mock: MockConfig = Field(default_factory=MockConfig)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
 

@@ -17,6 +17,14 @@ def _header_name(value: str) -> str:
     return value.lower()
 
 
+def _http_url(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if not value.startswith(("http://", "https://")) or "@" in value.split("/")[2]:
+        raise ValueError("must be an http:// or https:// URL, without credentials")
+    return value.rstrip("/")
+
+
 # Headers the proxy reads for its own purposes: never a place for a client key.
 _RESERVED_HEADERS = frozenset(
     {"authorization", "host", "content-type", "content-length", "x-client-request-id"}
@@ -139,6 +147,33 @@ class MetricsConfig(_Section):
         return value
 
 
+class TracingConfig(_Section):
+    """`[tracing]`: OpenTelemetry traces of every proxied request, exported over OTLP (the
+    `tracing` extra; `tracing-grpc` for gRPC). What is left unset comes from the standard
+    `OTEL_*` environment variables, then the SDK's defaults."""
+
+    enabled: bool = False
+    # OTLP/HTTP: the collector's base URL ("/v1/traces" is added), or the full traces URL;
+    # gRPC: "http://host:4317" (https:// for TLS). Unset: OTEL_EXPORTER_OTLP_*_ENDPOINT.
+    endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] | None = None  # unset: OTEL_EXPORTER_OTLP_*
+    service_name: str | None = None  # unset: OTEL_SERVICE_NAME, else "imagegen-proxy"
+    # The share of new traces kept; a caller's sampled flag is always followed. Unset:
+    # OTEL_TRACES_SAMPLER (and _ARG), else every trace.
+    sample_ratio: float | None = Field(None, ge=0, le=1)
+    # The environment variable holding the exporter's headers, "name=value,name=value" (a
+    # collector's token never sits in the file); OTEL_EXPORTER_OTLP_HEADERS works too.
+    headers_env: str | None = None
+    # Embedded in an app that set up OpenTelemetry itself: its global tracer provider
+    # gets the spans, and the settings above are the app's.
+    global_provider: bool = False
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+
 class IdempotencyConfig(_Section):
     """`[idempotency]`: retries that never pay twice (see `idempotency`)."""
 
@@ -210,11 +245,7 @@ class StorageConfig(_Section):
     @field_validator("public_url", "endpoint_url")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if not value.startswith(("http://", "https://")) or "@" in value.split("/")[2]:
-            raise ValueError("must be an http:// or https:// URL, without credentials")
-        return value.rstrip("/")
+        return _http_url(value)
 
     @model_validator(mode="after")
     def _keys(self) -> StorageConfig:

@@ -22,6 +22,7 @@ def log_fields(generation: Generation, prompts: bool = False) -> dict[str, Any]:
         "request_id": generation.id,
         "upstream_request_id": generation.upstream_request_id,
         "client_request_id": generation.client_request_id,
+        "trace_id": generation.trace_id,
         "form": generation.form,
         "operation": generation.operation,
         "key": generation.key,

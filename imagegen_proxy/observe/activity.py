@@ -28,6 +28,7 @@ class Unanswered:
     status: int
     outcome: str
     kind: str  # "outcome: code", as the hour's counts group it
+    trace_id: str | None = None  # with [tracing] on
 
 
 class Activity:
@@ -64,6 +65,7 @@ class Activity:
                 generation.status,
                 generation.outcome,
                 kind,
+                generation.trace_id,
             )
         )
 
