@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from otlp_receiver import otlp_http
 from support import on_store
 from test_cli import running
 
@@ -68,8 +69,11 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     shots = Path(os.environ.get("IMAGEGEN_CONSOLE_SHOTS") or folder / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     print(f"console screenshots: {shots}")
-    with running("--config", str(config)) as (url, banner):
-        yield Console(url, url + "/console", store, banner, shots)
+    with otlp_http() as collector:  # traced: the Requests page shows the trace ids
+        with config.open("a") as settings:
+            settings.write(f'[tracing]\nenabled = true\nendpoint = "{collector.url}"\n')
+        with running("--config", str(config)) as (url, banner):
+            yield Console(url, url + "/console", store, banner, shots)
 
 
 @pytest.fixture(scope="module")
@@ -507,3 +511,26 @@ def test_requests_show_the_kept_images(page: Any, console: Console) -> None:
         "(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle()
     )
     assert thumb.get_attribute("src").startswith(console.url + "/v1/imagegen/files/")
+
+
+def test_requests_show_their_trace_and_are_found_by_it(page: Any, console: Console) -> None:
+    trace_id = "5b8efff798038103d269b633813fc60c"
+    sdk = openai.OpenAI(base_url=console.url + "/v1", api_key=CONFIG_KEY, max_retries=0)
+    made = sdk.images.with_raw_response.generate(
+        model="gpt-image-1",
+        prompt="a lighthouse",
+        size="64x64",
+        extra_headers={"traceparent": f"00-{trace_id}-eee19b7ec3c1b174-01"},
+    )
+    request_id = made.headers["x-imagegen-request-id"]
+    sign_in(page, console)
+    found = page.request.get(f"{console.base}/requests/{request_id}.json").json()
+    assert found["trace_id"] == trace_id
+    page.goto(f"{console.base}/requests?request_id={request_id}")
+    link = page.locator(f"tr[id='{request_id}'] div.trace a")
+    assert link.get_attribute("title") == trace_id  # the whole id; the page shows its start
+    link.click()  # to that trace's requests
+    page.wait_for_url(f"**/requests?trace_id={trace_id}")
+    rows = page.locator("#requests tbody tr")
+    assert rows.count() == 1 and rows.first.get_attribute("id") == request_id
+    assert page.locator("input[name='trace_id']").input_value() == trace_id

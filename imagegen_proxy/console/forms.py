@@ -25,6 +25,7 @@ _FILTERS = {
     "model": "model",
     "outcome": "outcome",
     "request_id": "request_id",
+    "trace_id": "trace_id",
 }
 
 
@@ -55,6 +56,7 @@ _UNANSWERED = {
     "model": "model",
     "outcome": "outcome",
     "request_id": "request_id",
+    "trace_id": "trace_id",
 }
 
 

@@ -355,6 +355,7 @@ class Pages:
         return JSONResponse(
             {
                 "request_id": row.request_id,
+                "trace_id": row.trace_id,
                 "model": row.model,
                 "images": row.images,
                 "outcome": row.outcome,
