@@ -52,11 +52,18 @@ class HostApp:
         )
 
 
-@pytest.fixture
-def upstream() -> Iterator[UpstreamDouble]:
+@contextlib.contextmanager
+def served_double() -> Iterator[UpstreamDouble]:
+    """An upstream double on a loopback port of its own."""
     double = UpstreamDouble()
     with serve(double) as url:
         double.url = url
+        yield double
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamDouble]:
+    with served_double() as double:
         yield double
 
 

@@ -91,11 +91,6 @@ class Receiver:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The OTLP/HTTP endpoint: `POST /v1/traces`, binary protobuf."""
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
         chunks = []
         while True:
             message = await receive()
@@ -125,7 +120,7 @@ class Receiver:
 def otlp_http() -> Iterator[Receiver]:
     """A receiver at `receiver.url` (the collector's base URL, as `[tracing] endpoint`)."""
     receiver = Receiver()
-    with serve(receiver) as url:
+    with serve(receiver, lifespan="off") as url:
         receiver.url = url
         yield receiver
 

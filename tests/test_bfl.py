@@ -14,9 +14,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import served_double
 from double import Exchange, UpstreamDouble
 from providers import PROVIDER_KEY, client, no_secrets, png, send_json
-from support import json_request_headers, raw_request, serve, until
+from support import json_request_headers, raw_request, until
 
 from imagegen_proxy.config import BflMember
 from imagegen_proxy.upstream.kinds.bfl import Bfl
@@ -117,9 +118,7 @@ def flux(upstream: UpstreamDouble) -> Flux:
 @pytest.fixture
 def other() -> Iterator[UpstreamDouble]:
     """A second double on another loopback port."""
-    double = UpstreamDouble()
-    with serve(double) as url:
-        double.url = url
+    with served_double() as double:
         yield double
 
 

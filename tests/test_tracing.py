@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import CLIENT_KEY, UPSTREAM_KEY, HostApp
+from conftest import CLIENT_KEY, UPSTREAM_KEY, HostApp, served_double
 from double import UpstreamDouble, completed, error_json, partial, sse, stall
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -144,8 +144,7 @@ def test_a_generation_is_a_server_span_continuing_the_callers_trace(
         "imagegen.limits",
         attempt_name,
         "imagegen.relay",
-        "imagegen.settle",
-    }
+    }  # and imagegen.settle with Redis limits only: in memory it takes microseconds
     attempt = steps[attempt_name]
     assert attempt.kind == SpanKind.CLIENT and attempt.context is not None
     assert attempt.attributes is not None
@@ -207,9 +206,7 @@ def test_a_stream_has_an_event_for_each_partial_image(
 
 @pytest.fixture
 def spare() -> Iterator[UpstreamDouble]:
-    double = UpstreamDouble()
-    with serve(double) as url:
-        double.url = url
+    with served_double() as double:
         yield double
 
 
@@ -481,6 +478,9 @@ def test_sampled_out_requests_are_served_and_still_logged_with_their_trace_id(
     line = access()[-1]
     assert line["outcome"] == "ok" and len(line["trace_id"]) == 32
     assert exporter.get_finished_spans() == ()
+    # The upstream still joins the trace, told it is not sampled (the flags' low bit).
+    sent = upstream.last.header("traceparent") or ""
+    assert sent.startswith(f"00-{line['trace_id']}-") and int(sent[-2:], 16) & 1 == 0
     assert trace.get_current_span() is trace.INVALID_SPAN  # nothing left attached
 
 
@@ -551,3 +551,21 @@ def test_limits_kept_in_redis_are_a_client_span_naming_the_server_not_its_passwo
     kind, attributes = limits_attributes(config)
     assert kind == SpanKind.CLIENT and "hunter2-secret" not in str(attributes)
     assert (attributes["server.address"], attributes["server.port"]) == ("redis.internal", 6380)
+
+
+def test_a_provider_task_not_sampled_still_carries_the_context_on_every_request(
+    provider_proxy: Callable[..., str], upstream: UpstreamDouble
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    upstream.answer = Flux()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    url = provider_proxy([bfl_member(upstream)], hooks={"tracer_provider": provider})
+    sdk(url).images.generate(
+        model="flux-pro-1.1", prompt=PROMPT, extra_headers={"traceparent": TRACEPARENT[:-2] + "00"}
+    )
+    sent = {request.header("traceparent") for request in upstream.requests}
+    assert len(upstream.requests) == 4 and len(sent) == 1  # submit, poll, poll, download
+    [context] = sent
+    assert context is not None and context.startswith(f"00-{TRACE_ID}-")
+    assert int(context[-2:], 16) & 1 == 0

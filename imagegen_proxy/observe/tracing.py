@@ -4,7 +4,7 @@ One server span per request to an image endpoint (HTTP semantic conventions), co
 the client's `traceparent`; under it a span for authentication, one for the limits (a
 client span when Redis keeps them), one client span per upstream attempt (with the reason
 it failed over, if it did), the relay of the answer (an event for each `partial_image` of
-a stream) and the settling of its spend. Attributes follow the GenAI conventions where
+a stream) and, with Redis, the settling of its spend. Attributes follow the GenAI conventions where
 they fit (`gen_ai.operation.name`, `gen_ai.request.model`...), plus the gateway's own
 (`imagegen.*`). A key's value never goes into a span, nor the prompt unless
 `[access_log] log_prompts` says so; an exception is told by its type, never its message.
@@ -204,6 +204,7 @@ class RequestTrace:
         "_token",
         "context",
         "generation",
+        "recording",
         "span",
         "tracing",
     )
@@ -237,6 +238,8 @@ class RequestTrace:
         if found.is_valid:
             generation.trace_id = format(found.trace_id, "032x")
         generation.trace = self
+        # Not sampled: no span but this one, whose context still goes upstream (unsampled).
+        self.recording = self.span.is_recording()
         self._attempt: _Attempt | None = None  # the attempt running, or ended and not told
         self._last: _Attempt | None = None  # the last attempt ended
         self._relay: Span | None = None
@@ -244,14 +247,22 @@ class RequestTrace:
 
     # --- the pipeline's phases ---------------------------------------------------------
 
-    @contextlib.contextmanager
     def phase(
         self,
         name: str,
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: dict[str, Any] | None = None,
+    ) -> contextlib.AbstractContextManager[object]:
+        """A child span around one step; a `ProxyError` out of it is told by its code.
+        A request not sampled has none (its children would not be sampled either)."""
+        if not self.recording:
+            return contextlib.nullcontext()
+        return self._phase(name, kind, attributes)
+
+    @contextlib.contextmanager
+    def _phase(
+        self, name: str, kind: SpanKind, attributes: dict[str, Any] | None
     ) -> Iterator[Span]:
-        """A child span around one step; a `ProxyError` out of it is told by its code."""
         span = self.tracing.tracer.start_span(
             name, context=self.context, kind=kind, attributes=attributes
         )
@@ -269,12 +280,16 @@ class RequestTrace:
         finally:
             span.end()
 
-    def limits(self) -> contextlib.AbstractContextManager[Span]:
+    def limits(self) -> contextlib.AbstractContextManager[object]:
         tracing = self.tracing
         return self.phase("imagegen.limits", tracing.limits_kind, tracing.limits_attributes)
 
-    def settle(self) -> contextlib.AbstractContextManager[Span]:
+    def settle(self) -> contextlib.AbstractContextManager[object]:
+        """Settling its spend: a span where it is a call to Redis; in memory it takes
+        microseconds, and a span would cost more than it tells."""
         tracing = self.tracing
+        if tracing.limits_kind != SpanKind.CLIENT or not self.recording:
+            return contextlib.nullcontext()
         return self.phase("imagegen.settle", tracing.limits_kind, tracing.limits_attributes)
 
     # --- upstream attempts -------------------------------------------------------------
@@ -285,6 +300,9 @@ class RequestTrace:
 
     def attempt_started(self, target: Target, call: Call) -> None:
         self._end_attempt()
+        if not self.recording:
+            self._carry(call, self.span)
+            return
         generation = self.generation
         url = urlsplit(call.url)
         attributes: dict[str, Any] = {
@@ -304,9 +322,14 @@ class RequestTrace:
             name, context=self.context, kind=SpanKind.CLIENT, attributes=attributes
         )
         self._attempt = _Attempt(span, target.api.system, call.model)
+        self._carry(call, span)
+
+    def _carry(self, call: Call, span: Span) -> None:
+        """`call` carries the context of `span` upstream; with a translating kind, each of
+        its provider's requests does (with a span of its own, when sampled)."""
         if call.exchange is None:
             call.headers = call.headers + _injected(span)
-        else:  # each of the provider's requests gets a span, and carries the context
+        else:
             call.exchange = _Exchange(call.exchange, self, span)
 
     def attempt_ended(self, status: int | None) -> None:
@@ -350,6 +373,8 @@ class RequestTrace:
     # --- the relay (`generation.Trace`) ------------------------------------------------
 
     def answering(self, status: int) -> None:
+        if not self.recording:
+            return
         self._relay = self.tracing.tracer.start_span(
             "imagegen.relay",
             context=self.context,
@@ -504,6 +529,14 @@ class _Exchange:
 
     async def __call__(self, send: SendUpstream) -> Answer:
         tracer, parent = self._trace.tracing.tracer, trace.set_span_in_context(self._attempt)
+        if not self._trace.recording:  # the context alone, unsampled
+            headers = _injected(self._attempt)
+
+            async def carried(call: Call) -> Answer:
+                return await send(dataclasses.replace(call, headers=call.headers + headers))
+
+            unsampled: Answer = await self._exchange(carried)
+            return unsampled
 
         async def traced(call: Call) -> Answer:
             url = urlsplit(call.url)
