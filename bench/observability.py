@@ -1,5 +1,6 @@
 """What observability costs on the hot path: the proxy with the access log and metrics off,
-with the access log only (the default), and with both, side by side in one run.
+with the access log only (the default), with both, and with the access log and traces
+(every request, or one in ten, exported over OTLP/HTTP to a sink), side by side in one run.
 
     python bench/observability.py            # 7 rounds of 4 s (about 3 minutes)
     python bench/observability.py --quick    # 3 rounds of 2 s
@@ -9,7 +10,7 @@ generations at c=1 (latency) and c=20 (throughput). The variants alternate withi
 and the order rotates between rounds. On 2 cores, wrk, the mock and the proxy compete, so
 request rates swing by ±15% between rounds; the steadier figure is the proxy process's own
 CPU time per request (user + system, from psutil) during the c=20 runs.
-Needs the `metrics` extra (prometheus-client).
+Needs the `metrics` and `tracing` extras (prometheus-client, the OpenTelemetry SDK).
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def main() -> None:
         args.rounds, args.seconds = 3, 2.0
     with contextlib.ExitStack() as stack:
         upstream, _ = stack.enter_context(procs.server(procs.mock()))
+        # The collector: anything it is sent, answered 200 at once.
+        collector, _ = stack.enter_context(procs.server(procs.uvicorn_app("sink:app")))
+        tracing = f'[tracing]\nenabled = true\nendpoint = "{collector}"\n'
+        variants = VARIANTS | {
+            "access log + traces": tracing,
+            "access log + traces, 10% sampled": tracing + "sample_ratio = 0.1\n",
+        }
         started = {
             name: stack.enter_context(procs.imagegen_proxy(upstream, extra))
-            for name, extra in VARIANTS.items()
+            for name, extra in variants.items()
         }
         result = load.side_by_side(started, args.rounds, args.seconds)
     table = load.cpu_table(result, "off", "variant")
