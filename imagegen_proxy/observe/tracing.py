@@ -304,14 +304,10 @@ class RequestTrace:
             self._carry(call, self.span)
             return
         generation = self.generation
-        url = urlsplit(call.url)
-        attributes: dict[str, Any] = {
+        attributes = _http_client(call)
+        attributes |= {
             "gen_ai.operation.name": OPERATIONS[generation.operation],
             "gen_ai.provider.name": target.api.system,
-            "http.request.method": call.method,
-            "url.full": _url(call.url),
-            "server.address": url.hostname or "",
-            "server.port": url.port or (443 if url.scheme == "https" else 80),
             "imagegen.upstream": target.name,
             "imagegen.attempt": generation.attempts,
         }
@@ -539,15 +535,8 @@ class _Exchange:
             return unsampled
 
         async def traced(call: Call) -> Answer:
-            url = urlsplit(call.url)
-            attributes: dict[str, Any] = {
-                "http.request.method": call.method,
-                "url.full": _url(call.url),
-                "server.address": url.hostname or "",
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
-            }
             span = tracer.start_span(
-                call.method, context=parent, kind=SpanKind.CLIENT, attributes=attributes
+                call.method, context=parent, kind=SpanKind.CLIENT, attributes=_http_client(call)
             )
             # A copy: a kind may send one call twice, or share its headers between calls.
             call = dataclasses.replace(call, headers=call.headers + _injected(span))
@@ -572,6 +561,17 @@ def _injected(span: Span) -> list[tuple[str, str]]:
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
     return list(carrier.items())
+
+
+def _http_client(call: Call) -> dict[str, Any]:
+    """An HTTP client span's attributes for `call` (semantic conventions)."""
+    url = urlsplit(call.url)
+    return {
+        "http.request.method": call.method,
+        "url.full": _url(call.url),
+        "server.address": url.hostname or "",
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
+    }
 
 
 def _url(url: str) -> str:
